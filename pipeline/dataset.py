@@ -1,0 +1,125 @@
+"""The dataset artifact: what `preprocess` writes and `train` / `evaluate` read.
+
+```
+dataset/
+  manifest.json             stacks, their split, shape, dtype, normalisation stats, provenance
+  <stack name>/image.npy    raw (Z, H, W) values, memory-mappable by worker processes
+  <stack name>/mask.npy     (Z, H, W) uint8 in {0, 1}
+  montage.png               a look at the data
+```
+Raw values are stored (not normalised floats) so the artifact stays small and normalisation stays the
+one function in `pipeline.normalize`, applied with the per-stack `low` / `high` recorded here.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import InputError
+from pipeline.normalize import stack_stats
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+# Stack names become folder names: keep them to a safe alphabet so a manifest cannot point outside
+# the dataset folder.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    name: str
+    split: str  # "train" or "val"
+    shape: tuple[int, int, int]
+    dtype: str
+    low: float  # normalisation percentiles of the whole source stack
+    high: float
+    source: dict = field(default_factory=dict)  # provenance: file names, slice range, generator seed
+
+
+def safe_name(text: str) -> str:
+    """Turn a file name into a stack name that is safe as a folder name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "stack"
+    return name[:100]
+
+
+def content_hash(*arrays: np.ndarray) -> str:
+    """SHA-256 of arrays' shapes, dtypes and bytes: identifies data whatever the file names."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape}{array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
+
+
+def write_dataset(out_dir: str | Path, stacks: list[dict]) -> dict:
+    """Write the artifact from `stacks`: dicts with `name`, `split`, `image` `(Z, H, W)`, `mask`
+    `(Z, H, W)` {0, 1} and optional `source`, `low`, `high` (default: stats of `image`).
+
+    Written to a temporary sibling folder and renamed into place, so a killed run leaves no folder that
+    looks finished. Returns the manifest.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    infos, hashes = [], {}
+    for s in stacks:
+        if not SAFE_NAME.match(s["name"]):
+            raise InputError(f"stack name {s['name']!r} is not a safe folder name")
+        low, high = s.get("low"), s.get("high")
+        if low is None:
+            low, high = stack_stats(s["image"])
+        (tmp / s["name"]).mkdir()
+        np.save(tmp / s["name"] / "image.npy", s["image"])
+        np.save(tmp / s["name"] / "mask.npy", s["mask"].astype(np.uint8))
+        hashes[s["name"]] = content_hash(s["image"], s["mask"])
+        infos.append(StackInfo(s["name"], s["split"], tuple(s["image"].shape), str(s["image"].dtype),
+                               float(low), float(high), {**s.get("source", {}), "sha256": hashes[s["name"]]}))
+    val = sorted(hashes[i.name] for i in infos if i.split == "val")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "stacks": [asdict(i) for i in infos],
+        # Identifies the evaluation data: model versions are compared only on equal fingerprints.
+        "eval_fingerprint": hashlib.sha256("".join(val).encode()).hexdigest()[:16],
+        "content_hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest()[:16],
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return manifest
+
+
+def read_manifest(dataset_dir: str | Path) -> dict:
+    """Read and check `manifest.json`; stacks come back as `StackInfo`."""
+    path = Path(dataset_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{dataset_dir}: not a dataset artifact (no {MANIFEST}); run the preprocess step first")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    stacks = []
+    for entry in manifest["stacks"]:
+        info = StackInfo(**{**entry, "shape": tuple(entry["shape"])})
+        if not SAFE_NAME.match(info.name) or info.split not in SPLITS:
+            raise InputError(f"{path}: bad stack entry name={info.name!r} split={info.split!r}")
+        stacks.append(info)
+    return {**manifest, "stacks": stacks}
+
+
+def open_stack(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """`(image, mask)` of one stack, memory-mapped read-only by default (shared, not copied, by workers)."""
+    folder = Path(dataset_dir) / info.name
+    mode = "r" if mmap else None
+    return np.load(folder / "image.npy", mmap_mode=mode), np.load(folder / "mask.npy", mmap_mode=mode)
+
+
+def stacks_in(manifest: dict, split: str) -> list[StackInfo]:
+    """The stacks of one split."""
+    return [s for s in manifest["stacks"] if s.split == split]

@@ -1,0 +1,139 @@
+"""Reading image and label stacks from what microscopes and Fiji write: multi-page TIFF, folders of 2-D
+TIFF/PNG slices (natural sort order), single 2-D images and `.npy` arrays. Every stack comes out as
+`(Z, H, W)`; every mistake comes out as an `InputError` that names the file."""
+
+import re
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+from pipeline.errors import InputError
+
+SLICE_SUFFIXES = (".tif", ".tiff", ".png")
+STACK_SUFFIXES = (".tif", ".tiff", ".png", ".npy")
+# uint8/uint16 are what detectors write; int and float come from processing (e.g. Fiji 32-bit).
+ACCEPTED_KINDS = "uif"
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts `slice_2.tif` before `slice_10.tif`."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _check_gray(array: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """Refuse colour / multi-channel data: segmentation of RGB renderings of EM is almost always a mistake
+    (a screenshot, an overlay), and silently converting would hide it."""
+    if "S" in axes or "C" in axes:
+        raise InputError(
+            f"{path}: expected a grayscale stack (Z, H, W) but found {array.shape} with axes {axes!r} "
+            f"(colour or multi-channel); save one channel as grayscale"
+        )
+    return array
+
+
+def _as_stack(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.size == 0:
+        raise InputError(f"{path}: the image is empty (shape {array.shape})")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    if array.dtype.kind not in ACCEPTED_KINDS:
+        raise InputError(f"{path}: expected integer or float pixels but found dtype {array.dtype}")
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise InputError(f"{path}: expected a 2-D image or a (Z, H, W) stack but found shape {array.shape}")
+    if min(array.shape) == 0:
+        raise InputError(f"{path}: the stack is empty (shape {array.shape})")
+    return array
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with tifffile.TiffFile(path) as tif:
+                if not tif.series:
+                    raise InputError(f"{path}: the TIFF holds no image")
+                series = tif.series[0]
+                array = series.asarray()
+                axes = series.axes
+    except InputError:
+        raise
+    except Exception as exc:  # tifffile raises ValueError, TiffFileError, struct.error, ... on bad files
+        raise InputError(f"{path}: not a readable TIFF, it may be truncated or corrupt ({exc})") from exc
+    return _check_gray(array, axes, path)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if array is None:
+        raise InputError(f"{path}: not a readable PNG, it may be truncated or corrupt")
+    return _check_gray(array, "YXS" if array.ndim == 3 else "YX", path)
+
+
+def _read_file(path: Path) -> np.ndarray:
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes)")
+    if suffix in (".tif", ".tiff"):
+        return _read_tiff(path)
+    if suffix == ".png":
+        return _read_png(path)
+    if suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+    raise InputError(f"{path}: unsupported file type {suffix!r}; expected one of {', '.join(STACK_SUFFIXES)}")
+
+
+def _read_folder(path: Path) -> np.ndarray:
+    files = sorted((p for p in path.iterdir() if p.suffix.lower() in SLICE_SUFFIXES), key=lambda p: natural_key(p.name))
+    if not files:
+        raise InputError(f"{path}: the folder holds no {'/'.join(SLICE_SUFFIXES)} slices")
+    slices = []
+    for f in files:
+        image = _as_stack(_read_file(f), f)
+        if image.shape[0] != 1:
+            raise InputError(f"{f}: expected a 2-D slice in a folder of slices but found a stack {image.shape}")
+        if slices and image.shape[1:] != slices[0].shape:
+            raise InputError(f"{f}: slice has shape {image.shape[1:]} but {files[0].name} has {slices[0].shape}")
+        slices.append(image[0])
+    return np.stack(slices)
+
+
+def list_stack_paths(spec: str) -> list[Path]:
+    """Split a comma-separated list of stack files or folders into paths (empty entries ignored)."""
+    return [Path(part.strip()).expanduser() for part in spec.split(",") if part.strip()]
+
+
+def read_stack(path: str | Path) -> np.ndarray:
+    """Read one stack: a multi-page TIFF, a 2-D TIFF/PNG, a `.npy`, or a folder of 2-D slices.
+
+    Returns the raw `(Z, H, W)` array in its own dtype (uint8, uint16, int or float). Raises `InputError`
+    for a missing, empty, unreadable, colour or wrongly shaped input.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    array = _read_folder(path) if path.is_dir() else _read_file(path)
+    return _as_stack(np.asarray(array), path)
+
+
+def read_mask(path: str | Path, like: np.ndarray, image_path: str | Path) -> np.ndarray:
+    """Read a label stack for the image stack `like` and binarise it: any non-zero value is foreground.
+
+    Returns `(Z, H, W)` uint8 in {0, 1}. Raises `InputError` if the shapes differ or nothing is foreground.
+    """
+    labels = read_stack(path)
+    if labels.shape != like.shape:
+        raise InputError(
+            f"{Path(path).name} has shape {labels.shape} but {Path(image_path).name} has {like.shape}"
+        )
+    mask = (labels != 0).astype(np.uint8)
+    if not mask.any():
+        raise InputError(f"{path}: the label stack is all background (no non-zero pixel)")
+    return mask

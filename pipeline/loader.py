@@ -1,0 +1,61 @@
+"""Training batches from the dataset artifact, made by worker processes while the accelerator trains
+(the original study's multiprocess generator, as a `keras.utils.PyDataset`).
+
+Workers memory-map the `.npy` stacks, so no array is pickled between processes. Every sample is a pure
+function of `(seed, epoch, index)`: the same run gives the same batches whatever the number of workers.
+"""
+
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+
+from pipeline.augment import random_patch
+from pipeline.dataset import StackInfo, open_stack
+
+
+class PatchDataset(keras.utils.PyDataset):
+    """`steps` batches per epoch of `(batch_size, crop, crop, 1)` float32 images in [0, 1] and
+    `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`.
+
+    Stacks are chosen in proportion to their number of slices, so every slice is equally likely.
+    """
+
+    def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,
+                 steps: int, seed: int, workers: int = 1, **kwargs):
+        super().__init__(workers=workers, use_multiprocessing=workers > 1, **kwargs)
+        self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
+        self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
+        self.epoch = 0
+        slices = np.array([s.shape[0] for s in self.stacks], float)
+        self.weights = slices / slices.sum()
+        self._arrays = None  # opened lazily, once per process
+
+    def _open(self):
+        if self._arrays is None:
+            cv2.setNumThreads(1)  # one warp per sample; OpenCV's own threads would only contend
+            self._arrays = [open_stack(self.dataset_dir, s) for s in self.stacks]
+        return self._arrays
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Patch number `index` of `epoch`: `(crop, crop)` image and mask, a function of the seed only."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        k = int(rng.choice(len(self.stacks), p=self.weights))
+        image, mask = self._open()[k]
+        return random_patch(rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high)
+
+    def __getitem__(self, batch: int):
+        first = batch * self.batch_size
+        pairs = [self.sample(self.epoch, first + j) for j in range(self.batch_size)]
+        images = np.stack([p[0] for p in pairs])[..., None]
+        masks = np.stack([p[1] for p in pairs])[..., None].astype(np.float32)
+        return images, masks
+
+    def on_epoch_end(self):
+        # Called in the main process after the epoch's worker pool has stopped; the next pool is made
+        # from this object, so workers see the new epoch number.
+        self.epoch += 1

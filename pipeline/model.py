@@ -1,0 +1,59 @@
+"""The U-Net (Ronneberger et al. 2015) as a Keras 3 functional model, fully convolutional.
+
+Layer names are deterministic (`enc2_conv1`, `bottleneck_conv2`, `dec3_up`, `head`) so that summaries,
+checkpoints and tests stay stable. Any input whose height and width are multiples of `2**depth` runs.
+"""
+
+from dataclasses import dataclass
+
+import keras
+from keras import layers
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    depth: int = 4  # 4 poolings: 16x down-sampling, the original U-Net
+    base_filters: int = 16  # doubled at each level; 64 gives the original study's ~31M parameters
+    batch_norm: bool = True  # faster, steadier convergence at small batch sizes than the original
+    dropout: float = 0.0  # dropout in the bottleneck; the original used 0.5 there
+
+
+def _conv_block(x, filters: int, name: str, spec: UNetSpec):
+    for i in (1, 2):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=not spec.batch_norm,
+                          kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
+        if spec.batch_norm:
+            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+        x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
+    return x
+
+
+def multiple_of(spec: UNetSpec) -> int:
+    """Height and width of every input must be a multiple of this."""
+    return 2 ** spec.depth
+
+
+def build_unet(spec: UNetSpec = UNetSpec(), name: str = "unet") -> keras.Model:
+    """U-Net mapping `(batch, H, W, 1)` float32 in [0, 1] to `(batch, H, W, 1)` foreground probability.
+
+    H and W are free (None) but must be multiples of `2**spec.depth`. The output layer is float32 even
+    under a mixed-precision policy, so losses and thresholds see full-precision probabilities.
+    """
+    if spec.depth < 1 or spec.base_filters < 1:
+        raise ValueError(f"U-Net needs depth >= 1 and base_filters >= 1, got {spec}")
+    inputs = keras.Input((None, None, 1), name="image")
+    x, skips = inputs, []
+    for level in range(spec.depth):
+        x = _conv_block(x, spec.base_filters * 2**level, f"enc{level + 1}", spec)
+        skips.append(x)
+        x = layers.MaxPooling2D(2, name=f"enc{level + 1}_pool")(x)
+    x = _conv_block(x, spec.base_filters * 2**spec.depth, "bottleneck", spec)
+    if spec.dropout > 0:
+        x = layers.Dropout(spec.dropout, name="bottleneck_dropout")(x)
+    for level in reversed(range(spec.depth)):
+        filters = spec.base_filters * 2**level
+        x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{level + 1}_up")(x)
+        x = layers.Concatenate(name=f"dec{level + 1}_concat")([x, skips[level]])
+        x = _conv_block(x, filters, f"dec{level + 1}", spec)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="head")(x)
+    return keras.Model(inputs, outputs, name=name)

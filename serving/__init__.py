@@ -1,0 +1,1 @@
+"""Inference: tiled, blended segmentation of stacks of any size, and the MLflow pyfunc model around it."""
