@@ -16,6 +16,9 @@ class UNetSpec:
     base_filters: int = 16  # doubled at each level; 64 gives the original study's ~31M parameters
     batch_norm: bool = True  # faster, steadier convergence at small batch sizes than the original
     dropout: float = 0.0  # dropout in the bottleneck; the original used 0.5 there
+    # Keras' 0.99 makes inference statistics lag the weights for hundreds of steps; short CPU runs
+    # validate after a few dozen, so the moving averages must follow faster.
+    bn_momentum: float = 0.9
 
 
 def _conv_block(x, filters: int, name: str, spec: UNetSpec):
@@ -23,7 +26,7 @@ def _conv_block(x, filters: int, name: str, spec: UNetSpec):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not spec.batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
         if spec.batch_norm:
-            x = layers.BatchNormalization(name=f"{name}_bn{i}")(x)
+            x = layers.BatchNormalization(momentum=spec.bn_momentum, name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 

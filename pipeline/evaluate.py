@@ -1,0 +1,136 @@
+"""`evaluate` entry point: segment the held-out stacks at full size with the logged pyfunc, log `test_*`
+metrics, a per-slice CSV and overlays, register the model and move the `champion` alias if it is better.
+
+    python -m pipeline.evaluate --model_uri runs:/<train run>/model --dataset_uri runs:/<preprocess run>/dataset
+"""
+
+import csv
+import io
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from tqdm import tqdm
+
+from pipeline.cli import run_entry
+from pipeline.dataset import open_stack, read_manifest, stacks_in
+from pipeline.errors import InputError
+from pipeline.metrics import per_slice_scores, stack_scores
+from pipeline.normalize import normalize
+from pipeline.overlay import montage, overlay
+from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, step_run
+
+DEFAULT_MODEL_NAME = "em-unet"
+DEFAULT_ALIAS = "champion"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Score a trained model on the held-out stacks and register it."""
+
+    model_uri: str = ""  # pyfunc segmenter: runs:/<train run id>/model or models:/em-unet/3
+    dataset_uri: str = ""  # dataset artifact whose `val` stacks are scored
+    registered_model: str = DEFAULT_MODEL_NAME
+    alias: str = DEFAULT_ALIAS  # moved to the new version only if its test_dice is the best
+    threshold: float = 0.5
+    tile_size: int = 512
+    register: bool = True  # false: score only
+    experiment: str = DEFAULT_EXPERIMENT
+
+
+def load_segmenter(model_uri: str):
+    """The `StackSegmenter` inside a logged pyfunc model."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except MlflowException as exc:
+        raise InputError(f"{model_uri}: cannot load the model ({exc.message})") from exc
+
+
+def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = True):
+    """Segment every validation stack. Returns `(metrics, per-slice rows, overlay images by name)`."""
+    manifest = read_manifest(dataset_dir)
+    rows, preds, truths, pictures = [], [], [], {}
+    stacks = stacks_in(manifest, "val")
+    for info in tqdm(stacks, desc="evaluate", unit="stack", disable=not progress):
+        image, mask = open_stack(dataset_dir, info)
+        prob = segmenter.segment(image, info.low, info.high, output="probability", tile_size=cfg.tile_size)
+        pred = prob >= cfg.threshold
+        mask = np.asarray(mask, bool)
+        rows += [{"stack": info.name, **row} for row in per_slice_scores(pred, mask)]
+        preds.append(pred.reshape(-1))
+        truths.append(mask.reshape(-1))
+        zs = np.linspace(0, image.shape[0] - 1, min(4, image.shape[0])).astype(int)
+        pictures[info.name] = montage([overlay(normalize(image[z], info.low, info.high), mask[z], pred[z]) for z in zs],
+                                      columns=len(zs))
+    pooled = stack_scores(np.concatenate(preds)[None], np.concatenate(truths)[None])
+    pooled["median_slice_accuracy"] = float(np.median([r["pixel_accuracy"] for r in rows]))
+    return pooled, rows, pictures, manifest
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def champion_dice(client: MlflowClient, cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str):
+    """`(version, test_dice)` of the current champion on this evaluation data, or `(None, None)`.
+
+    A champion scored on other data is re-scored here, so versions are always compared on like data."""
+    try:
+        champion = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
+    except MlflowException:
+        return None, None
+    if champion.tags.get("data_fingerprint") == fingerprint and "test_dice" in champion.tags:
+        return champion, float(champion.tags["test_dice"])
+    print(f"champion v{champion.version} was scored on other data; scoring it on this data")
+    segmenter = load_segmenter(f"models:/{cfg.registered_model}/{champion.version}")
+    return champion, score(segmenter, dataset_dir, cfg, progress=False)[0]["dice"]
+
+
+def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, test_dice: float) -> dict:
+    """Register a new version; move the alias to it if there is no champion or it beats the champion."""
+    client = MlflowClient()
+    champion, best = champion_dice(client, cfg, dataset_dir, fingerprint)
+    version = mlflow.register_model(cfg.model_uri, cfg.registered_model)
+    for key, value in {"test_dice": f"{test_dice:.6f}", "data_fingerprint": fingerprint,
+                       "eval_run_id": mlflow.active_run().info.run_id}.items():
+        client.set_model_version_tag(cfg.registered_model, version.version, key, value)
+    promoted = champion is None or test_dice > best
+    if promoted:
+        client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
+    verdict = ("new champion" if promoted else f"champion stays v{champion.version}") + (
+        "" if champion is None else f" (test_dice {test_dice:.4f} vs {best:.4f})")
+    print(f"registered {cfg.registered_model} v{version.version}: {verdict}")
+    mlflow.set_tags({"registered_version": version.version, "promoted": str(promoted).lower()})
+    return {"version": int(version.version), "promoted": promoted}
+
+
+def evaluate(cfg: EvaluateConfig) -> dict:
+    """Run the step: returns `{"run_id", "metrics", "version", "promoted"}`."""
+    dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
+    with step_run("evaluate", cfg.experiment) as run:
+        mlflow.log_params(asdict(cfg))
+        segmenter = load_segmenter(cfg.model_uri)
+        metrics, rows, pictures, manifest = score(segmenter, dataset_dir, cfg)
+        fingerprint = manifest["eval_fingerprint"]
+        mlflow.set_tag("data_fingerprint", fingerprint)
+        mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+        mlflow.log_text(rows_to_csv(rows), "per_slice_scores.csv")
+        for name, picture in pictures.items():
+            mlflow.log_image(picture, f"overlays/{name}.png")
+        result = {"run_id": run.info.run_id, "metrics": metrics, "version": None, "promoted": False}
+        if cfg.register:
+            result.update(register(cfg, dataset_dir, fingerprint, metrics["dice"]))
+        print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return result
+
+
+if __name__ == "__main__":
+    run_entry(evaluate, EvaluateConfig)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from pipeline.losses import bce_dice_loss, get_loss, soft_dice_loss
+from pipeline.model import UNetSpec, build_unet, multiple_of
+
+
+@pytest.mark.parametrize("depth, size", [(2, 32), (3, 48), (2, 20)])
+def test_output_shape_equals_input_shape(depth, size):
+    model = build_unet(UNetSpec(depth=depth, base_filters=4))
+    size = size if size % 2**depth == 0 else 2**depth * 3
+    x = np.random.default_rng(0).random((2, size, size + 2**depth, 1)).astype(np.float32)
+    y = model.predict_on_batch(x)
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert 0 <= y.min() and y.max() <= 1
+
+
+def test_deterministic_layer_names_and_parameter_count():
+    model = build_unet(UNetSpec(depth=2, base_filters=4))
+    names = [layer.name for layer in model.layers]
+    for name in ("enc1_conv1", "enc2_bn2", "bottleneck_conv2", "dec2_up", "dec1_concat", "head"):
+        assert name in names
+    # Hand count, depth 2, 4 filters; convs have no bias under batch norm, BN has 4 numbers per channel:
+    # enc1 36+16+144+16, enc2 288+32+576+32, bottleneck 1152+64+2304+64,
+    # dec2 (64*8+8)+1152+32+576+32, dec1 (32*4+4)+288+16+144+16, head 4+1.
+    assert model.count_params() == 212 + 928 + 3584 + 2312 + 596 + 5
+    assert multiple_of(UNetSpec(depth=4)) == 16
+
+
+def test_paper_preset_has_the_original_31m_parameters():
+    model = build_unet(UNetSpec(depth=4, base_filters=64))
+    assert 30_500_000 < model.count_params() < 31_500_000
+
+
+def test_losses_on_perfect_and_wrong_predictions():
+    truth = np.zeros((1, 4, 4, 1), np.float32)
+    truth[0, :2] = 1
+    perfect = np.clip(truth, 1e-4, 1 - 1e-4)
+    wrong = 1 - perfect
+    assert float(soft_dice_loss(truth, perfect)) < 0.01
+    assert float(soft_dice_loss(truth, wrong)) > 0.9
+    assert float(bce_dice_loss(truth, perfect)) < float(bce_dice_loss(truth, wrong))
+    with pytest.raises(ValueError, match="unknown loss 'focal'"):
+        get_loss("focal")

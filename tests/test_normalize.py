@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from pipeline.normalize import normalize, stack_stats
+
+
+def test_16bit_uses_its_own_range_not_255(rng):
+    stack = rng.integers(20000, 40000, size=(4, 32, 32)).astype(np.uint16)
+    low, high = stack_stats(stack)
+    out = normalize(stack, low, high)
+    assert out.dtype == np.float32 and out.min() == 0.0 and out.max() == 1.0
+    assert 0.4 < out.mean() < 0.6  # uniform data stays centred; `/ 255` would give all ones
+
+
+def test_percentiles_ignore_hot_pixels(rng):
+    stack = rng.normal(100, 10, size=(2, 64, 64)).astype(np.float32)
+    stack[0, 0, :5] = 1e6
+    low, high = stack_stats(stack)
+    assert high < 200
+
+
+def test_constant_and_nan_inputs():
+    const = np.full((2, 8, 8), 7, np.uint8)
+    assert np.all(normalize(const, *stack_stats(const)) == 0.5)
+    x = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
+    x[0, 0, 0] = np.nan
+    low, high = stack_stats(x)
+    assert np.isfinite([low, high]).all()
+    assert normalize(x, low, high)[0, 0, 0] == 0.0
+    with pytest.raises(ValueError, match="no finite"):
+        stack_stats(np.full((2, 2), np.nan))
