@@ -1,4 +1,7 @@
-"""Segmentation losses on foreground probabilities `(batch, H, W, 1)` in [0, 1]."""
+"""Segmentation losses on foreground probabilities `(batch, H, W, 1)` in [0, 1].
+
+Registered with Keras so that a saved, compiled model (the `keras_model` artifact) loads with its loss
+once this module is imported."""
 
 import keras
 from keras import ops
@@ -6,6 +9,7 @@ from keras import ops
 SMOOTH = 1.0  # keeps soft Dice defined (and its gradient finite) on crops with no foreground
 
 
+@keras.saving.register_keras_serializable(package="em_unet")
 def soft_dice_loss(y_true, y_pred):
     """1 - soft Dice over the whole batch (one ratio, not a mean of per-image ratios: crops with no
     foreground would otherwise dominate)."""
@@ -15,10 +19,12 @@ def soft_dice_loss(y_true, y_pred):
     return 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
 
 
+@keras.saving.register_keras_serializable(package="em_unet")
 def bce_loss(y_true, y_pred):
     return ops.mean(keras.losses.binary_crossentropy(ops.cast(y_true, y_pred.dtype), y_pred))
 
 
+@keras.saving.register_keras_serializable(package="em_unet")
 def bce_dice_loss(y_true, y_pred):
     """BCE for calibrated per-pixel probabilities plus soft Dice for overlap under class imbalance."""
     return bce_loss(y_true, y_pred) + soft_dice_loss(y_true, y_pred)

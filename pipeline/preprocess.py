@@ -147,8 +147,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
                 mlflow.log_input(mlflow.data.from_numpy(s["image"], source=s["source"].get("images", s["name"]), name=s["name"]),
                                  context=s["split"])
         mlflow.set_tags({"data_fingerprint": manifest["eval_fingerprint"], "content_hash": manifest["content_hash"]})
-        mlflow.log_dict({"stacks": [dict(s["source"], name=s["name"], split=s["split"]) for s in stacks]},
-                        "provenance.json")
+        mlflow.log_dict({"stacks": [{**s["source"], "name": s["name"], "split": s["split"], "shape": s["shape"],
+                                     "dtype": s["dtype"]} for s in manifest["stacks"]]}, "provenance.json")
         mlflow.log_metrics({"train_slices": sum(s["image"].shape[0] for s in stacks if s["split"] == "train"),
                             "val_slices": sum(s["image"].shape[0] for s in stacks if s["split"] == "val")})
         summary = ", ".join(f"{s['name']} {s['split']} {tuple(s['image'].shape)} {s['image'].dtype}" for s in stacks)

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec
 
 from pipeline.errors import InputError
 from pipeline.normalize import stack_stats
@@ -29,11 +29,12 @@ OUTPUTS = ("mask", "probability")
 
 
 def signature() -> ModelSignature:
-    """Any `(Z, H, W)` float stack in, same-shape array out, inference options as params."""
+    """Inference options as params; no input schema on purpose: the segmenter takes 2-D or 3-D input of
+    any numeric dtype, which one tensor spec cannot express, and checks it itself (`as_stack`) with
+    messages a user can act on."""
     kinds = {str: "string", int: "long", float: "double", bool: "boolean"}
     params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in DEFAULT_PARAMS.items()])
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]), params=params)
+    return ModelSignature(inputs=None, outputs=None, params=params)
 
 
 def as_stack(data) -> tuple[np.ndarray, bool]:

@@ -1,0 +1,115 @@
+"""The preprocess entry point against a real SQLite tracking store: formats, splits, provenance, errors."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline.dataset import read_manifest
+from pipeline.preprocess import PreprocessConfig, preprocess
+from tests.conftest import run_module
+
+
+def imwrite(path, array):
+    # 3 or 4 slices would otherwise be written by tifffile as planar RGB(A), which the reader rejects.
+    tifffile.imwrite(path, array, photometric="minisblack")
+
+
+def artifact_dir(result):
+    return mlflow.artifacts.download_artifacts(result["dataset_uri"])
+
+
+def test_synthetic_default_writes_the_artifact_and_logs_provenance(store):
+    result = preprocess(PreprocessConfig(synthetic_stacks=3, synthetic_shape="4,48,48"))
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["synthetic_stacks"] == "3"
+    assert run.data.tags["data_fingerprint"] == result["manifest"]["eval_fingerprint"]
+    folder = artifact_dir(result)
+    manifest = read_manifest(folder)
+    assert [(s.name, s.split, s.shape) for s in manifest["stacks"]] == [
+        ("synthetic_00", "train", (4, 48, 48)), ("synthetic_01", "train", (4, 48, 48)), ("synthetic_02", "val", (4, 48, 48))]
+    image = np.load(f"{folder}/synthetic_02/image.npy", mmap_mode="r")
+    assert image.dtype == np.uint8 and isinstance(image, np.memmap)
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "dataset")}
+    assert "dataset/montage.png" in names
+    provenance = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/provenance.json")
+    assert provenance["stacks"][0]["generator"] == "pipeline.synthetic"
+
+
+def test_several_uint16_tiff_stacks_split_by_stack(store, tmp_path, rng):
+    paths = []
+    for i in range(3):
+        image = rng.integers(1000, 60000, (3, 32, 40), dtype=np.uint16)
+        labels = (rng.random((3, 32, 40)) > 0.5).astype(np.uint8) * 255
+        imwrite(tmp_path / f"sample{i}.tif", image)
+        imwrite(tmp_path / f"sample{i}_labels.tif", labels)
+        paths.append((tmp_path / f"sample{i}.tif", tmp_path / f"sample{i}_labels.tif"))
+    result = preprocess(PreprocessConfig(images=",".join(str(p) for p, _ in paths),
+                                         labels=",".join(str(l) for _, l in paths)))
+    manifest = read_manifest(artifact_dir(result))
+    assert [(s.name, s.split, s.dtype) for s in manifest["stacks"]] == [
+        ("sample0", "train", "uint16"), ("sample1", "train", "uint16"), ("sample2", "val", "uint16")]
+    assert manifest["stacks"][0].high > 255  # 16-bit statistics, not 8-bit
+    provenance = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/provenance.json")
+    assert provenance["stacks"][2]["images"] == "sample2.tif" and len(provenance["stacks"][2]["sha256"]) == 64
+
+
+def test_single_stack_is_split_into_contiguous_blocks(store, tmp_path, rng):
+    image = rng.integers(0, 255, (8, 32, 32), dtype=np.uint8)
+    imwrite(tmp_path / "vol.tif", image)
+    imwrite(tmp_path / "lab.tif", (image > 128).astype(np.uint8))
+    result = preprocess(PreprocessConfig(images=str(tmp_path / "vol.tif"), labels=str(tmp_path / "lab.tif"),
+                                         val_slices="3:5"))
+    folder = artifact_dir(result)
+    manifest = read_manifest(folder)
+    assert [(s.name, s.split, s.shape[0]) for s in manifest["stacks"]] == [
+        ("vol_z0-3", "train", 3), ("vol_z3-5", "val", 2), ("vol_z5-8", "train", 3)]
+    np.testing.assert_array_equal(np.load(f"{folder}/vol_z3-5/image.npy"), image[3:5])
+    # One normalisation for the whole stack: every block carries the same statistics.
+    assert len({(s.low, s.high) for s in manifest["stacks"]}) == 1
+
+
+def failed_runs(store):
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    return [r for r in runs if r.info.status == "FAILED"]
+
+
+def write_case(tmp_path, case, rng):
+    image = rng.integers(0, 255, (4, 32, 32), dtype=np.uint8)
+    imwrite(tmp_path / "img.tif", image)
+    imwrite(tmp_path / "lab.tif", (image > 100).astype(np.uint8))
+    if case == "missing":
+        return ["--images", "nothere.tif", "--labels", "lab.tif"], "nothere.tif: file not found"
+    if case == "truncated":
+        data = (tmp_path / "img.tif").read_bytes()
+        (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+        return ["--images", "cut.tif", "--labels", "lab.tif"], "cut.tif: not a readable TIFF"
+    if case == "shape":
+        imwrite(tmp_path / "lab.tif", np.ones((4, 32, 30), np.uint8))
+        return ["--images", "img.tif", "--labels", "lab.tif"], "lab.tif has shape (4, 32, 30) but img.tif has (4, 32, 32)"
+    if case == "rgb":
+        tifffile.imwrite(tmp_path / "img.tif", np.zeros((4, 32, 32, 3), np.uint8), photometric="rgb")
+        return ["--images", "img.tif", "--labels", "lab.tif"], "expected a grayscale stack"
+    if case == "empty":
+        (tmp_path / "img.tif").write_bytes(b"")
+        return ["--images", "img.tif", "--labels", "lab.tif"], "img.tif: the file is empty"
+    if case == "background":
+        imwrite(tmp_path / "lab.tif", np.zeros((4, 32, 32), np.uint8))
+        return ["--images", "img.tif", "--labels", "lab.tif"], "all background"
+    if case == "val_slices":
+        return ["--images", "img.tif", "--labels", "lab.tif", "--val_slices", "3:9"], "val_slices '3:9'"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "shape", "rgb", "empty", "background", "val_slices"])
+def test_bad_input_gives_one_line_exit_2_and_a_failed_run(store, tmp_path, rng, case):
+    args, message = write_case(tmp_path, case, rng)
+    proc = run_module("pipeline.preprocess", *args, cwd=tmp_path, env_uri=store)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(failed_runs(store)) == 1
