@@ -6,8 +6,7 @@ metrics, a per-slice CSV and overlays, register the model and move the `champion
 
 import csv
 import io
-import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,7 +21,7 @@ from pipeline.errors import InputError
 from pipeline.metrics import per_slice_scores, stack_scores
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
-from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, step_run
+from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
 
 DEFAULT_MODEL_NAME = "em-unet"
 DEFAULT_ALIAS = "champion"
@@ -116,7 +115,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the step: returns `{"run_id", "metrics", "version", "promoted"}`."""
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     with step_run("evaluate", cfg.experiment) as run:
-        mlflow.log_params(asdict(cfg))
+        log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
         metrics, rows, pictures, manifest = score(segmenter, dataset_dir, cfg)
         fingerprint = manifest["eval_fingerprint"]

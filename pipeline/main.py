@@ -13,7 +13,7 @@ import mlflow
 from pipeline.cli import run_entry
 from pipeline.evaluate import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, EvaluateConfig, evaluate
 from pipeline.preprocess import PreprocessConfig, preprocess
-from pipeline.tracking import DEFAULT_EXPERIMENT, step_run
+from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 from pipeline.train import TrainConfig, train
 
 
@@ -70,7 +70,7 @@ def summary(result: dict, cfg: MainConfig) -> str:
 def main(cfg: MainConfig) -> dict:
     """Run preprocess, train and evaluate as child runs; returns the evaluate result plus run ids."""
     with step_run("main", cfg.experiment):
-        mlflow.log_params(asdict(cfg))
+        log_config(cfg)
         data = preprocess(pick(PreprocessConfig, cfg))
         trained = train(pick(TrainConfig, cfg, dataset_uri=data["dataset_uri"]))
         result = evaluate(pick(EvaluateConfig, cfg, model_uri=trained["model_uri"], dataset_uri=data["dataset_uri"]))

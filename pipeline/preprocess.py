@@ -5,10 +5,9 @@ artifact out (see `pipeline.dataset`), logged to MLflow with its provenance.
     python -m pipeline.preprocess --images stack.tif --labels labels.tif --val_slices 24:30
 """
 
-import json
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -22,7 +21,7 @@ from pipeline.io import list_stack_paths, read_mask, read_stack
 from pipeline.normalize import normalize, stack_stats
 from pipeline.overlay import montage, overlay
 from pipeline.synthetic import synthetic_dataset
-from pipeline.tracking import DEFAULT_EXPERIMENT, step_run
+from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 
 DATASETS = ("synthetic",)
 
@@ -132,7 +131,7 @@ def preview(stacks: list[dict], per_stack: int = 3) -> np.ndarray:
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the step: returns `{"run_id", "dataset_uri", "manifest"}`."""
     with step_run("preprocess", cfg.experiment) as run:
-        mlflow.log_params(asdict(cfg))
+        log_config(cfg)
         stacks = load_files(cfg) if cfg.images else load_synthetic(cfg)
         if not any(s["split"] == "train" for s in stacks) or not any(s["split"] == "val" for s in stacks):
             raise InputError("need at least one training and one validation stack")

@@ -1,6 +1,7 @@
 """MLflow helpers shared by the entry points: which experiment and run a step logs to, and where
 artifacts of earlier steps are found."""
 
+import dataclasses
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,3 +47,11 @@ def local_artifact(uri: str, what: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(uri))
     except Exception as exc:
         raise InputError(f"{uri}: could not fetch the {what} from MLflow ({exc})") from exc
+
+
+def log_config(cfg, **extra) -> None:
+    """Log a step's whole config (plus `extra`) as params. Keys already logged are kept: `mlflow run`
+    logs the MLproject parameters itself (empty strings as "''"), and MLflow refuses to change a param."""
+    params = {**dataclasses.asdict(cfg), **extra}
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})

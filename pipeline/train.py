@@ -5,6 +5,7 @@ the held-out stacks' full slices, logged to MLflow as a Keras model and as the s
 """
 
 import dataclasses
+import json
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from pipeline.metrics import stack_scores
 from pipeline.model import UNetSpec, build_unet, multiple_of
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
-from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, step_run
+from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
 from serving.segmenter import log_segmenter
 from serving.tiling import predict_probabilities
 
@@ -145,7 +146,8 @@ class Validation(keras.callbacks.Callback):
 
 
 def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
-    """Run the step: returns `{"run_id", "model_uri", "val_dice", "epochs"}`.
+    """Run the step: returns `{"run_id", "model_uri", "val_dice", "epochs", "model"}` (the Keras model,
+    holding the best weights, for in-process callers).
 
     `devices` (tests) forces MirroredStrategy over the given devices, e.g. two logical CPUs.
     """
@@ -159,7 +161,9 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     spec = UNetSpec(depth=cfg.depth, base_filters=cfg.base_filters, batch_norm=cfg.batch_norm, dropout=cfg.dropout)
     keras.utils.set_random_seed(cfg.seed)
     with step_run("train", cfg.experiment) as run:
-        mlflow.log_params({**asdict(cfg), "replicas": replicas, "global_batch": global_batch})
+        # The resolved recipe too: under `mlflow run -e train` the preset placeholders (0) are already logged.
+        log_config(cfg, replicas=replicas, global_batch=global_batch,
+                   recipe=json.dumps({k: getattr(cfg, k) for k in PRESETS[cfg.preset]}))
         mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
         with strategy.scope():
             model = build_unet(spec)
@@ -181,7 +185,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             log_segmenter(keras_path, meta, name="model")
             mlflow.keras.log_model(model, name="keras_model")
         return {"run_id": run.info.run_id, "model_uri": f"runs:/{run.info.run_id}/model",
-                "val_dice": validation.best_dice, "epochs": len(model.history.epoch)}
+                "val_dice": validation.best_dice, "epochs": len(model.history.epoch), "model": model}
 
 
 if __name__ == "__main__":

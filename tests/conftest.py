@@ -34,12 +34,16 @@ def store(tmp_path, monkeypatch):
     mlflow.set_registry_uri(None)
 
 
-def run_module(module: str, *args: str, cwd: Path, env_uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m <module> <args>` as a user would, against the store `env_uri`."""
+def run_python(*args: str, cwd: Path, env_uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python <args>` in a fresh process, as a user would, against the tracking store `env_uri`."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_module(module: str, *args: str, cwd: Path, env_uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m <module> <args>`."""
+    return run_python("-m", module, *args, cwd=cwd, env_uri=env_uri, timeout=timeout)
 
 
 def needs_shared(*parts: str) -> Path:

@@ -1,6 +1,5 @@
 """The preprocess entry point against a real SQLite tracking store: formats, splits, provenance, errors."""
 
-import json
 
 import mlflow
 import numpy as np

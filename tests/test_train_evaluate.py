@@ -5,7 +5,6 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
-import keras
 import mlflow
 import numpy as np
 import pytest
