@@ -63,8 +63,7 @@ def summary(result: dict, cfg: MainConfig) -> str:
         f"test metrics (held-out stacks): {metrics}",
         f"model: {result['model_uri']}  ({status})",
         f"look at the runs:   mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}",
-        f"segment a stack:    python -c \"import mlflow, tifffile; m = mlflow.pyfunc.load_model('{champion}'); "
-        f"tifffile.imwrite('mask.tif', m.predict(tifffile.imread('stack.tif')) * 255)\"",
+        f"segment a stack:    mlflow run . --env-manager local -e predict -P model_uri={champion} -P input=stack.tif",
     ])
 
 

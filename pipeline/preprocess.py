@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import mlflow
 import numpy as np
+from tqdm import tqdm
 
 from pipeline.cli import run_entry
 from pipeline.dataset import safe_name, write_dataset
@@ -75,7 +76,8 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
     if len(images) > 1 and cfg.val_slices:
         raise InputError(f"val_slices splits a single stack; with {len(images)} stacks the last one is held out")
     stacks, names = [], set()
-    for i, (image_path, label_path) in enumerate(zip(images, labels)):
+    pairs = list(zip(images, labels))
+    for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
         image = read_stack(image_path)
         mask = read_mask(label_path, image, image_path)
         name = safe_name(image_path.stem if image_path.is_file() else image_path.name)

@@ -30,6 +30,8 @@ from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, st
 from serving.segmenter import log_segmenter
 from serving.tiling import predict_probabilities
 
+REQUIREMENTS = str(Path(__file__).resolve().parent.parent / "requirements.txt")
+
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
 PRESETS = {
     # CPU default: 128 x 128 crops and a 0.5M-parameter U-Net (8 base filters) learn the synthetic cells
@@ -183,7 +185,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             meta = {"multiple_of": multiple_of(spec), "spec": asdict(spec), "crop_size": cfg.crop_size,
                     "data_fingerprint": manifest["eval_fingerprint"]}
             log_segmenter(keras_path, meta, name="model")
-            mlflow.keras.log_model(model, name="keras_model")
+            mlflow.keras.log_model(model, name="keras_model", pip_requirements=REQUIREMENTS)
         return {"run_id": run.info.run_id, "model_uri": f"runs:/{run.info.run_id}/model",
                 "val_dice": validation.best_dice, "epochs": len(model.history.epoch), "model": model}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from scipy import ndimage
 from mlflow.models import ModelSignature
 from mlflow.types import ParamSchema, ParamSpec
 
@@ -19,13 +20,15 @@ from pipeline.normalize import stack_stats
 from serving.tiling import DEFAULT_OVERLAP, iter_probabilities
 
 DEFAULT_PARAMS = {
-    "output": "mask",  # "mask" (uint8 {0, 1}) or "probability" (float32 in [0, 1])
+    # "mask" (uint8 {0, 1}), "probability" (float32 in [0, 1]) or "labels" (int32, one id per object)
+    "output": "mask",
     "threshold": 0.5,  # the model is trained with BCE + Dice: 0.5 is its calibrated cut
     "tile_size": 512,  # large tiles: fewer seams and better throughput; 512 x 512 fits any laptop
     "overlap": DEFAULT_OVERLAP,
     "batch_size": 4,  # tiles per forward pass
+    "min_object_size": 20,  # voxels; smaller components are dropped from "labels" (noise, not cells)
 }
-OUTPUTS = ("mask", "probability")
+OUTPUTS = ("mask", "probability", "labels")
 
 
 def signature() -> ModelSignature:
@@ -35,6 +38,20 @@ def signature() -> ModelSignature:
     kinds = {str: "string", int: "long", float: "double", bool: "boolean"}
     params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in DEFAULT_PARAMS.items()])
     return ModelSignature(inputs=None, outputs=None, params=params)
+
+
+def label_objects(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """Instance labels of a `(Z, H, W)` mask: 3-D face-connected components (a cell continues through
+    consecutive slices), components under `min_size` voxels removed, ids 1..N. Returns int32."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return labels.astype(np.int32)
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_size
+    keep[0] = False
+    new_ids = np.zeros(count + 1, np.int32)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[labels]
 
 
 def as_stack(data) -> tuple[np.ndarray, bool]:
@@ -48,6 +65,11 @@ def as_stack(data) -> tuple[np.ndarray, bool]:
         raise InputError(f"expected numeric pixels but input has dtype {stack.dtype}")
     if stack.ndim not in (2, 3):
         raise InputError(f"expected an (H, W) image or a (Z, H, W) stack but input has shape {stack.shape}")
+    if stack.ndim == 3 and stack.shape[-1] in (3, 4) and min(stack.shape[:2]) > 4:
+        raise InputError(f"input of shape {stack.shape} looks like a colour (H, W, {stack.shape[-1]}) image; "
+                         f"pass one grayscale channel as (H, W) or a (Z, H, W) stack")
+    if stack.dtype.kind == "f" and not np.isfinite(stack).any():
+        raise InputError("input has no finite values (all NaN or infinite)")
     return (stack[None], True) if stack.ndim == 2 else (stack, False)
 
 
@@ -60,24 +82,31 @@ class StackSegmenter(mlflow.pyfunc.PythonModel):
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
 
-    def segment(self, stack: np.ndarray, low: float | None = None, high: float | None = None,
-                **params) -> np.ndarray:
-        """Segment a raw `(Z, H, W)` stack (normalised with `low`, `high`, default: its own percentiles).
-
-        Returns `(Z, H, W)` uint8 mask or float32 probabilities, per `params["output"]`.
-        """
+    def iter_probabilities(self, stack: np.ndarray, low: float | None = None, high: float | None = None,
+                           **params):
+        """Yield the `(H, W)` float32 probability of each slice of a raw `(Z, H, W)` stack, normalised with
+        `low`, `high` (default: the stack's own percentiles). `params`: see `DEFAULT_PARAMS`."""
         options = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
         if options["output"] not in OUTPUTS:
             raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {options['output']!r}")
         if low is None:
             low, high = stack_stats(stack)
-        multiple = int(self.meta["multiple_of"])
-        probs = iter_probabilities(lambda x: self.keras_model.predict_on_batch(x), stack, low, high,
-                                   tile_size=int(options["tile_size"]), overlap=float(options["overlap"]),
-                                   batch_size=int(options["batch_size"]), multiple=multiple)
+        return iter_probabilities(lambda x: self.keras_model.predict_on_batch(x), stack, low, high,
+                                  tile_size=int(options["tile_size"]), overlap=float(options["overlap"]),
+                                  batch_size=int(options["batch_size"]), multiple=int(self.meta["multiple_of"]))
+
+    def segment(self, stack: np.ndarray, low: float | None = None, high: float | None = None,
+                **params) -> np.ndarray:
+        """Segment a raw `(Z, H, W)` stack. Returns `(Z, H, W)` uint8 {0, 1} mask, or float32
+        probabilities with `output="probability"`, or int32 object ids with `output="labels"`."""
+        options = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+        probs = self.iter_probabilities(stack, low, high, **options)
         if options["output"] == "probability":
             return np.stack(list(probs))
-        return np.stack([(p >= float(options["threshold"])).astype(np.uint8) for p in probs])
+        mask = np.stack([(p >= float(options["threshold"])).astype(np.uint8) for p in probs])
+        if options["output"] == "labels":
+            return label_objects(mask, int(options["min_object_size"]))
+        return mask
 
     def predict(self, context, model_input, params=None):
         stack, was_2d = as_stack(model_input)

@@ -23,15 +23,60 @@ def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _point_mlflow_at(uri)
     while mlflow.active_run():
         mlflow.end_run()
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    _point_mlflow_at(None)
+
+
+def make_dataset(folder: Path, seed: int) -> Path:
+    """A tiny synthetic dataset artifact: two training stacks and one validation stack of 4 x 64 x 64."""
+    from pipeline.dataset import write_dataset
+    from pipeline.synthetic import synthetic_stack
+
+    stacks = [dict(name=f"s{i}", split="val" if i == 2 else "train", image=image, mask=mask)
+              for i, (image, mask) in enumerate(synthetic_stack(seed, i, (4, 64, 64)) for i in range(3))]
+    write_dataset(folder, stacks)
+    return folder
+
+
+def _point_mlflow_at(uri: str | None) -> None:
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+
+
+@pytest.fixture(scope="session")
+def world_state(tmp_path_factory):
+    """Built once per session: a SQLite store, two tiny datasets and one tiny model trained into it."""
+    from pipeline.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("world")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the store's artifact root (./mlruns) resolves here, once, at creation
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        _point_mlflow_at(uri)
+        data = make_dataset(root / "data", seed=0)
+        other = make_dataset(root / "other", seed=5)
+        trained = train(TrainConfig(dataset_uri=str(data), **TINY_TRAIN))
+        _point_mlflow_at(None)
+    return {"root": root, "uri": uri, "data": data, "other": other, "trained": trained}
+
+
+@pytest.fixture
+def world(world_state, monkeypatch):
+    """The session's store with its trained model, made current for one test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", world_state["uri"])
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    _point_mlflow_at(world_state["uri"])
+    yield world_state
+    while mlflow.active_run():
+        mlflow.end_run()
+    _point_mlflow_at(None)
 
 
 def run_python(*args: str, cwd: Path, env_uri: str, timeout: int = 600) -> subprocess.CompletedProcess:

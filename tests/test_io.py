@@ -47,6 +47,8 @@ def write_tiff(path, array, **kwargs):
                           metadata={"axes": "ZCYX"}), "multi-channel"),
     (lambda p: (p / "x.jpg").write_bytes(b"1234") and p / "x.jpg", "unsupported file type"),
     (lambda p: (p / "empty_dir").mkdir() or p / "empty_dir", "holds no"),
+    (lambda p: np.save(p / "none.npy", np.zeros((0, 8, 8), np.uint8)) or p / "none.npy", "empty"),
+    (lambda p: np.save(p / "vol4d.npy", np.zeros((2, 2, 8, 8), np.uint8)) or p / "vol4d.npy", "expected a 2-D image"),
 ])
 def test_bad_inputs_raise_one_clear_line(tmp_path, make, message):
     path = make(tmp_path)

@@ -9,9 +9,12 @@ from pipeline.evaluate import EvaluateConfig
 from pipeline.main import MainConfig
 from pipeline.preprocess import PreprocessConfig
 from pipeline.train import TrainConfig
+from serving.predict import PredictConfig
 from tests.conftest import ROOT
 
-ENTRIES = {"main": MainConfig, "preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
+ENTRIES = {"main": MainConfig, "preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
+           "predict": PredictConfig}
+MODULES = {"predict": "serving.predict"}
 
 
 @pytest.mark.parametrize("entry, cls", ENTRIES.items())
@@ -24,7 +27,7 @@ def test_parameters_match_config(entry, cls):
         declared = spec["parameters"][name]["default"]
         assert type(default)(declared if not isinstance(default, bool) else str(declared) == "true") == default, name
         assert f"--{name} {{{name}}}" in spec["command"]
-    assert f"python -m pipeline.{entry}" in spec["command"]
+    assert f"python -m {MODULES.get(entry, 'pipeline.' + entry)}" in spec["command"]
 
 
 def test_main_defaults_are_the_steps_defaults():

@@ -9,41 +9,12 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.dataset import write_dataset
 from pipeline.errors import InputError
 from pipeline.evaluate import EvaluateConfig, evaluate
 from pipeline.model import UNetSpec, build_unet
-from pipeline.synthetic import synthetic_stack
 from pipeline.train import TrainConfig, train
 from serving.segmenter import log_segmenter
 from tests.conftest import TINY_TRAIN
-
-
-def make_dataset(folder: Path, seed: int) -> Path:
-    stacks = [dict(name=f"s{i}", split="val" if i == 2 else "train", image=image, mask=mask)
-              for i, (image, mask) in enumerate(synthetic_stack(seed, i, (4, 64, 64)) for i in range(3))]
-    write_dataset(folder, stacks)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """One store, two datasets and one tiny trained model shared by this module's tests."""
-    root = tmp_path_factory.mktemp("world")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    data = make_dataset(root / "data", seed=0)
-    other = make_dataset(root / "other", seed=5)
-    trained = train(TrainConfig(dataset_uri=str(data), **TINY_TRAIN))
-    yield {"root": root, "data": data, "other": other, "trained": trained}
-    mp.undo()
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
 
 
 def test_train_logs_params_per_epoch_metrics_and_models(world):

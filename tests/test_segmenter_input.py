@@ -1,0 +1,41 @@
+import numpy as np
+import pytest
+
+from pipeline.errors import InputError
+from serving.segmenter import as_stack, label_objects, signature
+
+
+def test_2d_and_3d_inputs_become_stacks():
+    assert as_stack(np.zeros((5, 6)))[0].shape == (1, 5, 6) and as_stack(np.zeros((5, 6)))[1] is True
+    stack, was_2d = as_stack(np.zeros((2, 5, 6), np.uint16))
+    assert stack.shape == (2, 5, 6) and not was_2d
+    assert as_stack(np.ones((2, 2), bool))[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize("data, message", [
+    (np.zeros((0, 4)), "empty"),
+    (np.zeros((2, 3, 4, 5)), "expected an \\(H, W\\) image or a \\(Z, H, W\\) stack"),
+    (np.zeros((64, 64, 3), np.uint8), "looks like a colour"),
+    (np.full((4, 4), np.nan), "no finite values"),
+    (np.array([["a", "b"]]), "numeric"),
+])
+def test_bad_inputs_are_clear_errors(data, message):
+    with pytest.raises(InputError, match=message):
+        as_stack(data)
+
+
+def test_signature_exposes_inference_params():
+    params = {p.name: p.default for p in signature().params}
+    assert params == {"output": "mask", "threshold": 0.5, "tile_size": 512, "overlap": 0.25, "batch_size": 4,
+                      "min_object_size": 20}
+
+
+def test_label_objects_follows_cells_through_slices_and_drops_specks():
+    mask = np.zeros((3, 10, 10), np.uint8)
+    mask[0:3, 1:4, 1:4] = 1  # one cell through three slices: 27 voxels
+    mask[1, 7:9, 7:9] = 1  # a second object: 4 voxels
+    mask[2, 9, 0] = 1  # a speck: 1 voxel
+    labels = label_objects(mask, min_size=2)
+    assert labels.dtype == np.int32 and labels.max() == 2
+    assert len(np.unique(labels[:, 2, 2])) == 1 and labels[0, 2, 2] > 0  # same id in every slice
+    assert labels[2, 9, 0] == 0
