@@ -137,3 +137,57 @@ def read_mask(path: str | Path, like: np.ndarray, image_path: str | Path) -> np.
     if not mask.any():
         raise InputError(f"{path}: the label stack is all background (no non-zero pixel)")
     return mask
+
+
+class TiffStack:
+    """A multi-page grayscale TIFF as a `(Z, H, W)` stack whose slices are read from disk when indexed,
+    so that a 200 x 2048 x 2048 stack never sits in memory. Supports `shape`, `dtype`, `len`,
+    `stack[z]` and `stack[a:b]`."""
+
+    def __init__(self, path: Path, tif: tifffile.TiffFile):
+        series = tif.series[0]
+        self.path, self._tif, self._pages = path, tif, series.pages
+        self.shape = (len(self._pages), *series.pages[0].shape)
+        self.dtype = series.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _page(self, z: int) -> np.ndarray:
+        try:
+            array = self._pages[z].asarray()
+        except Exception as exc:
+            raise InputError(f"{self.path}: slice {z} is not readable, the file may be truncated ({exc})") from exc
+        return array.astype(np.uint8) if array.dtype == bool else array
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return np.stack([self._page(z) for z in range(*key.indices(self.shape[0]))])
+        return self._page(int(key))
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def lazy_stack(path: str | Path):
+    """A stack for slice-by-slice reading: a `TiffStack` for a multi-page grayscale TIFF with one page per
+    slice, a memory-mapped array for `.npy`, otherwise the array `read_stack` returns."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() in (".tif", ".tiff") and path.stat().st_size > 0:
+        try:
+            tif = tifffile.TiffFile(path)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable TIFF, it may be truncated or corrupt ({exc})") from exc
+        series = tif.series[0] if tif.series else None
+        pages_are_slices = (series is not None and len(series.pages) > 1 and series.ndim == 3
+                            and all(p is not None for p in series.pages))
+        if pages_are_slices and "S" not in series.axes and "C" not in series.axes:
+            return TiffStack(path, tif)
+        tif.close()
+    if path.is_file() and path.suffix.lower() == ".npy" and path.stat().st_size > 0:
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable .npy array ({exc})") from exc
+        return _as_stack(array, path)
+    return read_stack(path)

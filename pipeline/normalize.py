@@ -14,13 +14,25 @@ HIGH_PERCENTILE = 99.5
 MAX_SAMPLES = 4_000_000
 
 
-def stack_stats(stack: np.ndarray) -> tuple[float, float]:
-    """Return `(low, high)` intensity percentiles of a stack of any shape and numeric dtype."""
-    flat = np.asarray(stack).reshape(-1)
-    if flat.size == 0:
+def stack_stats(stack) -> tuple[float, float]:
+    """Return `(low, high)` intensity percentiles of a stack.
+
+    `stack` is a `(Z, H, W)` or `(H, W)` array of any numeric dtype, or anything with `shape` that
+    yields `(H, W)` slices by index (a lazily read TIFF): it is read one slice at a time, and the
+    evenly spaced sample is the same whichever way the stack is held.
+    """
+    shape = tuple(stack.shape)
+    size = int(np.prod(shape))
+    if size == 0:
         raise ValueError("cannot compute intensity statistics of an empty stack")
-    step = max(1, flat.size // MAX_SAMPLES)
-    sample = flat[::step].astype(np.float64)
+    step = max(1, size // MAX_SAMPLES)
+    if len(shape) < 3:
+        sample = np.asarray(stack).reshape(-1)[::step].astype(np.float64)
+    else:
+        per_slice = size // shape[0]
+        # Voxel i of the flattened stack is sampled when i % step == 0; slice z starts at z * per_slice.
+        sample = np.concatenate([np.asarray(stack[z]).reshape(-1)[(-z * per_slice) % step::step].astype(np.float64)
+                                 for z in range(shape[0])])
     if not np.all(np.isfinite(sample)):
         sample = sample[np.isfinite(sample)]
         if sample.size == 0:

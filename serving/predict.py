@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.cli import run_entry
 from pipeline.errors import InputError
 from pipeline.evaluate import load_segmenter
-from pipeline.io import list_stack_paths, read_mask, read_stack
+from pipeline.io import lazy_stack, list_stack_paths, read_mask
 from pipeline.metrics import per_slice_scores, scores_from_counts
 from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 from serving.segmenter import DEFAULT_PARAMS
@@ -68,7 +68,7 @@ def predict_stack(segmenter, stack: np.ndarray, name: str, cfg: PredictConfig, o
             (tifffile.TiffWriter(partial["prob"]) if cfg.save_probability else nullcontext()) as prob_tif:
         writer = csv.writer(table)
         writer.writerow(["slice", "objects", "total_area", "mean_area", "areas"])
-        for z, prob in enumerate(tqdm(probs, total=stack.shape[0], desc=name, unit="slice")):
+        for z, prob in enumerate(tqdm(probs, total=len(stack), desc=name, unit="slice")):
             mask = prob >= cfg.threshold
             mask_tif.write(mask.astype(np.uint8) * 255, contiguous=True, photometric="minisblack")
             if cfg.save_probability:
@@ -97,7 +97,7 @@ def predict(cfg: PredictConfig) -> dict:
         segmenter = load_segmenter(cfg.model_uri)
         rows = []
         for i, path in enumerate(inputs):
-            stack = read_stack(path)
+            stack = lazy_stack(path)  # read slice by slice: memory does not grow with the stack
             truth = read_mask(labels[i], stack, path) if labels else None
             rows += predict_stack(segmenter, stack, path.stem if path.is_file() else path.name, cfg, out_dir, truth)
         metrics = {}

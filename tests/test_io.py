@@ -86,3 +86,20 @@ def test_labels_binarised_and_checked(tmp_path):
     tifffile.imwrite(tmp_path / "small.tif", np.ones((2, 8, 7), np.uint8))
     with pytest.raises(InputError, match=r"small.tif has shape \(2, 8, 7\) but img.tif has \(2, 8, 8\)"):
         read_mask(tmp_path / "small.tif", image, "img.tif")
+
+
+def test_lazy_stack_reads_slices_on_demand_and_matches_read_stack(tmp_path, rng):
+    from pipeline.io import TiffStack, lazy_stack
+
+    stack = rng.integers(0, 65535, (6, 20, 30), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
+    lazy = lazy_stack(tmp_path / "s.tif")
+    assert isinstance(lazy, TiffStack) and lazy.shape == (6, 20, 30) and lazy.dtype == np.uint16
+    np.testing.assert_array_equal(lazy[2], stack[2])
+    np.testing.assert_array_equal(lazy[1:4], stack[1:4])
+    lazy.close()
+    np.save(tmp_path / "s.npy", stack)
+    assert isinstance(lazy_stack(tmp_path / "s.npy"), np.memmap)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
+    with pytest.raises(InputError, match="grayscale"):
+        lazy_stack(tmp_path / "rgb.tif")

@@ -29,3 +29,23 @@ def test_constant_and_nan_inputs():
     assert normalize(x, low, high)[0, 0, 0] == 0.0
     with pytest.raises(ValueError, match="no finite"):
         stack_stats(np.full((2, 2), np.nan))
+
+
+class SliceReader:
+    """Yields slices one at a time, like a lazily read TIFF."""
+
+    def __init__(self, array):
+        self.array, self.shape = array, array.shape
+
+    def __getitem__(self, z):
+        return self.array[z]
+
+
+def test_streamed_statistics_equal_in_memory_statistics(rng, monkeypatch):
+    import pipeline.normalize as norm
+
+    monkeypatch.setattr(norm, "MAX_SAMPLES", 997)  # force sub-sampling with a step that straddles slices
+    stack = rng.gamma(2.0, 300.0, size=(7, 33, 41)).astype(np.float32)
+    expected = np.percentile(stack.reshape(-1)[:: stack.size // 997].astype(np.float64), [0.5, 99.5])
+    assert stack_stats(stack) == pytest.approx(tuple(expected))
+    assert stack_stats(SliceReader(stack)) == stack_stats(stack)

@@ -50,3 +50,16 @@ def test_predict_without_input_is_a_clear_error(world, tmp_path):
     proc = run_module("serving.predict", "--model_uri", world["trained"]["model_uri"], cwd=tmp_path,
                       env_uri=world["uri"])
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: no input given")
+
+
+def test_tiled_prediction_agrees_with_whole_slice_prediction(world):
+    from pipeline.synthetic import synthetic_stack
+
+    image, _ = synthetic_stack(0, 0, (1, 1024, 1024))
+    model = mlflow.pyfunc.load_model(world["trained"]["model_uri"])
+    whole = model.predict(image, params={"tile_size": 1024})
+    tiled = model.predict(image, params={"tile_size": 256, "overlap": 0.25})
+    assert whole.shape == tiled.shape == (1, 1024, 1024)
+    assert np.mean(whole == tiled) >= 0.999
+    odd = model.predict(image[0, :1000, :777])
+    assert odd.shape == (1000, 777)
