@@ -22,6 +22,7 @@ from pipeline.metrics import per_slice_scores, stack_scores
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
 from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
+from serving.segmenter import DEFAULT_PARAMS
 
 DEFAULT_MODEL_NAME = "em-unet"
 DEFAULT_ALIAS = "champion"
@@ -35,8 +36,8 @@ class EvaluateConfig:
     dataset_uri: str = ""  # dataset artifact whose `val` stacks are scored
     registered_model: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS  # moved to the new version only if its test_dice is the best
-    threshold: float = 0.5
-    tile_size: int = 512
+    threshold: float = DEFAULT_PARAMS["threshold"]
+    tile_size: int = DEFAULT_PARAMS["tile_size"]
     register: bool = True  # false: score only
     experiment: str = DEFAULT_EXPERIMENT
 

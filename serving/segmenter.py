@@ -23,9 +23,11 @@ DEFAULT_PARAMS = {
     # "mask" (uint8 {0, 1}), "probability" (float32 in [0, 1]) or "labels" (int32, one id per object)
     "output": "mask",
     "threshold": 0.5,  # the model is trained with BCE + Dice: 0.5 is its calibrated cut
-    "tile_size": 512,  # large tiles: fewer seams and better throughput; 512 x 512 fits any laptop
+    # Largest tile side. Slices up to 1024 x 1024 run whole (no overlap to pay for); larger ones are
+    # tiled; memory is bounded by serving.tiling.MAX_BATCH_PIXELS either way.
+    "tile_size": 1024,
     "overlap": DEFAULT_OVERLAP,
-    "batch_size": 4,  # tiles per forward pass
+    "batch_size": 4,  # most tiles per forward pass (fewer when tiles are large)
     "min_object_size": 20,  # voxels; smaller components are dropped from "labels" (noise, not cells)
 }
 OUTPUTS = ("mask", "probability", "labels")

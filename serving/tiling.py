@@ -16,6 +16,9 @@ from pipeline.normalize import normalize
 # costs 1.8x instead of 4x the pixels of the slice.
 DEFAULT_OVERLAP = 0.25
 SIGMA_SCALE = 1 / 8  # nnU-Net's Gaussian: sigma = tile / 8
+# A forward pass holds at most this many pixels (four 512 x 512 tiles): it bounds activation memory
+# whatever the tile size, so one large tile runs alone and small tiles are batched.
+MAX_BATCH_PIXELS = 4 * 512 * 512
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -51,16 +54,18 @@ def plan_tiles(height: int, width: int, tile_size: int, multiple: int, overlap: 
 
 
 def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.ndarray, low: float, high: float,
-                       tile_size: int = 512, overlap: float = DEFAULT_OVERLAP, batch_size: int = 8,
+                       tile_size: int = 1024, overlap: float = DEFAULT_OVERLAP, batch_size: int = 4,
                        multiple: int = 16) -> Iterator[np.ndarray]:
     """Yield the `(H, W)` float32 foreground probability of each slice of a raw `(Z, H, W)` stack in order.
 
     `predict` maps a `(n, h, w, 1)` float32 batch in [0, 1] to `(n, h, w, 1)` probabilities; `low`, `high`
-    are the stack's normalisation percentiles; `multiple` is the network's `2**depth`.
+    are the stack's normalisation percentiles; `multiple` is the network's `2**depth`; `batch_size` is the
+    most tiles per forward pass, further capped by `MAX_BATCH_PIXELS`.
     """
     z_size, height, width = stack.shape
     pad_h, pad_w, tile_h, tile_w, boxes = plan_tiles(height, width, tile_size, multiple, overlap)
     window = gaussian_window(tile_h, tile_w)
+    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (tile_h * tile_w)))
     weight_sum = np.zeros((pad_h, pad_w), np.float32)
     for y, x in boxes:
         weight_sum[y:y + tile_h, x:x + tile_w] += window

@@ -26,7 +26,7 @@ def test_bad_inputs_are_clear_errors(data, message):
 
 def test_signature_exposes_inference_params():
     params = {p.name: p.default for p in signature().params}
-    assert params == {"output": "mask", "threshold": 0.5, "tile_size": 512, "overlap": 0.25, "batch_size": 4,
+    assert params == {"output": "mask", "threshold": 0.5, "tile_size": 1024, "overlap": 0.25, "batch_size": 4,
                       "min_object_size": 20}
 
 

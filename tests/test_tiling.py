@@ -39,3 +39,19 @@ def test_plan_pads_small_slices_to_the_network_multiple():
     assert (pad_h, pad_w, tile_h, tile_w, boxes) == (16, 16, 16, 16, [(0, 0)])
     pad_h, pad_w, tile_h, tile_w, boxes = plan_tiles(1000, 777, 256, 16, 0.25)
     assert (tile_h, tile_w) == (256, 256) and (pad_h, pad_w) == (1000, 777) and len(boxes) == 5 * 4  # stride 192: ceil(744/192)+1 rows, ceil(521/192)+1 columns
+
+
+def test_forward_passes_are_capped_in_pixels(rng, monkeypatch):
+    import serving.tiling as tiling
+
+    monkeypatch.setattr(tiling, "MAX_BATCH_PIXELS", 3 * 32 * 32)
+    sizes = []
+
+    def recording(batch):
+        sizes.append(batch.shape)
+        return local_model(batch)
+
+    stack = (rng.random((5, 32, 32)) * 255).astype(np.uint8)
+    prob = predict_probabilities(recording, stack, 0, 255, tile_size=32, batch_size=100, multiple=16)
+    assert prob.shape == (5, 32, 32)
+    assert max(s[0] for s in sizes) == 3 and sum(s[0] for s in sizes) == 5  # small tiles batched, up to the cap
