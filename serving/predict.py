@@ -24,7 +24,7 @@ from tqdm import tqdm
 from pipeline.cli import run_entry
 from pipeline.errors import InputError
 from pipeline.evaluate import load_segmenter
-from pipeline.io import lazy_stack, list_stack_paths, read_mask
+from pipeline.io import TiffStack, lazy_stack, list_stack_paths, read_mask
 from pipeline.metrics import per_slice_scores, scores_from_counts
 from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 from serving.segmenter import DEFAULT_PARAMS
@@ -99,7 +99,11 @@ def predict(cfg: PredictConfig) -> dict:
         for i, path in enumerate(inputs):
             stack = lazy_stack(path)  # read slice by slice: memory does not grow with the stack
             truth = read_mask(labels[i], stack, path) if labels else None
-            rows += predict_stack(segmenter, stack, path.stem if path.is_file() else path.name, cfg, out_dir, truth)
+            try:
+                rows += predict_stack(segmenter, stack, path.stem if path.is_file() else path.name, cfg, out_dir, truth)
+            finally:
+                if isinstance(stack, TiffStack):
+                    stack.close()
         metrics = {}
         if rows:
             totals = [sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")]

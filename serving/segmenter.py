@@ -56,6 +56,14 @@ def label_objects(mask: np.ndarray, min_size: int) -> np.ndarray:
     return new_ids[labels]
 
 
+def resolve_options(params: dict) -> dict:
+    """`DEFAULT_PARAMS` overridden by the given params (None means default), checked."""
+    options = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+    if options["output"] not in OUTPUTS:
+        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {options['output']!r}")
+    return options
+
+
 def as_stack(data) -> tuple[np.ndarray, bool]:
     """Check and reshape input to `(Z, H, W)`; returns `(stack, was_2d)`."""
     stack = np.asarray(data)
@@ -79,7 +87,7 @@ class StackSegmenter(mlflow.pyfunc.PythonModel):
     """Segments whole stacks with a Keras U-Net saved as the artifact `keras_model`."""
 
     def load_context(self, context):
-        import keras  # imported here so that logging the model does not need a TensorFlow session
+        import keras  # only when serving: importing this module (to log a model) stays light
 
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
@@ -88,9 +96,7 @@ class StackSegmenter(mlflow.pyfunc.PythonModel):
                            **params):
         """Yield the `(H, W)` float32 probability of each slice of a raw `(Z, H, W)` stack, normalised with
         `low`, `high` (default: the stack's own percentiles). `params`: see `DEFAULT_PARAMS`."""
-        options = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
-        if options["output"] not in OUTPUTS:
-            raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {options['output']!r}")
+        options = resolve_options(params)
         if low is None:
             low, high = stack_stats(stack)
         return iter_probabilities(lambda x: self.keras_model.predict_on_batch(x), stack, low, high,
@@ -101,7 +107,7 @@ class StackSegmenter(mlflow.pyfunc.PythonModel):
                 **params) -> np.ndarray:
         """Segment a raw `(Z, H, W)` stack. Returns `(Z, H, W)` uint8 {0, 1} mask, or float32
         probabilities with `output="probability"`, or int32 object ids with `output="labels"`."""
-        options = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
+        options = resolve_options(params)
         probs = self.iter_probabilities(stack, low, high, **options)
         if options["output"] == "probability":
             return np.stack(list(probs))
@@ -116,7 +122,7 @@ class StackSegmenter(mlflow.pyfunc.PythonModel):
         return out[0] if was_2d else out
 
 
-def log_segmenter(keras_path: str | Path, meta: dict, name: str = "model", input_example=None):
+def log_segmenter(keras_path: str | Path, meta: dict, name: str = "model"):
     """Log the pyfunc segmenter for a saved `.keras` file, with the project code it needs to run anywhere."""
     import pipeline
     import serving

@@ -39,3 +39,12 @@ def test_label_objects_follows_cells_through_slices_and_drops_specks():
     assert labels.dtype == np.int32 and labels.max() == 2
     assert len(np.unique(labels[:, 2, 2])) == 1 and labels[0, 2, 2] > 0  # same id in every slice
     assert labels[2, 9, 0] == 0
+
+
+def test_options_default_and_unknown_output():
+    from serving.segmenter import resolve_options
+
+    assert resolve_options({"threshold": None, "tile_size": 256})["tile_size"] == 256
+    assert resolve_options({"threshold": None})["threshold"] == 0.5
+    with pytest.raises(InputError, match="output must be one of mask, probability, labels, got 'rgb'"):
+        resolve_options({"output": "rgb"})
