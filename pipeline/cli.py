@@ -7,7 +7,6 @@ dataclass. Entry points are `python -m pipeline.<step> --field value ...`.
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 from typing import Callable
 
@@ -24,9 +23,9 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def parse_config(cls, argv: list[str] | None = None, description: str = ""):
+def parse_config(cls, argv: list[str] | None = None):
     """Build an instance of the frozen dataclass `cls` from `--field value` flags."""
-    parser = argparse.ArgumentParser(description=description or cls.__doc__)
+    parser = argparse.ArgumentParser(description=cls.__doc__)
     for f in dataclasses.fields(cls):
         type_name = f.type if isinstance(f.type, str) else f.type.__name__
         kind = {"bool": _parse_bool, "int": int, "float": float}.get(type_name, str)
@@ -34,18 +33,13 @@ def parse_config(cls, argv: list[str] | None = None, description: str = ""):
     return cls(**vars(parser.parse_args(argv)))
 
 
-def quiet_tensorflow():
-    """Hide TensorFlow's C++ start-up chatter (CUDA probing, CPU feature notes) before it is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-
 def run_entry(step: Callable, cls, argv: list[str] | None = None) -> None:
     """Parse flags into `cls`, run `step(cfg)`; an `InputError` prints `error: <message>` and exits 2.
 
     The MLflow run opened by the step is closed as FAILED by its context manager before we get here.
+    TensorFlow's C++ start-up chatter is silenced by TF_CPP_MIN_LOG_LEVEL in the MLproject commands: it
+    must be set before TensorFlow is imported, which entry modules do at import time, before this runs.
     """
-    quiet_tensorflow()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(cls, argv)
     try:
