@@ -28,7 +28,7 @@ import tifffile  # noqa: E402
 
 from pipeline.model import UNetSpec, build_unet  # noqa: E402
 from pipeline.normalize import normalize, stack_stats  # noqa: E402
-from serving.segmenter import log_segmenter  # noqa: E402
+from serving.segmenter import compiled_forward, log_segmenter  # noqa: E402
 from serving.tiling import predict_probabilities  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -57,7 +57,8 @@ def speed(model, spec):
             continue
         stack = tifffile.imread(path)
         low, high = stack_stats(stack)
-        ours = timed(lambda: predict_probabilities(model.predict_on_batch, stack, low, high, multiple=2**spec.depth))
+        forward = compiled_forward(model)  # what the pyfunc segmenter runs
+        ours = timed(lambda: predict_probabilities(forward, stack, low, high, multiple=2**spec.depth))
         base = timed(lambda: naive(model, stack, low, high))
         n = stack.shape[0]
         print(f"{name}: ours {n / ours:.2f} slices/s, naive model.predict loop {n / base:.2f} slices/s, "

@@ -42,6 +42,7 @@ class PredictConfig:
     tile_size: int = DEFAULT_PARAMS["tile_size"]
     overlap: float = DEFAULT_PARAMS["overlap"]
     batch_size: int = DEFAULT_PARAMS["batch_size"]
+    tta: str = DEFAULT_PARAMS["tta"]  # "flips" or "d4": averaged over 4 or 8 views, 4x or 8x the time
     save_probability: bool = False  # also write <name>_prob.tif (float32, 4x the mask's size)
     min_object_size: int = 20  # pixels; smaller connected components are not counted as objects
     experiment: str = DEFAULT_EXPERIMENT
@@ -62,7 +63,7 @@ def predict_stack(segmenter, stack: np.ndarray, name: str, cfg: PredictConfig, o
         targets["prob"] = out_dir / f"{name}_prob.tif"
     partial = {k: v.with_name(v.name + ".partial") for k, v in targets.items()}
     probs = segmenter.iter_probabilities(stack, threshold=cfg.threshold, tile_size=cfg.tile_size,
-                                         overlap=cfg.overlap, batch_size=cfg.batch_size)
+                                         overlap=cfg.overlap, batch_size=cfg.batch_size, tta=cfg.tta)
     rows = []
     with tifffile.TiffWriter(partial["mask"]) as mask_tif, open(partial["objects"], "w", newline="") as table, \
             (tifffile.TiffWriter(partial["prob"]) if cfg.save_probability else nullcontext()) as prob_tif:

@@ -19,6 +19,9 @@ SIGMA_SCALE = 1 / 8  # nnU-Net's Gaussian: sigma = tile / 8
 # A forward pass holds at most this many pixels (four 512 x 512 tiles): it bounds activation memory
 # whatever the tile size, so one large tile runs alone and small tiles are batched.
 MAX_BATCH_PIXELS = 4 * 512 * 512
+# Test-time augmentation: the prediction is averaged over these views of each tile (then mapped back).
+# "flips": identity, vertical, horizontal, both; "d4": those and their transposes (all 8 symmetries).
+TTA_MODES = ("none", "flips", "d4")
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -53,15 +56,52 @@ def plan_tiles(height: int, width: int, tile_size: int, multiple: int, overlap: 
     return pad_h, pad_w, tile_h, tile_w, boxes
 
 
+def _views(mode: str) -> list[tuple[bool, bool, bool]]:
+    """(flip rows, flip columns, transpose) of each view of a TTA mode."""
+    flips = [(False, False), (True, False), (False, True), (True, True)] if mode != "none" else [(False, False)]
+    transposes = (False, True) if mode == "d4" else (False,)
+    return [(fy, fx, t) for t in transposes for fy, fx in flips]
+
+
+def _view(tiles: np.ndarray, flip_y: bool, flip_x: bool, transpose: bool) -> np.ndarray:
+    if flip_y:
+        tiles = tiles[:, ::-1]
+    if flip_x:
+        tiles = tiles[:, :, ::-1]
+    return tiles.transpose(0, 2, 1, 3) if transpose else tiles
+
+
+def with_tta(predict: Callable[[np.ndarray], np.ndarray], mode: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`predict` averaged over the views of TTA `mode` (one of `TTA_MODES`); each view's output is mapped
+    back to the tile's frame before averaging. The views are exact symmetries of the pixel grid, so tiles
+    need not be square: a transposed tile is just another valid input to a fully convolutional net."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
+    views = _views(mode)
+    if len(views) == 1:
+        return predict
+
+    def averaged(tiles: np.ndarray) -> np.ndarray:
+        total = np.zeros(tiles.shape, np.float32)
+        for fy, fx, t in views:
+            out = np.asarray(predict(np.ascontiguousarray(_view(tiles, fy, fx, t))), np.float32)
+            # undo in reverse order: transpose first, then the flips (each is its own inverse)
+            total += _view(out.transpose(0, 2, 1, 3) if t else out, fy, fx, False)
+        return total / len(views)
+
+    return averaged
+
+
 def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.ndarray, low: float, high: float,
                        tile_size: int = 1024, overlap: float = DEFAULT_OVERLAP, batch_size: int = 4,
-                       multiple: int = 16) -> Iterator[np.ndarray]:
+                       multiple: int = 16, tta: str = "none") -> Iterator[np.ndarray]:
     """Yield the `(H, W)` float32 foreground probability of each slice of a raw `(Z, H, W)` stack in order.
 
     `predict` maps a `(n, h, w, 1)` float32 batch in [0, 1] to `(n, h, w, 1)` probabilities; `low`, `high`
     are the stack's normalisation percentiles; `multiple` is the network's `2**depth`; `batch_size` is the
-    most tiles per forward pass, further capped by `MAX_BATCH_PIXELS`.
+    most tiles per forward pass, further capped by `MAX_BATCH_PIXELS`; `tta` one of `TTA_MODES`.
     """
+    predict = with_tta(predict, tta)
     z_size, height, width = stack.shape
     pad_h, pad_w, tile_h, tile_w, boxes = plan_tiles(height, width, tile_size, multiple, overlap)
     window = gaussian_window(tile_h, tile_w)

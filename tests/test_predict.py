@@ -63,3 +63,17 @@ def test_tiled_prediction_agrees_with_whole_slice_prediction(world):
     assert np.mean(whole == tiled) >= 0.999
     odd = model.predict(image[0, :1000, :777])
     assert odd.shape == (1000, 777)
+
+
+def test_tta_and_bad_tile_size_through_the_pyfunc(world):
+    from pipeline.synthetic import synthetic_stack
+
+    image, _ = synthetic_stack(0, 1, (2, 96, 80))
+    model = mlflow.pyfunc.load_model(world["trained"]["model_uri"])
+    plain = model.predict(image, params={"output": "probability"})
+    d4 = model.predict(image, params={"output": "probability", "tta": "d4"})
+    assert d4.shape == plain.shape == (2, 96, 80)
+    # An average of views of the same image: close to the plain prediction, but not the same numbers.
+    assert 0 < np.abs(d4 - plain).mean() < 0.1
+    with pytest.raises(Exception, match="tile_size 99 is not a multiple of 4"):
+        model.predict(image, params={"tile_size": 99})

@@ -9,7 +9,6 @@ def test_2d_and_3d_inputs_become_stacks():
     assert as_stack(np.zeros((5, 6)))[0].shape == (1, 5, 6) and as_stack(np.zeros((5, 6)))[1] is True
     stack, was_2d = as_stack(np.zeros((2, 5, 6), np.uint16))
     assert stack.shape == (2, 5, 6) and not was_2d
-    assert as_stack(np.ones((2, 2), bool))[0].dtype == np.uint8
 
 
 @pytest.mark.parametrize("data, message", [
@@ -18,6 +17,7 @@ def test_2d_and_3d_inputs_become_stacks():
     (np.zeros((64, 64, 3), np.uint8), "looks like a colour"),
     (np.full((4, 4), np.nan), "no finite values"),
     (np.array([["a", "b"]]), "numeric"),
+    (np.ones((8, 8), bool), "input is boolean, which looks like a mask"),
 ])
 def test_bad_inputs_are_clear_errors(data, message):
     with pytest.raises(InputError, match=message):
@@ -27,7 +27,7 @@ def test_bad_inputs_are_clear_errors(data, message):
 def test_signature_exposes_inference_params():
     params = {p.name: p.default for p in signature().params}
     assert params == {"output": "mask", "threshold": 0.5, "tile_size": 1024, "overlap": 0.25, "batch_size": 4,
-                      "min_object_size": 20}
+                      "tta": "none", "min_object_size": 20}
 
 
 def test_label_objects_follows_cells_through_slices_and_drops_specks():
@@ -48,3 +48,23 @@ def test_options_default_and_unknown_output():
     assert resolve_options({"threshold": None})["threshold"] == 0.5
     with pytest.raises(InputError, match="output must be one of mask, probability, labels, got 'rgb'"):
         resolve_options({"output": "rgb"})
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"tta": "rot90"}, "tta must be one of none, flips, d4, got 'rot90'"),
+    ({"overlap": 1.0}, "0 <= overlap < 1"),
+    ({"tile_size": 0}, "tile_size >= 1"),
+])
+def test_bad_options_are_clear_errors(params, message):
+    from serving.segmenter import resolve_options
+
+    with pytest.raises(InputError, match=message):
+        resolve_options(params)
+
+
+def test_tile_size_must_divide_by_the_network_downsampling():
+    from serving.segmenter import check_tile_size
+
+    check_tile_size(512, 16)
+    with pytest.raises(InputError, match="tile_size 500 is not a multiple of 16 .*; use 512 or 496"):
+        check_tile_size(500, 16)

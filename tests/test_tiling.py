@@ -55,3 +55,28 @@ def test_forward_passes_are_capped_in_pixels(rng, monkeypatch):
     prob = predict_probabilities(recording, stack, 0, 255, tile_size=32, batch_size=100, multiple=16)
     assert prob.shape == (5, 32, 32)
     assert max(s[0] for s in sizes) == 3 and sum(s[0] for s in sizes) == 5  # small tiles batched, up to the cap
+
+
+@pytest.mark.parametrize("mode", ["none", "flips", "d4"])
+def test_tta_maps_every_view_back_to_the_tile(rng, mode):
+    from serving.tiling import with_tta
+
+    tiles = rng.random((2, 16, 24, 1)).astype(np.float32)  # not square: transposed views are 24 x 16
+    np.testing.assert_allclose(with_tta(lambda t: t, mode)(tiles), tiles, rtol=1e-6)
+
+
+def test_tta_averages_the_views():
+    from serving.tiling import with_tta
+
+    # A "network" that answers with each pixel's row position: not flip-invariant, so the views differ.
+    def rows(t):
+        return np.broadcast_to(np.arange(t.shape[1], dtype=np.float32)[None, :, None, None] / (t.shape[1] - 1),
+                               t.shape)
+
+    tiles = np.zeros((1, 5, 5, 1), np.float32)
+    assert with_tta(rows, "none")(tiles)[0, 4, 0, 0] == 1.0
+    # Row ramp plus its upside-down copy: 0.5 everywhere; d4's transposed views add column ramps, also 0.5.
+    np.testing.assert_allclose(with_tta(rows, "flips")(tiles), 0.5)
+    np.testing.assert_allclose(with_tta(rows, "d4")(tiles), 0.5)
+    with pytest.raises(ValueError, match="tta must be one of none, flips, d4, got 'd8'"):
+        with_tta(rows, "d8")
