@@ -10,11 +10,12 @@ from pipeline.main import MainConfig
 from pipeline.preprocess import PreprocessConfig
 from pipeline.train import TrainConfig
 from serving.predict import PredictConfig
+from serving.predict_spark import PredictSparkConfig
 from tests.conftest import ROOT
 
 ENTRIES = {"main": MainConfig, "preprocess": PreprocessConfig, "train": TrainConfig, "evaluate": EvaluateConfig,
-           "predict": PredictConfig}
-MODULES = {"predict": "serving.predict"}
+           "predict": PredictConfig, "predict_spark": PredictSparkConfig}
+MODULES = {"predict": "serving.predict", "predict_spark": "serving.predict_spark"}
 
 
 @pytest.mark.parametrize("entry, cls", ENTRIES.items())

@@ -1,0 +1,301 @@
+"""`predict_spark` entry point: segment many stacks on Apache Spark, with the same results as `predict`.
+
+    python -m serving.predict_spark --input stacks.txt --output_dir predictions --master "local[4]"
+    PYTHONPATH=. spark-submit --master spark://head:7077 serving/predict_spark.py --input /shared/stacks.txt ...
+
+`input` is stack files or folders, comma-separated, or a `.txt` file with one path per line. Three stages:
+1. one task per stack reads it once for its normalisation statistics: percentiles of the WHOLE stack, as
+   `predict` uses (a chunk normalised by its own percentiles would come out differently);
+2. each stack becomes rows `(path, z_start, z_end)` of about `chunk_slices` slices, one task per row,
+   segmented by the logged pyfunc with its stack's statistics;
+3. one task per stack writes `<name>_mask.tif` (uint8, 0 / 255, as `predict` writes it) from its chunks;
+   the driver writes one `objects.csv` for all stacks (per slice: object count and areas).
+Inputs and `output_dir` must be paths that every executor sees (a shared file system). Executors never
+talk to MLflow: the driver resolves `model_uri` once (an alias cannot move under a running job) and ships
+the model and this project's code to them.
+"""
+
+import csv
+import functools
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import tifffile
+from mlflow.exceptions import MlflowException
+from pyspark import SparkFiles
+
+from pipeline.errors import InputError
+from pipeline.evaluate import load_segmenter
+from pipeline.io import TiffStack, lazy_stack, list_stack_paths
+from pipeline.normalize import stack_stats
+from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
+from serving.predict import PredictConfig, objects
+from serving.tiling import MAX_BATCH_PIXELS, plan_tiles
+
+MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
+FACTS = "stack long, slices long, height long, width long, low double, high double, error string"
+SLICES = "stack long, slice long, mask binary, objects long, total_area long, mean_area double, areas string"
+TABLE = "stack long, slice long, objects long, total_area long, mean_area double, areas string"
+
+
+@dataclass(frozen=True)
+class PredictSparkConfig:
+    """Segment many stacks on a Spark cluster; same options and outputs as `predict` (masks, objects)."""
+
+    model_uri: str = PredictConfig.model_uri
+    input: str = ""  # stack files or folders, comma-separated, or a .txt file listing one per line
+    output_dir: str = PredictConfig.output_dir
+    # Slices per task. 32 slices of 1024 x 1024 are about half a minute on 2 CPU cores: long enough to
+    # hide task overhead, short enough that a 200-slice stack spreads over 7 executors.
+    chunk_slices: int = 32
+    threshold: float = PredictConfig.threshold
+    tile_size: int = PredictConfig.tile_size
+    overlap: float = PredictConfig.overlap
+    batch_size: int = PredictConfig.batch_size
+    tta: str = PredictConfig.tta
+    min_object_size: int = PredictConfig.min_object_size
+    master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
+    experiment: str = DEFAULT_EXPERIMENT
+
+
+def _columns(schema: str) -> list[str]:
+    return [field.split()[0] for field in schema.split(", ")]
+
+
+def input_paths(spec: str) -> list[Path]:
+    """Absolute stack paths from `a.tif,b.tif` or from a `.txt` list (relative lines: from its folder)."""
+    paths = list_stack_paths(spec)
+    if len(paths) == 1 and paths[0].suffix.lower() == ".txt":
+        if not paths[0].is_file():
+            raise InputError(f"{paths[0]}: list of stacks not found")
+        folder = paths[0].parent
+        paths = [folder / line.strip() for line in paths[0].read_text().splitlines() if line.strip()]
+    return [p.absolute() for p in paths]
+
+
+def stack_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name  # as `predict` names its outputs
+
+
+def slices_per_pass(height: int, width: int, multiple: int, cfg: PredictSparkConfig) -> int:
+    """Slices that `serving.tiling.iter_probabilities` takes per step for this slice size. Chunks start
+    at multiples of it, so each forward pass on a chunk holds the very tiles it holds in `predict`: the
+    compiled network may round a tile differently in a batch of another size."""
+    _, _, tile_h, tile_w, boxes = plan_tiles(height, width, cfg.tile_size, multiple, cfg.overlap)
+    per_pass = max(1, min(cfg.batch_size, MAX_BATCH_PIXELS // (tile_h * tile_w)))
+    return max(1, per_pass // len(boxes))
+
+
+def chunk_bounds(slices: int, chunk_slices: int, step: int) -> list[tuple[int, int]]:
+    """`(z_start, z_end)` rows covering `slices`, each `chunk_slices` rounded up to a multiple of `step`."""
+    size = -(-max(1, chunk_slices) // step) * step
+    return [(z, min(z + size, slices)) for z in range(0, slices, size)]
+
+
+class SliceRange:
+    """Slices `[start, end)` of a lazily read stack, indexed like a stack: the tiler reads a few slices
+    at a time, so a task holds one forward pass of pixels, not its whole chunk."""
+
+    def __init__(self, stack, start: int, end: int):
+        self.stack, self.start = stack, start
+        self.shape = (end - start, *stack.shape[1:])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        a, b, _ = key.indices(self.shape[0])
+        return np.asarray(self.stack[self.start + a:self.start + b])
+
+
+@functools.lru_cache(maxsize=1)
+def _segmenter(model_dir: str):
+    """The pyfunc's segmenter, loaded once per Python worker (Spark reuses workers across tasks)."""
+    return load_segmenter(model_dir)
+
+
+def _with_stack(path: str, use):
+    stack = lazy_stack(path)
+    try:
+        return use(stack)
+    finally:
+        if isinstance(stack, TiffStack):
+            stack.close()
+
+
+def stack_facts(frames):
+    """mapInPandas, rows `(stack, path)` -> shape and whole-stack percentiles, or why it is unreadable."""
+    for frame in frames:
+        rows = []
+        for index, path in zip(frame["stack"], frame["path"]):
+            try:
+                shape, (low, high) = _with_stack(path, lambda s: (s.shape, stack_stats(s)))
+                rows.append((index, *shape, low, high, ""))
+            except InputError as exc:  # names the file already
+                rows.append((index, 0, 0, 0, np.nan, np.nan, str(exc)))
+            except ValueError as exc:  # stack_stats: no finite pixel
+                rows.append((index, 0, 0, 0, np.nan, np.nan, f"{path}: {exc}"))
+        yield pd.DataFrame(rows, columns=_columns(FACTS))
+
+
+def _segment_range(stack, row, segmenter, options: dict, threshold: float, min_size: int) -> list[tuple]:
+    probs = segmenter.iter_probabilities(SliceRange(stack, row.z_start, row.z_end), row.low, row.high,
+                                         threshold=threshold, **options)
+    out = []
+    for z, prob in enumerate(probs, start=row.z_start):
+        mask = prob >= threshold
+        areas = objects(mask, min_size)
+        out.append((row.stack, z, np.packbits(mask).tobytes(), len(areas), sum(areas),
+                    round(float(np.mean(areas)), 1) if areas else 0.0, " ".join(map(str, areas))))
+    return out
+
+
+def segment_chunks(frames, options: dict, threshold: float, min_size: int):
+    """mapInPandas, rows `(stack, path, z_start, z_end, low, high)` -> one row per slice: the mask as
+    packed bits and its objects, computed as `predict` computes them. Why not `mlflow.pyfunc.spark_udf`:
+    it hands the pyfunc's `predict` a batch of rows, and `predict` normalises what it is given by that
+    input's own percentiles; here each chunk needs its whole stack's, which only the segmenter's
+    `iter_probabilities(stack, low, high)` accepts, and a chunk reads its own pixels from its path."""
+    segmenter = _segmenter(SparkFiles.get(MODEL_ARCHIVE))
+    for frame in frames:
+        for row in frame.itertuples(index=False):
+            run = functools.partial(_segment_range, row=row, segmenter=segmenter, options=options,
+                                    threshold=threshold, min_size=min_size)
+            yield pd.DataFrame(_with_stack(row.path, run), columns=_columns(SLICES))
+
+
+def write_mask_stack(frame: pd.DataFrame, out_dir: str, shapes: dict) -> pd.DataFrame:
+    """applyInPandas per stack: write `<name>_mask.tif` from its slices (to `.partial`, then renamed) and
+    return its rows of the objects table."""
+    frame = frame.sort_values("slice")
+    name, slices, height, width = shapes[int(frame["stack"].iloc[0])]
+    if frame["slice"].tolist() != list(range(slices)):
+        raise RuntimeError(f"{name}: got slices {frame['slice'].tolist()} of {slices}")
+    target = Path(out_dir) / f"{name}_mask.tif"
+    partial = target.with_name(target.name + ".partial")
+    with tifffile.TiffWriter(partial) as tif:
+        for packed in frame["mask"]:
+            mask = np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width)
+            tif.write(mask * np.uint8(255), contiguous=True, photometric="minisblack")
+    os.replace(partial, target)
+    return frame.drop(columns="mask")
+
+
+def _zip_code(folder: Path) -> str:
+    """`pipeline` and `serving` as one zip for `addPyFile`: executors import the task functions from it."""
+    import pipeline
+    import serving
+
+    target = folder / "em_unet_code.zip"
+    with zipfile.ZipFile(target, "w") as zf:
+        for package in (pipeline, serving):
+            root = Path(package.__file__).parent
+            for source in sorted(root.glob("*.py")):
+                zf.write(source, f"{root.name}/{source.name}")
+    return str(target)
+
+
+def _fetch_model(model_uri: str, folder: Path) -> Path:
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(folder / "model")))
+    except MlflowException as exc:
+        raise InputError(f"{model_uri}: cannot load the model ({exc.message})") from exc
+
+
+def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "w", newline="") as out:
+        writer = csv.writer(out)
+        writer.writerow(["stack", "slice", "objects", "total_area", "mean_area", "areas"])
+        for row in table.sort_values(["stack", "slice"]).itertuples(index=False):
+            writer.writerow([names[row.stack], row.slice, row.objects, row.total_area,
+                             row.mean_area if row.objects else 0, row.areas])
+    os.replace(partial, target)
+
+
+def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
+    """Input paths and output names, refused before any Spark work if missing or clashing."""
+    paths = input_paths(cfg.input)
+    if not paths:
+        raise InputError("no input given: pass input=a.tif,b.tif or input=stacks.txt (one path per line)")
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise InputError(f"{len(missing)} input(s) not found: {', '.join(missing[:5])}")
+    names = [stack_name(p) for p in paths]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise InputError(f"several inputs would write the same output name: {', '.join(clash)}")
+    return paths, names
+
+
+def plan_chunks(facts: pd.DataFrame, paths: list[Path], multiple: int, cfg: PredictSparkConfig) -> list[tuple]:
+    """Rows `(stack, path, z_start, z_end, low, high)` for every stack of `facts` (the first stage's output)."""
+    rows = []
+    for f in facts.sort_values("stack").itertuples():
+        step = slices_per_pass(int(f.height), int(f.width), multiple, cfg)
+        rows += [(int(f.stack), str(paths[f.stack]), z0, z1, float(f.low), float(f.high))
+                 for z0, z1 in chunk_bounds(int(f.slices), cfg.chunk_slices, step)]
+    return rows
+
+
+def _segment_on_spark(spark, paths: list[Path], names: list[str], model_dir: Path, multiple: int,
+                      cfg: PredictSparkConfig, out_dir: Path, tmp: Path) -> tuple[pd.DataFrame, int]:
+    """The three stages; returns the objects table (one row per slice) and the number of chunks."""
+    context = spark.sparkContext
+    context.addPyFile(_zip_code(tmp))
+    context.addArchive(shutil.make_archive(str(tmp / MODEL_ARCHIVE.removesuffix(".zip")), "zip", model_dir))
+    listed = context.parallelize([(i, str(p)) for i, p in enumerate(paths)], len(paths))
+    facts = spark.createDataFrame(listed, "stack long, path string").mapInPandas(stack_facts, FACTS).toPandas()
+    if (facts["error"] != "").any():
+        raise InputError("; ".join(facts.loc[facts["error"] != "", "error"]))
+    rows = plan_chunks(facts, paths, multiple, cfg)
+    chunks = spark.createDataFrame(context.parallelize(rows, len(rows)),  # one chunk per task, in order
+                                   "stack long, path string, z_start long, z_end long, low double, high double")
+    shapes = {int(f.stack): (names[f.stack], int(f.slices), int(f.height), int(f.width)) for f in facts.itertuples()}
+    options = dict(tile_size=cfg.tile_size, overlap=cfg.overlap, batch_size=cfg.batch_size, tta=cfg.tta)
+    threshold, min_size, target = cfg.threshold, cfg.min_object_size, str(out_dir)
+    segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, options, threshold, min_size), SLICES)
+    table = segmented.groupBy("stack").applyInPandas(lambda frame: write_mask_stack(frame, target, shapes), TABLE)
+    return table.toPandas(), len(rows)
+
+
+def predict_spark(cfg: PredictSparkConfig) -> dict:
+    """Run the step. Returns `{"run_id", "outputs", "slices"}`; writes `<name>_mask.tif` per input and
+    `objects.csv` (columns stack, slice, objects, total_area, mean_area, areas) into `output_dir`."""
+    from pyspark.sql import SparkSession
+
+    paths, names = _checked_inputs(cfg)
+    out_dir = Path(cfg.output_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with step_run("predict_spark", cfg.experiment) as run, tempfile.TemporaryDirectory() as tmp:
+        log_config(cfg)
+        model_dir = _fetch_model(cfg.model_uri, Path(tmp))
+        multiple = int(load_segmenter(str(model_dir)).meta["multiple_of"])  # also: refuse a bad model early
+        mlflow.set_tag("model_run_id", mlflow.models.Model.load(str(model_dir)).run_id or "")
+        ours = SparkSession.getActiveSession() is None  # a session we start, we stop; a caller's stays
+        builder = SparkSession.builder.appName("em-unet predict_spark")
+        spark = (builder.master(cfg.master) if cfg.master else builder).getOrCreate()
+        try:
+            start = time.time()
+            table, chunks = _segment_on_spark(spark, paths, names, model_dir, multiple, cfg, out_dir, Path(tmp))
+            seconds = time.time() - start
+        finally:
+            if ours:
+                spark.stop()
+        _write_table(table, names, out_dir / "objects.csv")
+        mlflow.log_metrics({"stacks": len(paths), "slices": len(table), "slices_per_sec": len(table) / seconds})
+        print(f"wrote {len(paths)} segmentation(s) ({len(table)} slices, {chunks} chunks) to {out_dir}")
+        return {"run_id": run.info.run_id, "outputs": sorted(str(p) for p in out_dir.iterdir()), "slices": len(table)}
+
+
+if __name__ == "__main__":
+    # Run by module name, not as __main__: executors must import the task functions from the shipped code.
+    from pipeline.cli import run_entry
+    from serving.predict_spark import PredictSparkConfig as Config, predict_spark as step
+
+    run_entry(step, Config)

@@ -1,0 +1,149 @@
+"""`predict_spark` on a real local Spark (`local[2]`): several stacks, one cut into chunks, give the very
+masks and object counts of the single-machine `predict` with the same registered model."""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from pipeline.normalize import stack_stats
+from serving.predict import PredictConfig, predict
+from serving.predict_spark import (PredictSparkConfig, SliceRange, chunk_bounds, input_paths, slices_per_pass,
+                                   stack_facts)
+from serving.tiling import iter_probabilities
+from tests.conftest import ROOT, run_module
+
+
+def forward_passes(stack, bounds, **options) -> list[tuple]:
+    """The slices in each forward pass of the tiler over `stack` cut at `bounds` (slice z holds value z)."""
+    passes = []
+
+    def record(tiles):
+        passes.append(tuple(int(round(t.mean() * (len(stack) - 1))) for t in tiles))
+        return tiles
+
+    low, high = stack_stats(stack)
+    for z0, z1 in bounds:
+        list(iter_probabilities(record, SliceRange(stack, z0, z1), low, high, **options))
+    return passes
+
+
+@pytest.mark.parametrize("shape, tile_size", [((11, 64, 64), 1024), ((9, 40, 57), 1024), ((7, 100, 150), 64)])
+def test_aligned_chunks_make_the_forward_passes_of_the_whole_stack(shape, tile_size):
+    stack = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)
+    cfg = PredictSparkConfig(tile_size=tile_size, batch_size=4)
+    step = slices_per_pass(shape[1], shape[2], 4, cfg)
+    options = dict(tile_size=tile_size, batch_size=4, multiple=4)
+    whole = forward_passes(stack, [(0, shape[0])], **options)
+    assert forward_passes(stack, chunk_bounds(shape[0], 3, step), **options) == whole
+    if step > 1:  # chunks of 3 slices that ignore the step would batch slices differently
+        assert forward_passes(stack, chunk_bounds(shape[0], 3, 1), **options) != whole
+
+
+def test_chunk_bounds_cover_the_stack_in_multiples_of_the_step():
+    assert chunk_bounds(11, 4, 4) == [(0, 4), (4, 8), (8, 11)]
+    assert chunk_bounds(11, 3, 4) == [(0, 4), (4, 8), (8, 11)]
+    assert chunk_bounds(5, 32, 1) == [(0, 5)]
+
+
+def test_input_list_file_resolves_relative_lines(tmp_path):
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "stacks.txt").write_text("a.tif\n\n/data/b.tif\n")
+    assert input_paths(str(tmp_path / "lists" / "stacks.txt")) == [tmp_path / "lists" / "a.tif", Path("/data/b.tif")]
+
+
+def stacks(folder):
+    """Three inputs: a uint16 stack larger than a chunk whose brightness climbs with depth (so statistics
+    of one chunk differ from the stack's), a small uint8 stack, and a float `.npy` stack."""
+    from pipeline.synthetic import synthetic_stack
+
+    image, _ = synthetic_stack(3, 0, (10, 64, 64))
+    ramp = (image.astype(np.float32) * np.linspace(2, 60, 10)[:, None, None]).astype(np.uint16)
+    tifffile.imwrite(folder / "deep.tif", ramp, photometric="minisblack")
+    small, _ = synthetic_stack(3, 1, (3, 40, 57))
+    tifffile.imwrite(folder / "small.tif", small, photometric="minisblack")
+    np.save(folder / "floaty.npy", synthetic_stack(3, 2, (5, 48, 48))[0].astype(np.float32) / 7)
+    return ["deep", "small", "floaty"], [folder / "deep.tif", folder / "small.tif", folder / "floaty.npy"]
+
+
+def mlflow_run(cwd: Path, store: str, *args: str) -> subprocess.CompletedProcess:
+    """`mlflow run . <args>` as a user types it; `python` in the MLproject command is this interpreter."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by earlier tests
+        env.pop(leftover, None)
+    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+                           "--experiment-name", "em-unet", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_spark_masks_equal_single_machine_predict(world, tmp_path):
+    if shutil.which("java") is None:
+        pytest.skip("no java on PATH: Spark needs a JRE (.ci/run installs openjdk-17-jre-headless)")
+    version = mlflow.register_model(world["trained"]["model_uri"], "spark-test")
+    model_uri = f"models:/spark-test/{version.version}"
+    names, paths = stacks(tmp_path)
+    proc = mlflow_run(tmp_path, world["uri"], "-e", "predict_spark", "-P", "master=local[2]",
+                      "-P", f"model_uri={model_uri}", "-P", f"input={','.join(map(str, paths))}",
+                      "-P", f"output_dir={tmp_path / 'spark'}", "-P", "chunk_slices=4", "-P", "min_object_size=5")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "wrote 3 segmentation(s) (18 slices, 6 chunks)" in proc.stdout  # deep.tif: 3 chunks
+
+    predict(PredictConfig(model_uri=model_uri, input=",".join(map(str, paths)), output_dir=str(tmp_path / "one"),
+                          min_object_size=5))
+    for name in names:
+        spark_mask = tifffile.imread(tmp_path / "spark" / f"{name}_mask.tif")
+        single = tifffile.imread(tmp_path / "one" / f"{name}_mask.tif")
+        assert spark_mask.dtype == single.dtype == np.uint8 and spark_mask.shape == single.shape
+        np.testing.assert_array_equal(spark_mask, single, err_msg=name)
+    deep = tifffile.imread(tmp_path / "one" / "deep_mask.tif")
+    assert 0.05 < (deep == 255).mean() < 0.95  # a real segmentation, not all one value
+
+    # Had a chunk been normalised with its own statistics, its mask would differ.
+    segmenter = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    last = tifffile.imread(paths[0])[8:10]
+    assert (segmenter.segment(last, *stack_stats(last)) * 255 != deep[8:10]).any()
+
+    table = list(csv.DictReader(open(tmp_path / "spark" / "objects.csv")))
+    assert [(r["stack"], int(r["slice"])) for r in table] == [(n, z) for n, z_size in zip(names, (10, 3, 5))
+                                                               for z in range(z_size)]
+    for name in names:
+        single_rows = list(csv.DictReader(open(tmp_path / "one" / f"{name}_objects.csv")))
+        spark_rows = [{k: v for k, v in r.items() if k != "stack"} for r in table if r["stack"] == name]
+        assert spark_rows == single_rows, name
+    assert any(int(r["objects"]) > 0 for r in table)
+
+    run = mlflow.search_runs(experiment_names=["em-unet"], filter_string="tags.step = 'predict_spark'",
+                             output_format="list")[0]
+    assert run.info.status == "FINISHED" and run.data.params["chunk_slices"] == "4"
+    assert run.data.metrics["slices"] == 18 and run.data.tags["model_run_id"] == world["trained"]["run_id"]
+
+
+def test_predict_spark_refuses_clashing_names_before_starting_spark(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "cells.tif", np.zeros((2, 32, 32), np.uint8))
+    inputs = f"{tmp_path / 'a' / 'cells.tif'},{tmp_path / 'b' / 'cells.tif'}"
+    proc = run_module("serving.predict_spark", "--input", inputs, cwd=tmp_path, env_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: several inputs would write the same output name: cells"
+
+
+def test_stack_facts_are_whole_stack_statistics_or_a_named_error(tmp_path):
+    stack = np.random.default_rng(0).integers(0, 4000, (6, 20, 30), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "good.tif", stack, photometric="minisblack")
+    (tmp_path / "cut.tif").write_bytes((tmp_path / "good.tif").read_bytes()[:300])  # a truncated copy
+    frame = pd.DataFrame({"stack": [0, 1], "path": [str(tmp_path / "good.tif"), str(tmp_path / "cut.tif")]})
+    facts = pd.concat(stack_facts(iter([frame])))
+    good, cut = facts.iloc[0], facts.iloc[1]
+    assert (good.slices, good.height, good.width) == (6, 20, 30) and good.error == ""
+    assert (good.low, good.high) == stack_stats(stack)
+    assert cut.error.startswith(f"{tmp_path / 'cut.tif'}: ") and "truncated or corrupt" in cut.error
