@@ -1,0 +1,258 @@
+"""The viewer's pure helpers on tiny hand-made arrays: reading uploads, panels, scores, downloads,
+cache keys, the per-slice chart, error messages and the Streamlit settings."""
+
+import csv
+import io
+import tomllib
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline.errors import InputError
+from pipeline.overlay import ALPHA, FN, FP, TP
+from tests.conftest import ROOT
+from viewer import charts, inference, messages, pictures, registry, scoring, stacks
+
+
+def tiff_bytes(array: np.ndarray, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, **kwargs)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", array)
+    assert ok
+    return encoded.tobytes()
+
+
+# --- reading uploads ------------------------------------------------------------------------------------
+
+def test_multi_page_tiff_upload_is_read_as_a_stack():
+    stack = np.arange(3 * 5 * 4, dtype=np.uint16).reshape(3, 5, 4) * 300
+    out = stacks.read_upload([("stack.tif", tiff_bytes(stack, photometric="minisblack"))])
+    assert out.dtype == np.uint16 and np.array_equal(out, stack)
+
+
+def test_png_slices_are_stacked_in_natural_order():
+    slices = {f"z{i}.png": np.full((4, 6), i, np.uint8) for i in (10, 2, 1)}
+    out = stacks.read_upload([(name, png_bytes(a)) for name, a in slices.items()])
+    assert out.shape == (3, 4, 6)
+    assert [int(s[0, 0]) for s in out] == [1, 2, 10]  # z2 before z10
+
+
+def test_a_single_2d_image_is_one_slice():
+    out = stacks.read_upload([("one.png", png_bytes(np.eye(5, dtype=np.uint8) * 200))])
+    assert out.shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("files, message", [
+    ([("notes.txt", b"hello")], "notes.txt: not an image stack"),
+    ([("stack.tif", b"this is not a TIFF")], "stack.tif: not a readable TIFF"),
+    ([("colour.tif", tiff_bytes(np.zeros((8, 8, 3), np.uint8), photometric="rgb"))], "colour.tif: expected a grayscale"),
+    ([("a.png", png_bytes(np.zeros((4, 4), np.uint8))), ("b.png", png_bytes(np.zeros((4, 5), np.uint8)))],
+     "b.png: slice has shape (4, 5) but a.png has (4, 4)"),
+    ([("a.png", png_bytes(np.zeros((4, 4), np.uint8))), ("dir/a.png", png_bytes(np.zeros((4, 4), np.uint8)))],
+     "same name: a.png"),
+    ([("empty.tif", b"")], "empty.tif: the file is empty"),
+])
+def test_bad_uploads_say_which_file_and_never_show_server_paths(files, message):
+    with pytest.raises(InputError) as caught:
+        stacks.read_upload(files)
+    text = str(caught.value)
+    assert message in text
+    assert "/tmp" not in text and "em-unet-viewer-" not in text
+
+
+def test_uploads_are_named_by_their_file_name_never_by_a_client_path():
+    assert stacks.upload_name(["C:\\data\\cells.tif"]) == "cells.tif"
+    assert stacks.upload_name(["../../etc/z1.png", "z2.png"]) == "2 slices"
+    assert stacks.safe_name("../../etc/passwd") == "passwd" and stacks.safe_name("/") == "upload"
+
+
+def test_ground_truth_must_match_and_any_nonzero_label_is_foreground():
+    image = np.zeros((2, 3, 3), np.uint8)
+    labels = np.array([[[0, 7, 255]] * 3] * 2, np.uint16)
+    assert stacks.check_truth(labels, image, "gt.tif", "img.tif").tolist() == [[[0, 1, 1]] * 3] * 2
+    with pytest.raises(InputError, match=r"gt.tif has shape \(3, 3, 3\) but img.tif has \(2, 3, 3\)"):
+        stacks.check_truth(np.zeros((3, 3, 3)), image, "gt.tif", "img.tif")
+
+
+def test_digest_follows_values_shape_and_dtype():
+    a = np.zeros((2, 3, 4), np.uint8)
+    assert stacks.digest(a) == stacks.digest(a.copy())
+    assert stacks.digest(a) != stacks.digest(a.reshape(2, 4, 3))
+    assert stacks.digest(a) != stacks.digest(a.astype(np.uint16))
+    b = a.copy()
+    b[1, 2, 3] = 1
+    assert stacks.digest(a) != stacks.digest(b)
+
+
+def test_sample_data_is_a_synthetic_stack_with_its_mask():
+    image, mask = stacks.sample_data()
+    assert image.shape == mask.shape == stacks.SAMPLE_SHAPE and image.dtype == np.uint8
+    assert 0.2 < mask.mean() < 0.9
+    assert stacks.describe_stack(image) == "12 slices of 192 x 192, uint8"
+
+
+# --- pictures -------------------------------------------------------------------------------------------
+
+def blend(gray: float, colour) -> np.ndarray:
+    """A pixel of gray level `gray` (in [0, 1]) under an overlay colour, as pipeline.overlay mixes them."""
+    return ((1 - ALPHA) * np.float32(int(gray * 255)) + ALPHA * np.array(colour, np.float32)).astype(np.uint8)
+
+
+def test_panels_show_truth_prediction_and_tp_fp_fn_in_their_colours():
+    image = np.full((2, 2), 0.5, np.float32)
+    truth = np.array([[1, 1], [0, 0]], np.uint8)
+    prob = np.array([[0.9, 0.2], [0.7, 0.1]], np.float32)  # TP, FN / FP, TN at threshold 0.5
+    panels = pictures.slice_panels(image, prob, 0.5, truth)
+    assert list(panels) == ["Image", "Ground truth", "Prediction", "Overlay", "Probability"]
+    assert panels["Prediction"][..., 0].tolist() == [[255, 0], [255, 0]]
+    assert panels["Ground truth"][..., 0].tolist() == [[255, 255], [0, 0]]
+    over = panels["Overlay"]
+    assert np.array_equal(over[0, 0], blend(0.5, TP)) and np.array_equal(over[0, 1], blend(0.5, FN))
+    assert np.array_equal(over[1, 0], blend(0.5, FP)) and np.array_equal(over[1, 1], [127, 127, 127])
+    # Threshold 0.8: the 0.7 pixel is no longer predicted.
+    assert pictures.slice_panels(image, prob, 0.8, truth)["Prediction"][1, 0, 0] == 0
+
+
+def test_without_truth_there_is_no_truth_panel_and_the_overlay_shows_the_prediction():
+    panels = pictures.slice_panels(np.zeros((2, 2)), np.array([[1.0, 0.0], [0.0, 0.0]]), 0.5)
+    assert list(panels) == ["Image", "Prediction", "Overlay", "Probability"]
+    assert np.array_equal(panels["Overlay"][0, 0], blend(0.0, TP)) and panels["Overlay"][1, 1].tolist() == [0, 0, 0]
+
+
+def test_probability_map_runs_from_dark_blue_to_yellow():
+    rgb = pictures.probability_rgb(np.array([[0.0, 1.0]], np.float32))
+    dark, bright = rgb[0, 0].astype(int), rgb[0, 1].astype(int)
+    assert dark[2] > dark[0] and dark.sum() < 200  # viridis 0: dark violet-blue
+    assert bright[0] > 200 and bright[1] > 200 and bright[2] < 100  # viridis 1: yellow
+
+
+def test_small_slices_are_enlarged_by_whole_pixels():
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    big = pictures.enlarge(rgb, min_side=5)
+    assert big.shape == (6, 9, 3) and np.array_equal(big[::3, ::3], rgb)
+    assert pictures.enlarge(np.zeros((400, 500, 3), np.uint8)).shape == (400, 500, 3)
+
+
+# --- scores and downloads -------------------------------------------------------------------------------
+
+def two_squares(size: int = 5) -> np.ndarray:
+    mask = np.zeros((12, 12), np.uint8)
+    mask[0:size, 0:size] = 1
+    mask[6:6 + size, 6:6 + size] = 1
+    mask[11, 0] = 1  # one pixel: below the minimum object size, not an object
+    return mask
+
+
+def test_slice_rows_have_the_metrics_of_each_slice_and_object_counts():
+    truth = np.stack([two_squares(), np.zeros((12, 12), np.uint8)])
+    pred = truth.copy()
+    pred[0, 0:5, 0:5] = 0  # slice 0: one square of 25 missed -> tp 26, fn 25, fp 0
+    pred[1, 0:2, 0:2] = 1  # slice 1: 4 false positives, nothing to find
+    rows = scoring.slice_rows(pred, truth)
+    assert [r["slice"] for r in rows] == [0, 1]
+    assert rows[0]["dice"] == pytest.approx(2 * 26 / (2 * 26 + 25))
+    assert rows[0]["recall"] == pytest.approx(26 / 51) and rows[0]["precision"] == 1.0
+    assert (rows[0]["objects"], rows[0]["objects_truth"]) == (1, 2)
+    assert (rows[1]["dice"], rows[1]["fp"], rows[1]["objects"], rows[1]["objects_truth"]) == (0.0, 4, 0, 0)
+    assert [set(r) for r in scoring.slice_rows(pred)] == [{"slice", "objects"}] * 2
+    assert scoring.slice_rows(pred, truth, model="m v1")[0]["model"] == "m v1"
+
+
+def test_summary_pools_all_voxels_and_averages_object_counts():
+    truth = np.stack([two_squares(), two_squares()])
+    pred = np.stack([two_squares(), np.zeros((12, 12), np.uint8)])
+    s = scoring.summary(pred, truth)
+    assert s["dice"] == pytest.approx(2 * 51 / (2 * 51 + 51))
+    assert s["median_slice_accuracy"] == pytest.approx((1 + (144 - 51) / 144) / 2)
+    assert (s["objects_per_slice"], s["objects_per_slice_truth"]) == (1.0, 2.0)
+    assert scoring.summary(pred) == {"objects_per_slice": 1.0}
+
+
+def test_scores_csv_reads_back():
+    rows = scoring.slice_rows(np.stack([two_squares()]), np.stack([two_squares()]), model="m v2")
+    back = list(csv.DictReader(io.StringIO(scoring.scores_csv(rows).decode())))
+    assert back[0]["model"] == "m v2" and float(back[0]["dice"]) == 1.0 and back[0]["objects"] == "2"
+
+
+def test_mask_tiff_is_a_uint8_stack_of_0_and_255():
+    mask = np.zeros((3, 4, 5), np.uint8)
+    mask[1, 2, 3] = 1
+    back = tifffile.imread(io.BytesIO(scoring.mask_tiff(mask)))
+    assert back.shape == (3, 4, 5) and back.dtype == np.uint8
+    assert back[1, 2, 3] == 255 and back.sum() == 255
+
+
+# --- caching --------------------------------------------------------------------------------------------
+
+def test_segmentation_key_names_a_version_number_and_every_option():
+    key = inference.segmentation_key("sqlite:///a.db", "em-unet", "3", "abc", 1024, "none")
+    assert key == ("sqlite:///a.db", "em-unet", "3", "abc", 1024, "none")
+    variants = [("sqlite:///b.db", "em-unet", "3", "abc", 1024, "none"), ("sqlite:///a.db", "em-unet", "4", "abc", 1024, "none"),
+                ("sqlite:///a.db", "em-unet", "3", "abd", 1024, "none"), ("sqlite:///a.db", "em-unet", "3", "abc", 512, "none"),
+                ("sqlite:///a.db", "em-unet", "3", "abc", 1024, "d4")]
+    assert all(inference.segmentation_key(*v) != key for v in variants)
+    with pytest.raises(ValueError):
+        inference.segmentation_key("sqlite:///a.db", "em-unet", "@champion", "abc", 1024, "none")  # aliases move
+
+
+def test_probability_cache_forgets_the_least_recently_used_beyond_its_byte_budget():
+    cache = inference.ProbabilityCache(max_bytes=2 * 400)
+    arrays = {k: np.full(100, i, np.float32) for i, k in enumerate("abc")}  # 400 bytes each
+    cache.put("a", arrays["a"])
+    cache.put("b", arrays["b"])
+    assert cache.get("a") is arrays["a"]  # a is now the most recent
+    cache.put("c", arrays["c"])
+    assert cache.get("b") is None and cache.get("a") is arrays["a"] and cache.get("c") is arrays["c"]
+    huge = inference.ProbabilityCache(max_bytes=10)
+    huge.put("x", arrays["a"])  # larger than the budget: kept anyway (it is what is on screen)
+    assert len(huge) == 1
+
+
+# --- chart, messages, registry helpers, settings --------------------------------------------------------
+
+def test_chart_rows_show_three_scores_for_one_model_and_dice_of_each_for_two():
+    rows = scoring.slice_rows(np.stack([two_squares()] * 2), np.stack([two_squares()] * 2))
+    one = charts.long_rows({"m v1": rows})
+    assert {r["series"] for r in one} == {"Dice", "IoU", "accuracy"} and len(one) == 6
+    two = charts.long_rows({"m v1": rows, "m v2": rows})
+    assert {r["series"] for r in two} == {"Dice · m v1", "Dice · m v2"}
+    assert {r["series"] for r in charts.long_rows({"m v1": scoring.slice_rows(np.stack([two_squares()]))})} == {"objects"}
+    spec = charts.per_slice_chart({"m v1": rows}, current=1).to_dict()
+    assert any(layer["mark"]["type"] == "rule" for layer in spec["layer"])
+    assert {"slice": 1} in [row for rows in spec.get("datasets", {}).values() for row in rows]
+
+
+def test_error_messages_lose_server_paths_and_stay_one_line():
+    exc = FileNotFoundError("No such file: '/srv/mlruns/1/abc/artifacts/model'\nTraceback ...")
+    text = messages.short_error(exc)
+    assert text == "FileNotFoundError: No such file: '…'"
+    assert messages.short_error(ValueError("x" * 1000)).endswith("x" * 10) and len(messages.short_error(ValueError("x" * 1000))) < 330
+
+
+def test_default_tracking_uri_is_the_environment_or_the_pipeline_default(tmp_path):
+    assert registry.default_tracking_uri({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == "http://mlflow:5000"
+    assert registry.default_tracking_uri({}) == "sqlite:///mlflow.db"
+    assert registry.missing_sqlite_file(f"sqlite:///{tmp_path}/none.db") == f"{tmp_path}/none.db"
+    (tmp_path / "here.db").write_bytes(b"")
+    assert registry.missing_sqlite_file(f"sqlite:///{tmp_path}/here.db") is None
+    assert registry.missing_sqlite_file("http://mlflow:5000") is None
+
+
+def test_run_links_point_at_the_server_or_at_mlflow_ui():
+    assert registry.run_link("http://mlflow:5000/", "1", "abc") == "http://mlflow:5000/#/experiments/1/runs/abc"
+    assert registry.run_link("sqlite:///mlflow.db", "1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    assert registry.is_server("https://mlflow.lab.org") and not registry.is_server("sqlite:///mlflow.db")
+    assert registry.choice_label("@champion", "3") == "@champion (v3)" and registry.choice_label("2", "2") == "v2"
+
+
+def test_streamlit_settings_limit_uploads_and_hide_tracebacks():
+    config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
+    assert isinstance(config["server"]["maxUploadSize"], int) and 100 <= config["server"]["maxUploadSize"] <= 4096
+    assert config["client"]["showErrorDetails"] == "none"
+    assert config["browser"]["gatherUsageStats"] is False

@@ -1,0 +1,1 @@
+"""The Streamlit viewer: `streamlit run viewer/app.py`. The helpers here are pure and importable."""

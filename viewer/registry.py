@@ -1,0 +1,136 @@
+"""The model picker's view of an MLflow registry: which registered models and versions exist, what a
+version was trained with, how it scored, and where its run is. Plain functions of a tracking URI and an
+`MlflowClient`; no Streamlit, so they are tested against a real SQLite store."""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipeline.errors import InputError
+
+# Where `mlflow run .` writes when MLFLOW_TRACKING_URI is unset (MLflow's default store, in the cwd).
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_MODEL = "em-unet"
+DEFAULT_ALIAS = "champion"
+# The README's first command: what a user with an empty registry runs to get a model.
+TRAIN_COMMAND = "mlflow run . --env-manager local --experiment-name em-unet"
+# Training params worth a glance; the full list is one click away in the run.
+KEY_PARAMS = ("preset", "crop_size", "base_filters", "depth", "loss", "epochs", "batch_size", "learning_rate")
+
+
+def default_tracking_uri(environ=None) -> str:
+    """MLFLOW_TRACKING_URI if set (the store the pipeline wrote to), else MLflow's default store."""
+    environ = os.environ if environ is None else environ
+    return environ.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI
+
+
+def missing_sqlite_file(uri: str) -> str | None:
+    """The database file of a `sqlite:///` URI if it does not exist, else None.
+
+    Opening a missing SQLite store would create an empty one, so the viewer asks first."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):]
+    return None if path in ("", ":memory:") or Path(path).exists() else path
+
+
+def client_for(uri: str) -> MlflowClient:
+    """A client bound to `uri` for both tracking and registry (no global MLflow state is touched)."""
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def list_models(client: MlflowClient) -> list[str]:
+    """Registered model names, `em-unet` first, then alphabetical."""
+    names = sorted(m.name for m in client.search_registered_models())
+    return sorted(names, key=lambda n: n != DEFAULT_MODEL)
+
+
+def version_choices(client: MlflowClient, name: str) -> dict[str, str]:
+    """What the version picker offers, each with the version number it names: aliases as `@alias`
+    (`@champion` first), then version numbers, newest first. `{"@champion": "2", "3": "3", "2": "2", ...}`"""
+    model = client.get_registered_model(name)
+    aliases = dict(model.aliases or {})
+    versions = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")), reverse=True)
+    choices = {f"@{a}": str(aliases[a]) for a in sorted(aliases, key=lambda a: (a != DEFAULT_ALIAS, a))}
+    return {**choices, **{str(v): str(v) for v in versions}}
+
+
+def choice_label(choice: str, version: str) -> str:
+    """How the picker shows a choice: `@champion (v2)` or `v3`."""
+    return f"{choice} (v{version})" if choice.startswith("@") else f"v{version}"
+
+
+def resolve_version(client: MlflowClient, name: str, choice: str):
+    """The `ModelVersion` that `choice` (`@alias` or a version number) names. Raises `InputError`."""
+    try:
+        if choice.startswith("@"):
+            return client.get_model_version_by_alias(name, choice[1:])
+        return client.get_model_version(name, str(int(choice)))
+    except (MlflowException, ValueError) as exc:
+        raise InputError(f"model {name!r} has no version or alias {choice!r}") from exc
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A URL of the run in the MLflow UI: on the tracking server itself, or on the `mlflow ui` that
+    serves a local store (port 5000)."""
+    base = tracking_uri.rstrip("/") if is_server(tracking_uri) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def is_server(tracking_uri: str) -> bool:
+    """True for a tracking server (it serves its own UI); False for a local store, which needs `mlflow ui`."""
+    return urlparse(tracking_uri).scheme in ("http", "https")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What the page shows about one registered model version."""
+
+    name: str
+    version: str
+    aliases: tuple[str, ...]
+    run_id: str
+    run_link: str
+    test_metrics: dict = field(default_factory=dict)  # test_* metrics of the evaluate run, if any
+    params: dict = field(default_factory=dict)  # the training run's params
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} v{self.version}" + "".join(f" @{a}" for a in self.aliases)
+
+
+def describe(client: MlflowClient, tracking_uri: str, name: str, choice: str) -> VersionInfo:
+    """Everything about the version `choice` names: its training params (from the run that logged the
+    model) and its `test_*` metrics (from the evaluate run that registered it, tag `eval_run_id`)."""
+    version = resolve_version(client, name, choice)
+    params, link, metrics = {}, "", {}
+    if version.run_id:
+        run = client.get_run(version.run_id)
+        params = dict(run.data.params)
+        link = run_link(tracking_uri, run.info.experiment_id, version.run_id)
+    eval_run_id = (version.tags or {}).get("eval_run_id")
+    if eval_run_id:
+        try:
+            metrics = {k: v for k, v in client.get_run(eval_run_id).data.metrics.items() if k.startswith("test_")}
+        except MlflowException:
+            metrics = {}
+    if not metrics and "test_dice" in (version.tags or {}):
+        metrics = {"test_dice": float(version.tags["test_dice"])}
+    return VersionInfo(name=name, version=str(version.version), aliases=tuple(version.aliases or ()),
+                       run_id=version.run_id or "", run_link=link, test_metrics=metrics, params=params)
+
+
+def load_pyfunc(tracking_uri: str, name: str, version: str):
+    """The pyfunc model of `name` version `version` in the store at `tracking_uri`.
+
+    The artifacts are fetched through a client bound to that store, so several sessions looking at
+    different stores do not race on MLflow's global tracking URI."""
+    client = client_for(tracking_uri)
+    source = client.get_model_version_download_uri(name, version)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
+    return mlflow.pyfunc.load_model(local)
