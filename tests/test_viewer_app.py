@@ -1,0 +1,392 @@
+"""The viewer against a real SQLite tracking store holding the session's tiny trained model, registered by
+the real `evaluate` step (v1, champion) next to a worse untrained one (v2): the registry helpers, the
+inference helper, the page driven with Streamlit's AppTest (widgets by key), and a real browser on a
+real `streamlit run` server."""
+
+import dataclasses
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import tifffile
+from streamlit.testing.v1 import AppTest
+
+from pipeline.evaluate import EvaluateConfig, evaluate
+from pipeline.model import UNetSpec, build_unet
+from pipeline.synthetic import synthetic_stack
+from serving.segmenter import log_segmenter
+from tests.conftest import ROOT, _point_mlflow_at
+from viewer import inference, registry
+
+MODEL = "em-unet-viewer-test"
+APP = str(ROOT / "viewer" / "app.py")
+ARTIFACTS = ROOT / "test-artifacts" / "viewer"  # gitignored: screenshots for people to look at
+
+
+def log_untrained_model() -> str:
+    """A real model that predicts background everywhere: a clearly worse second version."""
+    model = build_unet(UNetSpec(depth=2, base_filters=4))
+    model.layers[-1].set_weights([np.zeros((1, 1, 4, 1), np.float32), np.array([-5.0], np.float32)])
+    with mlflow.start_run(run_name="untrained") as run, tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "unet.keras"
+        model.save(path)
+        log_segmenter(path, {"multiple_of": 4})
+    return f"runs:/{run.info.run_id}/model"
+
+
+@pytest.fixture(scope="module")
+def viewer_store(world_state):
+    """The session store with `MODEL` v1 (trained, champion, scored by evaluate) and v2 (untrained)."""
+    uri = world_state["uri"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(world_state["root"])
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        _point_mlflow_at(uri)
+        try:
+            cfg = EvaluateConfig(model_uri=world_state["trained"]["model_uri"], dataset_uri=str(world_state["data"]),
+                                 registered_model=MODEL, tile_size=256)
+            first = evaluate(cfg)
+            second = evaluate(dataclasses.replace(cfg, model_uri=log_untrained_model()))
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+            _point_mlflow_at(None)
+    assert (first["version"], first["promoted"], second["version"], second["promoted"]) == (1, True, 2, False)
+    return {"uri": uri, "first": first, "second": second, "train_run_id": world_state["trained"]["run_id"]}
+
+
+def stack_and_truth(index: int, shape=(4, 64, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic test stack; a different `index` gives a different stack (and so a fresh cache key)."""
+    return synthetic_stack(11, index, shape)
+
+
+def tiff(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, photometric="minisblack")
+    return buffer.getvalue()
+
+
+# --- registry and inference helpers on the real store ---------------------------------------------------
+
+def test_registry_lists_versions_aliases_scores_and_params(viewer_store):
+    client = registry.client_for(viewer_store["uri"])
+    assert MODEL in registry.list_models(client)
+    assert registry.version_choices(client, MODEL) == {"@champion": "1", "2": "2", "1": "1"}
+    info = registry.describe(client, viewer_store["uri"], MODEL, "@champion")
+    assert (info.version, info.aliases, info.label) == ("1", ("champion",), f"{MODEL} v1 @champion")
+    assert info.test_metrics["test_dice"] == pytest.approx(viewer_store["first"]["metrics"]["dice"])
+    assert set(info.test_metrics) == {f"test_{k}" for k in viewer_store["first"]["metrics"]}
+    assert info.run_id == viewer_store["train_run_id"] and info.params["base_filters"] == "4"
+    assert info.run_link.endswith(f"/runs/{info.run_id}")
+    worse = registry.describe(client, viewer_store["uri"], MODEL, "2")
+    assert worse.aliases == () and worse.test_metrics["test_dice"] < info.test_metrics["test_dice"]
+    with pytest.raises(Exception, match="has no version or alias '@nope'"):
+        registry.resolve_version(client, MODEL, "@nope")
+
+
+def test_viewer_probabilities_equal_the_pyfunc_and_report_each_slice(viewer_store):
+    model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1")
+    stack, _ = stack_and_truth(0, (3, 40, 52))
+    stack = stack.astype(np.uint16) * 40  # 16-bit: normalised by the stack's percentiles, not / 255
+    for tta in ("none", "flips"):
+        seen = []
+        prob = inference.probabilities(model, stack, tile_size=256, tta=tta, on_slice=lambda d, t: seen.append((d, t)))
+        expected = model.predict(stack, params={"output": "probability", "tile_size": 256, "tta": tta})
+        assert prob.shape == (3, 40, 52) and prob.dtype == np.float32
+        np.testing.assert_allclose(prob, expected, atol=1e-6)
+        assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+# --- the page, with AppTest -------------------------------------------------------------------------------
+
+def open_app(monkeypatch, uri: str) -> AppTest:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.run()
+    assert not at.exception
+    return at
+
+
+def page_text(at: AppTest) -> str:
+    parts = [e.value for kind in (at.markdown, at.caption, at.error, at.warning, at.info, at.code) for e in kind]
+    return "\n".join(str(p) for p in parts)
+
+
+def slice_table(at: AppTest):
+    """The per-slice table (a dataframe is not a widget: it is found by its keyed container)."""
+    return at.container(key="per_slice").dataframe[0].value
+
+
+def assert_no_leak(at: AppTest) -> None:
+    """No traceback element, no server path, no stack trace text on the page."""
+    assert not at.exception
+    text = page_text(at)
+    assert "Traceback" not in text and "/tmp/" not in text and str(ROOT) not in text
+
+
+@pytest.mark.parametrize("create_db", [False, True])
+def test_empty_registry_says_so_and_shows_the_command_that_trains_one(store, monkeypatch, create_db):
+    if create_db:
+        registry.list_models(registry.client_for(store))  # an existing store with no model in it
+    at = open_app(monkeypatch, store)
+    assert at.text_input(key="tracking_uri").value == store  # the default is MLFLOW_TRACKING_URI
+    assert any("No registered model" in i.value for i in at.info)
+    assert [c.value for c in at.code] == [registry.TRAIN_COMMAND]
+    assert (len(at.warning) == 1) is not create_db  # "no tracking store" only when the file is missing
+    assert not list(Path(store.removeprefix("sqlite:///")).parent.glob("*.db")) or create_db  # nothing created
+    assert_no_leak(at)
+
+
+def test_a_tracking_uri_that_cannot_be_read_gives_a_message(viewer_store, monkeypatch):
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.text_input(key="tracking_uri").set_value("nosuchscheme://somewhere").run()
+    assert any("Cannot read the model registry" in e.value for e in at.sidebar.error)
+    assert any("No registered model" in i.value for i in at.info)
+    assert_no_leak(at)
+
+
+def test_sample_data_is_segmented_scored_and_browsable(viewer_store, monkeypatch):
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    assert at.selectbox(key="model_version").value == "@champion"
+    assert any(f"**{MODEL} v1 @champion**" == m.value for m in at.sidebar.markdown)
+    at.button(key="sample_data").click().run()
+    assert_no_leak(at)
+    assert [m.label for m in at.container(key="stack_scores").metric] == [
+        "Dice", "IoU", "Pixel accuracy", "Median slice accuracy", "Precision", "Recall", "Objects / slice"]
+    assert all(0 <= float(m.value) <= 1 for m in at.container(key="stack_scores").metric[:6])
+    assert [i.captions[0] for i in at.container(key="panels_A").image] == [
+        "Image", "Ground truth", "Prediction", "Overlay", "Probability"]
+    caption = next(m.value for m in at.markdown if m.value.startswith(f"**A: {MODEL} v1**"))
+    assert "Slice 0 (0–11)" in caption and "Dice" in caption
+    at.slider(key="slice").set_value(7).run()
+    moved = next(m.value for m in at.markdown if m.value.startswith(f"**A: {MODEL} v1**"))
+    assert "Slice 7 (0–11)" in moved and moved != caption
+    table = slice_table(at)
+    assert len(table) == 12 and {"dice", "iou", "pixel_accuracy", "objects", "objects_truth"} <= set(table.columns)
+    assert at.download_button(key="download_mask") and at.download_button(key="download_scores")
+
+
+def test_uploads_are_segmented_once_and_the_threshold_reuses_the_probabilities(viewer_store, monkeypatch):
+    calls = []
+    real = inference.probabilities
+
+    def counting(model, stack, tile_size, tta, on_slice=None):  # a spy: the real function, counted
+        calls.append((stack.shape, tile_size, tta))
+        return real(model, stack, tile_size, tta, on_slice)
+
+    monkeypatch.setattr(inference, "probabilities", counting)
+    image, truth = stack_and_truth(1)
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    at.file_uploader(key="image_upload").upload("cells.tif", tiff(image), "image/tiff")
+    at.file_uploader(key="truth_upload").upload("cells_gt.tif", tiff(truth * 255), "image/tiff")
+    at.run()
+    assert_no_leak(at)
+    assert calls == [((4, 64, 64), 1024, "none")]
+    assert any("**cells**: 4 slices of 64 x 64, uint8 · with ground truth" == c.value for c in at.caption)
+    table = slice_table(at)
+    objects_at = table["objects"].tolist()
+
+    at.slider(key="threshold").set_value(0.95).run()  # threshold: no new segmentation, other masks
+    assert len(calls) == 1
+    assert table["dice"].tolist() != slice_table(at)["dice"].tolist() or \
+        objects_at != slice_table(at)["objects"].tolist()
+    at.selectbox(key="tta").set_value("flips").run()  # another option: segmented again
+    at.selectbox(key="tile_size").set_value(256).run()
+    assert calls[1:] == [((4, 64, 64), 1024, "flips"), ((4, 64, 64), 256, "flips")]
+    at.selectbox(key="tile_size").set_value(1024).run()  # options seen before: from the cache
+    at.selectbox(key="tta").set_value("none").run()
+    assert len(calls) == 3
+    assert_no_leak(at)
+
+
+def test_comparing_two_versions_shows_both(viewer_store, monkeypatch):
+    image, truth = stack_and_truth(2)
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    assert at.selectbox(key="compare_version").options == ["none", "v2"]  # v1 is the champion itself
+    at.file_uploader(key="image_upload").upload("cells.tif", tiff(image), "image/tiff")
+    at.file_uploader(key="truth_upload").upload("cells_gt.tif", tiff(truth), "image/tiff")
+    at.selectbox(key="compare_version").set_value("2").run()
+    assert_no_leak(at)
+    dice = {m.label: float(m.value) for m in at.metric if m.label.startswith("Dice")}
+    assert set(dice) == {"Dice · A", "Dice · B"}
+    assert dice["Dice · B"] == 0.0 < dice["Dice · A"]  # v2 finds nothing
+    assert [i.captions[0] for i in at.container(key="panels_B").image] == ["Prediction", "Overlay", "Probability"]
+    assert any(m.value.startswith(f"**B: {MODEL} v2**") for m in at.markdown)
+    assert set(slice_table(at)["model"]) == {f"{MODEL} v1", f"{MODEL} v2"}
+    assert at.download_button(key="download_mask_b")
+
+
+@pytest.mark.parametrize("image_files, truth_files, message", [
+    ([("notes.tif", b"not an image at all")], [], "notes.tif: not a readable TIFF"),
+    ([("notes.txt", b"not an image at all")], [], "notes.txt: not an image stack; upload a multi-page TIFF"),
+    ([("cells.tif", None)], [("labels.csv", b"1,2,3")], "Ground truth not used: labels.csv: not an image stack"),
+    ([("cells.tif", None)], [("cells_gt.tif", "short")],
+     "Ground truth not used: cells_gt.tif has shape (3, 64, 64) but cells.tif has (4, 64, 64)"),
+    ([("rgb.png", "rgb")], [], "rgb.png: expected a grayscale stack"),
+    ([("z1.png", "slice64"), ("z2.png", "slice32")], [], "z2.png: slice has shape (32, 32) but z1.png has (64, 64)"),
+])
+def test_bad_uploads_give_a_message_not_a_traceback(viewer_store, monkeypatch, image_files, truth_files, message):
+    import cv2
+
+    image, truth = stack_and_truth(3)
+    content = {None: tiff(image), "short": tiff(truth[:3]), "rgb": cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes(),
+               "slice64": cv2.imencode(".png", image[0])[1].tobytes(),
+               "slice32": cv2.imencode(".png", image[0, :32, :32])[1].tobytes()}
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    for key, files in (("image_upload", image_files), ("truth_upload", truth_files)):
+        for name, kind in files:
+            at.file_uploader(key=key).upload(name, content[kind] if kind in content else kind, "image/tiff")
+    at.run()
+    assert any(message in e.value for e in at.error), [e.value for e in at.error]
+    assert_no_leak(at)
+    if truth_files:  # the stack itself is fine: segmented and shown without ground truth
+        assert len(at.container(key="panels_A").image) == 4 and any("no ground truth" in c.value for c in at.caption)
+
+
+# --- a real browser on a real server ----------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(viewer_store, tmp_path):
+    """`streamlit run viewer/app.py` on a free port on 127.0.0.1, against the test store."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": viewer_store["uri"], "TF_CPP_MIN_LOG_LEVEL": "3"}
+    log = open(tmp_path / "streamlit.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "viewer/app.py", "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if process.poll() is not None or time.time() > deadline:
+                raise AssertionError("streamlit did not start:\n" + (tmp_path / "streamlit.log").read_text())
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+SETTLED = """() => !document.querySelector('[data-testid="stStatusWidget"]')
+    && [...document.querySelectorAll('[data-testid="stImage"] img')].every(i => i.complete && i.naturalWidth > 0)
+    && [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')].every(c => c.querySelector('canvas, svg'))"""
+
+
+def screenshot(page, tmp_path: Path, name: str) -> None:
+    """The whole page once the script has finished and every picture and chart is drawn. Streamlit
+    scrolls inside its main section, so the window is made as tall as that section's content."""
+    page.wait_for_function(SETTLED)
+    height = page.evaluate("document.querySelector('[data-testid=\"stMain\"]').scrollHeight")
+    page.set_viewport_size({"width": 1600, "height": max(1000, height + 40)})
+    page.wait_for_function(SETTLED)
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, ARTIFACTS / path.name)
+
+
+def slice_caption(page) -> str:
+    return page.get_by_text(f"A: {MODEL} v1").first.locator("xpath=..").inner_text()
+
+
+@pytest.mark.slow
+def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_store, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    image, truth = stack_and_truth(4, (6, 96, 96))
+    tifffile.imwrite(tmp_path / "cells.tif", image, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "cells_gt.tif", truth * 255, photometric="minisblack")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000}, accept_downloads=True)
+            page.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)  # the first run imports MLflow and loads the model
+            page.goto(server)
+            expect(page.get_by_role("heading", name="em-unet viewer")).to_be_visible()
+
+            # Pick the model: registered model, then the version (the champion by default).
+            page.get_by_test_id("stSelectbox").filter(has_text="Registered model").click()
+            page.get_by_role("option", name=MODEL, exact=True).click()
+            expect(page.get_by_text(f"{MODEL} v1 @champion", exact=True)).to_be_visible()
+            expect(page.get_by_text("Test scores (evaluate step)")).to_be_visible()
+
+            # Upload the stack and its ground truth.
+            uploader = page.get_by_test_id("stFileUploader")
+            expect(uploader.filter(has_text="Image stack")).to_contain_text("1GB")  # the limit from config.toml
+            uploader.filter(has_text="Image stack").locator("input[type=file]").set_input_files(tmp_path / "cells.tif")
+            uploader.filter(has_text="Ground truth").locator("input[type=file]").set_input_files(tmp_path / "cells_gt.tif")
+            expect(page.get_by_text("with ground truth")).to_be_visible()
+            expect(page.get_by_text(f"A: {MODEL} v1")).to_be_visible()
+            expect(page.get_by_test_id("stImage")).to_have_count(5)
+            expect(page.get_by_test_id("stMetric").first).to_contain_text("Dice")
+            screenshot(page, tmp_path, "1_uploaded")
+            before = slice_caption(page)
+            sources = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
+            assert "Slice 0 (0–5)" in before
+
+            # Move the slider: other panels, other per-slice scores.
+            thumb = page.get_by_test_id("stSlider").filter(has_text="Slice").get_by_role("slider")
+            thumb.focus()
+            for _ in range(3):
+                page.keyboard.press("ArrowRight")
+            expect(page.get_by_text("Slice 3 (0–5)")).to_be_visible()
+            page.wait_for_function(SETTLED)
+            after = slice_caption(page)
+            assert before.split("Dice")[1] != after.split("Dice")[1]
+            moved = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
+            assert len(moved) == 5 and all(a != b for a, b in zip(sources, moved))
+            screenshot(page, tmp_path, "2_slice3")
+
+            # Download the mask stack: the pyfunc's own mask of the same stack, as 0 / 255.
+            with page.expect_download() as download:
+                page.get_by_test_id("stDownloadButton").filter(has_text="Mask stack").get_by_role("button").click()
+            assert download.value.suggested_filename == "cells_v1_mask.tif"
+            mask = tifffile.imread(download.value.path())
+            assert mask.shape == image.shape and mask.dtype == np.uint8
+            model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1")
+            assert np.array_equal(mask, model.predict(image) * 255)
+
+            # Compare with the worse version.
+            page.get_by_test_id("stSelectbox").filter(has_text="Compare with").click()
+            page.get_by_role("option", name="v2", exact=True).click()
+            expect(page.get_by_text(f"B: {MODEL} v2")).to_be_visible()
+            expect(page.get_by_test_id("stImage")).to_have_count(8)
+            screenshot(page, tmp_path, "3_compare")
+            assert "Traceback" not in page.content()
+        finally:
+            browser.close()

@@ -1,0 +1,321 @@
+"""em-unet viewer: pick a registered model, upload a stack (and its ground truth), browse the
+segmentation slice by slice beside the truth, compare two model versions, download the masks.
+
+    streamlit run viewer/app.py        # from the project folder (it reads .streamlit/config.toml)
+
+A thin script: what it computes comes from the helpers in `viewer/`; what it shows is laid out here.
+Every widget has a key (tests find them by key). Errors become a message on the page, never a traceback.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+# `streamlit run viewer/app.py` puts viewer/ on sys.path, not the project root the packages live in.
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+from pipeline.errors import InputError  # noqa: E402
+from pipeline.normalize import normalize, stack_stats  # noqa: E402
+from serving.segmenter import DEFAULT_PARAMS  # noqa: E402
+from serving.tiling import TTA_MODES  # noqa: E402
+from viewer import charts, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
+
+log = logging.getLogger("em-unet-viewer")
+TTA_LABELS = {"none": "none", "flips": "flips (4 views, 4x time)", "d4": "d4 (8 views, 8x time)"}
+SCORE_LABELS = {"dice": "Dice", "iou": "IoU", "pixel_accuracy": "Pixel accuracy",
+                "median_slice_accuracy": "Median slice accuracy", "precision": "Precision", "recall": "Recall"}
+
+
+# --- cached work: each runs once per argument set, shared by all sessions of this server -------------
+
+@st.cache_data(ttl=20, show_spinner=False)
+def registered_models(uri: str) -> list[str]:
+    return registry.list_models(registry.client_for(uri))
+
+
+@st.cache_data(ttl=20, show_spinner=False)
+def versions_of(uri: str, name: str) -> dict[str, str]:
+    return registry.version_choices(registry.client_for(uri), name)
+
+
+@st.cache_data(ttl=20, show_spinner=False)
+def version_info(uri: str, name: str, version: str) -> registry.VersionInfo:
+    return registry.describe(registry.client_for(uri), uri, name, version)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def loaded_model(uri: str, name: str, version: str):
+    return registry.load_pyfunc(uri, name, version)
+
+
+@st.cache_resource
+def probability_cache() -> inference.ProbabilityCache:
+    return inference.ProbabilityCache()
+
+
+@st.cache_resource(max_entries=4, show_spinner="Reading the stack…")
+def uploaded_stack(file_ids: tuple, _files: tuple) -> dict:
+    """Keyed by the upload ids (hashing the bytes on every rerun would cost more than reading once)."""
+    return with_stats(stacks.read_upload(list(_files)))
+
+
+@st.cache_resource(show_spinner="Making the sample stack…")
+def sample() -> tuple[dict, np.ndarray]:
+    image, mask = stacks.sample_data()
+    return with_stats(image), mask
+
+
+def with_stats(stack) -> dict:
+    return {"stack": stack, "digest": stacks.digest(stack), "stats": stack_stats(stack)}
+
+
+# --- page sections -------------------------------------------------------------------------------------
+
+def pick_model(uri: str):
+    """Sidebar: model, version (or alias) and a version to compare with. Returns `(info, other)`,
+    `VersionInfo`s, or `(None, None)` when there is nothing to pick."""
+    missing = registry.missing_sqlite_file(uri)
+    if missing is not None:
+        st.sidebar.warning("No tracking store at this URI yet (its SQLite file does not exist).")
+        return None, None
+    try:
+        names = registered_models(uri)
+    except Exception as exc:  # a wrong URI, an unreachable server, a store of another MLflow version
+        log.exception("listing models in %s", uri)
+        st.sidebar.error(f"Cannot read the model registry at this tracking URI ({messages.short_error(exc)}).")
+        return None, None
+    if not names:
+        return None, None
+    name = st.sidebar.selectbox("Registered model", names, key="model_name")
+    choices = versions_of(uri, name)
+    if not choices:
+        st.sidebar.warning(f"{name} has no versions.")
+        return None, None
+    options = list(choices)
+    label = lambda c: registry.choice_label(c, choices[c])  # noqa: E731
+    default = options.index(f"@{registry.DEFAULT_ALIAS}") if f"@{registry.DEFAULT_ALIAS}" in options else 0
+    choice = st.sidebar.selectbox("Version or alias", options, index=default, format_func=label, key="model_version")
+    others = ["none"] + [c for c in options if choices[c] != choices[choice] and not c.startswith("@")]
+    other = st.sidebar.selectbox("Compare with", others, format_func=lambda c: c if c == "none" else label(c),
+                                 key="compare_version", help="a second version, segmented on the same stack")
+    info = version_info(uri, name, choices[choice])
+    other_info = None if other == "none" else version_info(uri, name, choices[other])
+    show_version(info, uri)
+    return info, other_info
+
+
+def show_version(info: registry.VersionInfo, uri: str) -> None:
+    box = st.sidebar.container(border=True)
+    box.markdown(f"**{info.label}**")
+    if info.test_metrics:
+        box.caption("Test scores (evaluate step)")
+        names = [k for k in SCORE_LABELS if f"test_{k}" in info.test_metrics]
+        box.dataframe(pd.DataFrame({"metric": [SCORE_LABELS[k] for k in names],
+                                    "value": [info.test_metrics[f"test_{k}"] for k in names]}),
+                      hide_index=True, column_config={"value": st.column_config.NumberColumn(format="%.3f")})
+    else:
+        box.caption("No test scores logged for this version.")
+    shown = {k: info.params[k] for k in registry.KEY_PARAMS if k in info.params}
+    if shown:
+        box.caption("Training: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
+    if info.run_link:
+        box.markdown(f"[Training run in MLflow]({info.run_link})")
+        if not registry.is_server(uri):
+            box.caption("(a local store: start `mlflow ui` on it first)")
+
+
+def segmentation_options() -> dict:
+    st.sidebar.header("Segmentation")
+    threshold = st.sidebar.slider("Threshold", 0.05, 0.95, float(DEFAULT_PARAMS["threshold"]), 0.05, key="threshold",
+                                  help="applied to the cached probabilities: moving it does not run the model")
+    tta = st.sidebar.selectbox("Test-time augmentation", TTA_MODES, index=TTA_MODES.index(DEFAULT_PARAMS["tta"]),
+                               format_func=TTA_LABELS.get, key="tta")
+    tile = st.sidebar.selectbox("Tile size", inference.TILE_SIZES,
+                                index=inference.TILE_SIZES.index(DEFAULT_PARAMS["tile_size"]), key="tile_size",
+                                help="largest tile side; slices up to this size run whole")
+    return {"threshold": threshold, "tta": tta, "tile_size": tile}
+
+
+def read_files(files) -> dict:
+    return uploaded_stack(tuple(f.file_id for f in files), tuple((f.name, f.getvalue()) for f in files))
+
+
+def pick_data():
+    """Uploaders and the sample button. Returns `(image dict, truth mask or None, name)` or None."""
+    left, middle, right = st.columns([5, 5, 2])
+    # No `type=` filter: Streamlit would refuse other files with an exception of its own; read_upload
+    # refuses them with a message that says what to upload instead.
+    files = left.file_uploader("Image stack (multi-page TIFF, or PNG/TIFF slices)", accept_multiple_files=True,
+                               key="image_upload", help="one multi-page TIFF, or several 2-D PNG/TIFF slices "
+                                                        "(ordered by name: z2 before z10)")
+    truth_files = middle.file_uploader("Ground truth (optional, same shape)", accept_multiple_files=True,
+                                       key="truth_upload",
+                                       help="labels of the same shape; any non-zero value is foreground")
+    right.write("")
+    if right.button("Load sample data", key="sample_data", help="a synthetic EM stack and its masks"):
+        st.session_state["use_sample"] = True
+    if files:
+        image = read_files(files)
+        truth = None
+        if truth_files:
+            try:
+                truth = stacks.check_truth(read_files(truth_files)["stack"], image["stack"],
+                                           stacks.upload_name(f.name for f in truth_files),
+                                           stacks.upload_name(f.name for f in files))
+            except InputError as exc:  # the image is still worth segmenting: say why the truth is left out
+                st.error(f"Ground truth not used: {exc}", icon="⚠️")
+        return image, truth, Path(stacks.upload_name(f.name for f in files)).stem.replace(" ", "_")
+    if truth_files:
+        st.warning("Ground truth uploaded, but no image stack yet.")
+    if st.session_state.get("use_sample"):
+        image, truth = sample()
+        return image, truth, "sample"
+    return None
+
+
+def segment(info, image: dict, options: dict, uri: str):
+    """Probabilities of the stack by the model version `info`, from the cache or computed with a
+    progress bar."""
+    key = inference.segmentation_key(uri, info.name, info.version, image["digest"], options["tile_size"],
+                                     options["tta"])
+    cache = probability_cache()
+    prob = cache.get(key)
+    if prob is None:
+        model = loaded_model(uri, info.name, info.version)
+        z = image["stack"].shape[0]
+        bar = st.progress(0.0, text=f"Segmenting with {info.name} v{info.version}: slice 0 of {z}")
+        prob = inference.probabilities(model, image["stack"], options["tile_size"], options["tta"],
+                                       on_slice=lambda done, total: bar.progress(
+                                           done / total, text=f"Segmenting with {info.name} v{info.version}: "
+                                                              f"slice {done} of {total}"))
+        bar.empty()
+        cache.put(key, prob)
+    return prob
+
+
+def show_stack_scores(results: list[dict], truth) -> None:
+    st.subheader("Whole-stack scores")
+    if truth is None:
+        st.caption("Upload a ground truth to score the segmentation. Objects per slice: "
+                   + ", ".join(f"{r['label']} {r['summary']['objects_per_slice']:.1f}" for r in results))
+        return
+    first = results[0]["summary"]
+    for i, result in enumerate(results):
+        tag = f" · {result['tag']}" if len(results) > 1 else ""  # A and B only when there are two
+        cells = st.columns(len(SCORE_LABELS) + 1)
+        for cell, (key, label) in zip(cells, SCORE_LABELS.items()):
+            delta = None if i == 0 else f"{result['summary'][key] - first[key]:+.3f} vs A"
+            cell.metric(f"{label}{tag}", f"{result['summary'][key]:.3f}", delta=delta)
+        cells[-1].metric(f"Objects / slice{tag}", f"{result['summary']['objects_per_slice']:.1f}",
+                         help=f"in the ground truth: {result['summary']['objects_per_slice_truth']:.1f} "
+                              f"(8-connected, at least {scoring.MIN_OBJECT_SIZE} pixels)")
+
+
+def slice_caption(z: int, total: int, row: dict) -> str:
+    text = f"Slice {z} (0–{total - 1})"
+    if "dice" in row:
+        text += (f" · Dice {row['dice']:.3f} · IoU {row['iou']:.3f} · accuracy {row['pixel_accuracy']:.3f}"
+                 f" · objects {row['objects']} predicted, {row['objects_truth']} true")
+    else:
+        text += f" · {row['objects']} objects predicted"
+    return text
+
+
+def show_slices(image: dict, truth, results: list[dict], threshold: float) -> int:
+    st.subheader("Slices")
+    stack = image["stack"]
+    total = stack.shape[0]
+    z = st.slider("Slice", 0, total - 1, 0, key="slice", help="numbered from 0, as in the CSV") if total > 1 else 0
+    image01 = normalize(stack[z], *image["stats"])
+    for i, result in enumerate(results):
+        row = st.container(key=f"panels_{result['tag']}")
+        row.markdown(f"**{result['tag']}: {result['label']}** — {slice_caption(z, total, result['rows'][z])}")
+        panels = pictures.slice_panels(image01, result["prob"][z], threshold, None if truth is None else truth[z])
+        if i > 0:  # the image and the truth are the same for both models
+            panels = {k: v for k, v in panels.items() if k not in ("Image", "Ground truth")}
+        columns = row.columns(5)[5 - len(panels):]  # B's panels sit under A's of the same kind
+        for column, (caption, rgb) in zip(columns, panels.items()):
+            column.image(pictures.enlarge(rgb), caption=caption, width="stretch")
+    st.markdown(pictures.LEGEND + " &nbsp; (overlay) · probability: dark blue 0 → yellow 1", unsafe_allow_html=True)
+    return z
+
+
+def show_per_slice(results: list[dict], z: int) -> None:
+    st.subheader("Per-slice scores" if "dice" in results[0]["rows"][0] else "Objects per slice")
+    st.altair_chart(charts.per_slice_chart({f"{r['tag']} ({r['file_tag']})": r["rows"] for r in results}, z),
+                    width="stretch")
+    columns = [c for c in ("model",) + scoring.TABLE_COLUMNS if c in results[0]["rows"][0] or
+               (c == "model" and len(results) > 1)]
+    table = pd.DataFrame([{**row, "model": r["label"]} for r in results for row in r["rows"]])
+    table = table[columns]
+    st.dataframe(table, hide_index=True, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in SCORE_LABELS})
+
+
+def show_downloads(results: list[dict], name: str, threshold: float) -> None:
+    st.subheader("Download")
+    columns = st.columns(len(results) + 1)
+    for column, result, key in zip(columns, results, ("download_mask", "download_mask_b")):
+        pred = result["prob"] >= threshold
+        column.download_button(f"Mask stack · {result['label']} (TIFF)", data=lambda p=pred: scoring.mask_tiff(p),
+                               file_name=f"{name}_{result['file_tag']}_mask.tif", mime="image/tiff",
+                               key=key, on_click="ignore", icon=":material/download:")
+    rows = [{"model": r["label"], **row} for r in results for row in r["rows"]]
+    columns[-1].download_button("Per-slice scores (CSV)", data=lambda: scoring.scores_csv(rows),
+                                file_name=f"{name}_scores.csv", mime="text/csv", key="download_scores",
+                                on_click="ignore", icon=":material/table:")
+    st.caption(f"Masks are uint8 0 / 255, one page per slice, at threshold {threshold:.2f}.")
+
+
+def main() -> None:
+    st.set_page_config(page_title="em-unet viewer", page_icon="🔬", layout="wide")
+    st.sidebar.header("Model")
+    uri = st.sidebar.text_input("Tracking URI", value=registry.default_tracking_uri(), key="tracking_uri",
+                                help="the MLflow store the pipeline wrote to (MLFLOW_TRACKING_URI)").strip()
+    info, other = pick_model(uri)
+    options = segmentation_options()
+
+    st.title("em-unet viewer")
+    if info is None:
+        st.info("No registered model in this tracking store yet. Train and register one (about 6 minutes on a "
+                "laptop CPU), then reload this page:")
+        st.code(registry.TRAIN_COMMAND, language="bash")
+    data = pick_data()
+    if data is None:
+        st.info("Upload an image stack (and its ground truth), or press **Load sample data**.")
+        return
+    image, truth, name = data
+    st.caption(f"**{name}**: {stacks.describe_stack(image['stack'])}"
+               + (" · with ground truth" if truth is not None else " · no ground truth"))
+    if info is None:
+        return
+
+    results = []
+    for tag, version in zip("AB", [v for v in (info, other) if v is not None]):
+        prob = segment(version, image, options, uri)
+        pred = prob >= options["threshold"]
+        results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob,
+                        "file_tag": f"v{version.version}", "rows": scoring.slice_rows(pred, truth),
+                        "summary": scoring.summary(pred, truth)})
+    with st.container(key="stack_scores"):
+        show_stack_scores(results, truth)
+    with st.container(key="slices"):
+        z = show_slices(image, truth, results, options["threshold"])
+    with st.container(key="per_slice"):
+        show_per_slice(results, z)
+    with st.container(key="downloads"):
+        show_downloads(results, name, options["threshold"])
+
+
+try:
+    main()
+except InputError as exc:  # bad input: the message says what was wrong and names the file
+    st.error(str(exc), icon="⚠️")
+except Exception as exc:  # anything else: a short message here, the traceback in the server log
+    log.exception("viewer failed")
+    st.error(f"Something went wrong ({messages.short_error(exc)}). The full report is in the server's log.", icon="⚠️")
