@@ -99,9 +99,10 @@ def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, test_dice
     client = MlflowClient()
     champion, best = champion_dice(client, cfg, dataset_dir, fingerprint)
     version = mlflow.register_model(cfg.model_uri, cfg.registered_model)
-    for key, value in {"test_dice": f"{test_dice:.6f}", "data_fingerprint": fingerprint,
+    for key, value in {"test_dice": repr(float(test_dice)), "data_fingerprint": fingerprint,
                        "eval_run_id": mlflow.active_run().info.run_id}.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
+    # Full precision in the tag (repr round-trips): a rounded tag made the same model look better than itself.
     promoted = champion is None or test_dice > best
     if promoted:
         client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
