@@ -11,7 +11,7 @@ import cv2
 import keras
 import numpy as np
 
-from pipeline.augment import random_patch
+from pipeline.augment import AugmentSpec, foreground_points, random_patch
 from pipeline.dataset import StackInfo, open_stack
 
 
@@ -19,14 +19,16 @@ class PatchDataset(keras.utils.PyDataset):
     """`steps` batches per epoch of `(batch_size, crop, crop, 1)` float32 images in [0, 1] and
     `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`.
 
-    Stacks are chosen in proportion to their number of slices, so every slice is equally likely.
+    Stacks are chosen in proportion to their number of slices, so every slice is equally likely;
+    `augment` says how patches are transformed (`pipeline.augment.AugmentSpec`).
     """
 
     def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,
-                 steps: int, seed: int, workers: int = 1, **kwargs):
+                 steps: int, seed: int, workers: int = 1, augment: AugmentSpec = AugmentSpec(), **kwargs):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, **kwargs)
         self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
         self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
+        self.augment = augment
         self.epoch = 0
         slices = np.array([s.shape[0] for s in self.stacks], float)
         self.weights = slices / slices.sum()
@@ -36,6 +38,9 @@ class PatchDataset(keras.utils.PyDataset):
         if self._arrays is None:
             cv2.setNumThreads(1)  # one warp per sample; OpenCV's own threads would only contend
             self._arrays = [open_stack(self.dataset_dir, s) for s in self.stacks]
+            # Where the foreground is, found once per process from the memory-mapped masks.
+            self._points = [foreground_points(mask) if self.augment.foreground else None
+                            for _, mask in self._arrays]
         return self._arrays
 
     def __len__(self) -> int:
@@ -46,7 +51,8 @@ class PatchDataset(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         k = int(rng.choice(len(self.stacks), p=self.weights))
         image, mask = self._open()[k]
-        return random_patch(rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high)
+        return random_patch(rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high,
+                            self.augment, self._points[k])
 
     def __getitem__(self, batch: int):
         first = batch * self.batch_size

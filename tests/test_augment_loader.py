@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-from pipeline.augment import patch_transform, random_patch
+from pipeline.augment import AUGMENTATIONS, AugmentSpec, foreground_points, patch_transform, random_patch
 from pipeline.dataset import read_manifest, stacks_in, write_dataset
 from pipeline.loader import PatchDataset
 from pipeline.synthetic import synthetic_stack
@@ -44,10 +44,55 @@ def test_rotation_moves_pixels_with_their_labels(rng):
 
 
 def test_transform_is_a_rotation_with_optional_flip(rng):
-    m = patch_transform(rng, (100, 100), 32)
+    m = patch_transform(rng, (50, 50), 32, AUGMENTATIONS["basic"])
     linear = m[:, :2]
     assert np.allclose(np.abs(np.linalg.det(linear)), 1, atol=1e-5)
     assert np.allclose(linear @ linear.T, np.eye(2), atol=1e-5)
+    # The crop's centre pixel lands on the requested centre.
+    assert np.allclose(m @ np.array([15.5, 15.5, 1]), [50, 50], atol=1e-3)
+
+
+def test_scale_stays_in_range_and_keeps_angles(rng):
+    for _ in range(50):
+        linear = patch_transform(rng, (0, 0), 32, AugmentSpec(scale=0.2))[:, :2]
+        zoom = np.sqrt(abs(np.linalg.det(linear)))
+        assert 1 / 1.2 - 1e-5 <= zoom <= 1.2 + 1e-5
+        assert np.allclose(linear @ linear.T, zoom**2 * np.eye(2), atol=1e-4)
+
+
+def test_without_augmentation_the_transform_is_a_pure_shift(rng):
+    m = patch_transform(rng, (20.0, 30.0), 16, AUGMENTATIONS["none"])
+    np.testing.assert_allclose(m, [[1, 0, 30 - 7.5], [0, 1, 20 - 7.5]])
+
+
+def test_full_em_augmentation_keeps_masks_binary_and_images_in_range(rng):
+    image = (rng.random((3, 80, 90)) * 4000).astype(np.uint16)
+    mask = np.zeros((3, 80, 90), np.uint8)
+    mask[:, 30:50, 40:60] = 1
+    spec = AugmentSpec(elastic=1.0, intensity=1.0, blur=1.0, noise=1.0)
+    for _ in range(20):
+        patch, target = random_patch(rng, image, mask, 48, 0.0, 4000.0, spec)
+        assert patch.dtype == np.float32 and 0 <= patch.min() and patch.max() <= 1
+        assert set(np.unique(target)) <= {0, 1}
+
+
+def test_foreground_sampling_centres_crops_on_objects(rng):
+    """Sparse objects (one small mitochondrion per slice): with foreground oversampling, far more crops
+    contain foreground than with uniform crops."""
+    image = rng.integers(0, 255, (4, 256, 256), dtype=np.uint8)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[:, 200:210, 30:40] = 1
+    points = foreground_points(mask)
+    assert points.shape[1] == 3 and mask[tuple(points.T)].all()
+
+    def share(fraction):
+        spec = AugmentSpec(foreground=fraction)
+        hits = [random_patch(rng, image, mask, 32, 0, 255, spec, points)[1].any() for _ in range(200)]
+        return np.mean(hits)
+
+    assert share(1.0) == 1.0
+    assert share(0.0) < 0.2
+    assert 0.35 < share(0.5) < 0.75
 
 
 def test_batches_depend_only_on_seed_epoch_index(dataset_dir):
