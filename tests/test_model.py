@@ -40,5 +40,19 @@ def test_losses_on_perfect_and_wrong_predictions():
     assert float(soft_dice_loss(truth, perfect)) < 0.01
     assert float(soft_dice_loss(truth, wrong)) > 0.9
     assert float(bce_dice_loss(truth, perfect)) < float(bce_dice_loss(truth, wrong))
-    with pytest.raises(ValueError, match="unknown loss 'focal'"):
-        get_loss("focal")
+    with pytest.raises(ValueError, match="unknown loss 'tversky'; expected one of bce, dice, bce_dice, focal"):
+        get_loss("tversky")
+
+
+def test_focal_loss_by_hand():
+    focal = get_loss("focal")
+    # One foreground pixel predicted 0.9: -0.25 * 0.1**2 * ln 0.9; one background pixel predicted 0.5:
+    # -0.75 * 0.5**2 * ln 0.5. The loss is their mean.
+    truth = np.array([[[[1.0]], [[0.0]]]], np.float32).reshape(1, 2, 1, 1)
+    pred = np.array([0.9, 0.5], np.float32).reshape(1, 2, 1, 1)
+    expected = (-0.25 * 0.01 * np.log(0.9) - 0.75 * 0.25 * np.log(0.5)) / 2
+    assert float(focal(truth, pred)) == pytest.approx(expected, rel=1e-5)
+    # An easy pixel (0.99 for foreground) costs far less than under BCE: focal keeps only (1 - p)**2 of it.
+    easy = np.full((1, 1, 1, 1), 0.99, np.float32)
+    one = np.ones((1, 1, 1, 1), np.float32)
+    assert float(focal(one, easy)) < 1e-3 * float(get_loss("bce")(one, easy))
