@@ -4,6 +4,7 @@ memory of the `predict` entry point on a large synthetic stack.
 
     python bench/inference.py                        # ISBI 30 x 512 x 512, VNC 20 x 1024 x 1024, 200 x 2048 x 2048
     python bench/inference.py --memory_slices 20     # a shorter memory run
+    python bench/inference.py --memory_slices 0      # speed only
 
 Speed does not depend on the weights, so the model is a freshly built `fast`-preset U-Net unless
 `--model_uri` names a logged one. Prints one line per figure.
@@ -97,7 +98,8 @@ def memory(model, slices: int):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_uri", default="", help="a logged pyfunc segmenter; default: a fresh fast-preset U-Net")
-    parser.add_argument("--memory_slices", type=int, default=200)
+    parser.add_argument("--memory_slices", type=int, default=200, help="0: skip the memory run")
+    parser.add_argument("--no_speed", action="store_true", help="skip the speed comparison")
     args = parser.parse_args()
     spec = UNetSpec(depth=4, base_filters=8)
     if args.model_uri:
@@ -106,7 +108,8 @@ def main():
     else:
         model = build_unet(spec)
     print(f"model: {model.count_params():,} parameters, depth {spec.depth}, {spec.base_filters} base filters")
-    speed(model, spec)
+    if not args.no_speed:
+        speed(model, spec)
     if args.memory_slices:
         memory(model, args.memory_slices)
 

@@ -37,6 +37,11 @@ class MainConfig:
     epochs: int = TrainConfig.epochs
     max_minutes: float = TrainConfig.max_minutes
     loss: str = TrainConfig.loss
+    augment: str = TrainConfig.augment
+    foreground: float = TrainConfig.foreground
+    lr_schedule: str = TrainConfig.lr_schedule
+    patience: int = TrainConfig.patience
+    precision: str = TrainConfig.precision
     workers: int = TrainConfig.workers
     gpus: str = TrainConfig.gpus
     seed: int = TrainConfig.seed

@@ -19,6 +19,9 @@ class UNetSpec:
     # Keras' 0.99 makes inference statistics lag the weights for hundreds of steps; short CPU runs
     # validate after a few dozen, so the moving averages must follow faster.
     bn_momentum: float = 0.9
+    # Under a distribution strategy, batch statistics over the global batch (all replicas): every replica
+    # then normalises alike and holds the same moving averages; a no-op on one device.
+    sync_batch_norm: bool = False
 
 
 def _conv_block(x, filters: int, name: str, spec: UNetSpec):
@@ -26,7 +29,8 @@ def _conv_block(x, filters: int, name: str, spec: UNetSpec):
         x = layers.Conv2D(filters, 3, padding="same", use_bias=not spec.batch_norm,
                           kernel_initializer="he_normal", name=f"{name}_conv{i}")(x)
         if spec.batch_norm:
-            x = layers.BatchNormalization(momentum=spec.bn_momentum, name=f"{name}_bn{i}")(x)
+            x = layers.BatchNormalization(momentum=spec.bn_momentum, synchronized=spec.sync_batch_norm,
+                                          name=f"{name}_bn{i}")(x)
         x = layers.Activation("relu", name=f"{name}_relu{i}")(x)
     return x
 

@@ -6,9 +6,11 @@ the held-out stacks' full slices, logged to MLflow as a Keras model and as the s
 
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,9 +18,10 @@ import keras
 import mlflow
 import numpy as np
 
+from pipeline.augment import AUGMENTATIONS
 from pipeline.cli import run_entry
 from pipeline.dataset import open_stack, read_manifest, stacks_in
-from pipeline.distribute import make_strategy
+from pipeline.distribute import agree, cluster_config, is_chief, make_strategy
 from pipeline.errors import InputError
 from pipeline.loader import PatchDataset
 from pipeline.losses import LOSSES, get_loss
@@ -27,9 +30,13 @@ from pipeline.model import UNetSpec, build_unet, multiple_of
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
 from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
-from serving.segmenter import log_segmenter
+from serving.segmenter import compiled_forward, log_segmenter
 from serving.tiling import predict_probabilities
 
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
+MIN_LR_RATIO = 0.01  # the cosine ends at 1 % of the peak rate, not 0: the last epochs still learn
 REQUIREMENTS = str(Path(__file__).resolve().parent.parent / "requirements.txt")
 
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
@@ -56,9 +63,17 @@ class TrainConfig:
     steps_per_epoch: int = 0  # batches between validations
     epochs: int = 200  # upper bound; `max_minutes` usually ends training first
     max_minutes: float = 5.0  # time budget (keeps `mlflow run .` under 10 min on 2 cores): stops after the epoch that would overrun it; 0 = none
-    loss: str = "bce_dice"  # bce, dice or bce_dice
+    loss: str = "bce_dice"  # bce, dice, bce_dice or focal
     dropout: float = 0.0  # bottleneck dropout
     batch_norm: bool = True
+    augment: str = "em"  # em: rotation, flips, scale, elastic, intensity, blur, noise; basic: the original study's rotation and flips; none
+    foreground: float = 0.33  # share of crops centred on foreground (nnU-Net's oversampling): sparse organelles get seen
+    lr_schedule: str = "cosine"  # cosine: warm-up, then cosine decay to 1 % over the epochs or the time budget; constant
+    warmup_epochs: int = 1  # linear warm-up from 0: a fresh BatchNorm U-Net takes large Adam steps badly
+    patience: int = 20  # stop after this many epochs without a better val_dice; 0 = never
+    precision: str = "auto"  # auto (mixed_float16 on GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16
+    jit_compile: str = "auto"  # XLA for the training step: auto (Keras' rule: on a GPU without tf.distribute), true, false
+    global_batch: int = 0  # if set: a fixed global batch split over the replicas (must divide evenly); 0 = batch_size x replicas
     workers: int = 2  # augmentation processes; 1 = in the training process
     gpus: str = ""  # GPU indices to use, e.g. 0,1; empty = all visible
     seed: int = 0
@@ -69,8 +84,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill fields left at 0 from the preset and check the result."""
     if cfg.preset not in PRESETS:
         raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    if cfg.loss not in LOSSES:
-        raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    choices = {"loss": LOSSES, "augment": AUGMENTATIONS, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
+               "jit_compile": JIT_CHOICES}
+    for name, known in choices.items():
+        if getattr(cfg, name) not in known:
+            raise InputError(f"{name} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
+    if not 0 <= cfg.foreground <= 1:
+        raise InputError(f"foreground is a share of crops, between 0 and 1; got {cfg.foreground}")
     filled = {k: v for k, v in PRESETS[cfg.preset].items() if not getattr(cfg, k)}
     cfg = dataclasses.replace(cfg, **filled)
     multiple = 2**cfg.depth
@@ -80,6 +100,38 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if getattr(cfg, name) < 1:
             raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
     return cfg
+
+
+def batch_sizes(cfg: TrainConfig, replicas: int) -> tuple[int, int]:
+    """`(per-replica batch, global batch)`: `batch_size` per replica, unless `global_batch` fixes the
+    global one, which must then split evenly over the replicas."""
+    if not cfg.global_batch:
+        return cfg.batch_size, cfg.batch_size * replicas
+    if cfg.global_batch % replicas:
+        raise InputError(f"global_batch {cfg.global_batch} does not divide over {replicas} replicas; use a "
+                         f"multiple of {replicas}, e.g. {max(replicas, cfg.global_batch // replicas * replicas)}")
+    return cfg.global_batch // replicas, cfg.global_batch
+
+
+def resolve_precision(name: str) -> str:
+    """Keras dtype policy for `precision`: "auto" is mixed_float16 where a GPU is visible, else float32."""
+    if name != "auto":
+        return name
+    import tensorflow as tf
+
+    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "float32"
+
+
+@contextmanager
+def dtype_policy(name: str):
+    """Keras' global dtype policy for the block only: what is built after training (the float32 copy that
+    is logged) and later callers in the same process are not affected."""
+    before = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
 
 
 def check_sizes(cfg: TrainConfig, manifest: dict) -> None:
@@ -97,24 +149,76 @@ def bce_dice_numpy(prob: np.ndarray, truth: np.ndarray) -> float:
     return float(bce + dice)
 
 
-class Validation(keras.callbacks.Callback):
-    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics, loss, throughput and an
-    overlay to MLflow, keep the best weights by `val_dice`, and stop when the time budget would overrun."""
+def schedule_rate(peak: float, step: int, warmup_steps: int, progress: float, kind: str) -> float:
+    """Learning rate at optimizer `step`: linear warm-up over `warmup_steps`, then (cosine) a half cosine
+    from `peak` down to `MIN_LR_RATIO * peak` as `progress` goes from 0 to 1."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if kind == "constant":
+        return peak
+    progress = min(max(progress, 0.0), 1.0)
+    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int):
+
+class Schedule(keras.callbacks.Callback):
+    """Sets the learning rate (see `schedule_rate`). Progress is the larger of the share of `epochs` done
+    and the share of the time budget spent, so the decay ends when training ends, whichever limit ends
+    it; all workers of a cluster agree on it (`pipeline.distribute.agree`)."""
+
+    def __init__(self, cfg: TrainConfig, peak: float, strategy):
         super().__init__()
-        self.cfg, self.images_per_epoch = cfg, images_per_epoch
+        self.cfg, self.peak, self.strategy = cfg, peak, strategy
+        self.warmup_steps = cfg.warmup_epochs * cfg.steps_per_epoch
+        self.step, self.progress, self.started = 0, 0.0, time.monotonic()
+
+    def _set(self):
+        rate = schedule_rate(self.peak, self.step, self.warmup_steps, self.progress, self.cfg.lr_schedule)
+        self.model.optimizer.learning_rate.assign(rate)
+
+    def on_train_begin(self, logs=None):
+        self.started = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        spent = (time.monotonic() - self.started) / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
+        warm_epochs = max(0, epoch - self.cfg.warmup_epochs)
+        by_epochs = warm_epochs / max(1, self.cfg.epochs - self.cfg.warmup_epochs)
+        self.progress = agree(self.strategy, max(by_epochs, spent))
+        self._set()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.step < self.warmup_steps:
+            self._set()
+        self.step += 1
+
+
+class Validation(keras.callbacks.Callback):
+    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics, loss, learning rate,
+    throughput and an overlay to MLflow (the chief only), keep the best weights by `val_dice`, and stop
+    early after `patience` epochs without progress or when the time budget would overrun.
+
+    Validation runs on `eval_model`, a plain float32 copy of the network outside any distribution
+    strategy, compiled with XLA like the served model: what is measured is what will be served."""
+
+    def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int, eval_model,
+                 strategy, chief: bool = True):
+        super().__init__()
+        self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
+        self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
         self.best_dice, self.best_weights, self.best_epoch = -1.0, None, -1
         self.started = self.epoch_started = time.monotonic()
+
+    def on_train_begin(self, logs=None):
+        self.started = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.monotonic()
 
     def evaluate(self) -> tuple[dict, list]:
+        self.eval_model.set_weights(self.model.get_weights())
         probs, truths = [], []
         for info, image, mask in self.val:
-            probs.append(predict_probabilities(self.model.predict_on_batch, image, info.low, info.high,
+            probs.append(predict_probabilities(self.forward, image, info.low, info.high,
                                                multiple=2**self.cfg.depth))
             truths.append(np.asarray(mask))
         prob, truth = np.concatenate(probs), np.concatenate(truths)
@@ -132,62 +236,110 @@ class Validation(keras.callbacks.Callback):
         train_seconds = time.monotonic() - self.epoch_started
         scores, probs = self.evaluate()
         metrics = {f"val_{k}": v for k, v in scores.items()}
-        metrics.update(loss=float(logs["loss"]), images_per_sec=self.images_per_epoch / train_seconds)
-        mlflow.log_metrics(metrics, step=epoch)
-        if scores["dice"] > self.best_dice:
+        metrics.update(loss=float(logs["loss"]), images_per_sec=self.images_per_epoch / train_seconds,
+                       learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+        improved = scores["dice"] > self.best_dice
+        if improved:
             self.best_dice, self.best_epoch = scores["dice"], epoch
             self.best_weights = self.model.get_weights()
-            mlflow.log_image(self.picture(probs), "val_overlay.png")
+        if self.chief:
+            mlflow.log_metrics(metrics, step=epoch)
+            if improved:
+                mlflow.log_image(self.picture(probs), "val_overlay.png")
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
               f"val_iou {scores['iou']:.4f}  {metrics['images_per_sec']:.1f} images/s", flush=True)
         elapsed = time.monotonic() - self.started
         epoch_seconds = time.monotonic() - self.epoch_started
-        if self.cfg.max_minutes and elapsed + epoch_seconds > self.cfg.max_minutes * 60:
+        over_budget = bool(self.cfg.max_minutes and elapsed + epoch_seconds > self.cfg.max_minutes * 60)
+        stalled = bool(self.cfg.patience and epoch - self.best_epoch >= self.cfg.patience)
+        # Every worker must stop after the same epoch, or the others would wait for it forever.
+        over_budget, stalled = (agree(self.strategy, float(flag)) > 0 for flag in (over_budget, stalled))
+        if over_budget:
             print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)
-            self.model.stop_training = True
+        elif stalled:
+            print(f"no better val_dice for {self.cfg.patience} epochs: stopping after epoch {epoch + 1}", flush=True)
+        self.model.stop_training = self.model.stop_training or over_budget or stalled
+
+
+def build_before_fit(model, strategy, sample) -> None:
+    """Work around two Keras 3.15 bugs with MultiWorkerMirroredStrategy; call before `fit`.
+
+    Keras 3.15's `fit` first builds them from a distributed batch by `strategy.reduce` of the `(x, y)`
+    tuple, which the multi-worker strategy cannot reduce (it fails before training starts). Building
+    here, from plain arrays of the right shapes, leaves Keras nothing to do there."""
+    with strategy.scope():
+        model._symbolic_build(data_batch=sample)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+    # Its mean of the step's logs across workers reduces along axis 0, which scalars do not have: give it
+    # shape-(1,) logs, which it averages back to scalars.
+    step = model.train_step
+    model.train_step = lambda data: {k: keras.ops.reshape(v, (1,)) for k, v in step(data).items()}
 
 
 def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
-    """Run the step: returns `{"run_id", "model_uri", "val_dice", "epochs", "model"}` (the Keras model,
-    holding the best weights, for in-process callers).
+    """Run the step: returns `{"run_id", "model_uri", "val_dice", "epochs", "model", "fit_model"}`: `model`
+    is the float32 Keras model holding the best weights, `fit_model` the one trained under the distribution
+    strategy with the last weights (both for in-process callers). On a worker that is not the chief, run_id
+    and model_uri are None: only the chief logs.
 
-    `devices` (tests) forces MirroredStrategy over the given devices, e.g. two logical CPUs.
+    `devices` (tests) forces MirroredStrategy over the given devices, e.g. two logical CPUs. With
+    `TF_CONFIG` set, this process is one worker of a MultiWorkerMirroredStrategy cluster.
     """
     cfg = resolve(cfg)
+    cluster = cluster_config()  # before anything else: a TF_CONFIG that does not parse fails here
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     manifest = read_manifest(dataset_dir)
     check_sizes(cfg, manifest)
-    strategy = make_strategy(cfg.gpus, devices)
+    strategy = make_strategy(cfg.gpus, devices, cluster)
     replicas = strategy.num_replicas_in_sync
-    global_batch = cfg.batch_size * replicas
-    spec = UNetSpec(depth=cfg.depth, base_filters=cfg.base_filters, batch_norm=cfg.batch_norm, dropout=cfg.dropout)
+    per_replica, global_batch = batch_sizes(cfg, replicas)
+    chief = is_chief(cluster)
+    policy = resolve_precision(cfg.precision)
+    spec = UNetSpec(depth=cfg.depth, base_filters=cfg.base_filters, batch_norm=cfg.batch_norm, dropout=cfg.dropout,
+                    sync_batch_norm=replicas > 1)
+    # Linear scaling rule (Goyal et al. 2017): the rate grows with the global batch, from the recipe's
+    # rate for one replica's batch; the warm-up is what makes large multiples stable.
+    peak_rate = cfg.learning_rate * global_batch / cfg.batch_size
     keras.utils.set_random_seed(cfg.seed)
-    with step_run("train", cfg.experiment) as run:
-        # The resolved recipe too: under `mlflow run -e train` the preset placeholders (0) are already logged.
-        log_config(cfg, replicas=replicas, global_batch=global_batch,
-                   recipe=json.dumps({k: getattr(cfg, k) for k in PRESETS[cfg.preset]}))
-        mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
-        with strategy.scope():
+    with step_run("train", cfg.experiment) if chief else nullcontext(None) as run:
+        if chief:
+            # The resolved recipe too: under `mlflow run -e train` the preset placeholders (0) are logged.
+            log_config(cfg, replicas=replicas, global_batch_size=global_batch, per_replica_batch=per_replica,
+                       peak_learning_rate=peak_rate, dtype_policy=policy,
+                       recipe=json.dumps({k: getattr(cfg, k) for k in PRESETS[cfg.preset]}))
+            mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
+        with dtype_policy(policy), strategy.scope():
             model = build_unet(spec)
-            # Linear scaling rule (Goyal et al. 2017): the global batch grows with replicas, so does the rate.
-            model.compile(keras.optimizers.Adam(cfg.learning_rate * replicas), get_loss(cfg.loss))
-        mlflow.log_param("parameters", model.count_params())
+            model.compile(keras.optimizers.Adam(peak_rate), get_loss(cfg.loss), jit_compile=JIT_CHOICES[cfg.jit_compile])
+        eval_model = build_unet(spec, name="unet")  # float32, outside the strategy: validated and logged
+        if chief:
+            mlflow.log_param("parameters", model.count_params())
+        augment = dataclasses.replace(AUGMENTATIONS[cfg.augment], foreground=cfg.foreground)
         data = PatchDataset(dataset_dir, stacks_in(manifest, "train"), global_batch, cfg.crop_size,
-                            cfg.steps_per_epoch, cfg.seed, workers=cfg.workers)
-        validation = Validation(dataset_dir, cfg, stacks_in(manifest, "val"), cfg.steps_per_epoch * global_batch)
-        model.fit(data, epochs=cfg.epochs, callbacks=[validation], verbose=1 if sys.stdout.isatty() else 2)
-        model.set_weights(validation.best_weights)
-        mlflow.log_metrics({"best_val_dice": validation.best_dice, "best_epoch": validation.best_epoch,
-                            "epochs_trained": len(model.history.epoch)})
+                            cfg.steps_per_epoch, cfg.seed, workers=cfg.workers, augment=augment)
+        validation = Validation(dataset_dir, cfg, stacks_in(manifest, "val"), cfg.steps_per_epoch * global_batch,
+                                eval_model, strategy, chief)
+        callbacks = [Schedule(cfg, peak_rate, strategy), validation]
+        if cluster is not None:
+            build_before_fit(model, strategy, tuple(a[:per_replica] for a in data[0]))
+        model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+        eval_model.set_weights(validation.best_weights)
+        epochs = len(model.history.epoch)
         with tempfile.TemporaryDirectory() as tmp:
+            # Every worker saves (TensorFlow's rule for multi-worker training); only the chief's copy is logged.
             keras_path = Path(tmp) / "unet.keras"
-            model.save(keras_path)
+            eval_model.save(keras_path)
+            if not chief:
+                return {"run_id": None, "model_uri": None, "val_dice": validation.best_dice, "epochs": epochs,
+                        "model": eval_model, "fit_model": model}
+            mlflow.log_metrics({"best_val_dice": validation.best_dice, "best_epoch": validation.best_epoch,
+                                "epochs_trained": epochs})
             meta = {"multiple_of": multiple_of(spec), "spec": asdict(spec), "crop_size": cfg.crop_size,
                     "data_fingerprint": manifest["eval_fingerprint"]}
             log_segmenter(keras_path, meta, name="model")
-            mlflow.keras.log_model(model, name="keras_model", pip_requirements=REQUIREMENTS)
+            mlflow.keras.log_model(eval_model, name="keras_model", pip_requirements=REQUIREMENTS)
         return {"run_id": run.info.run_id, "model_uri": f"runs:/{run.info.run_id}/model",
-                "val_dice": validation.best_dice, "epochs": len(model.history.epoch), "model": model}
+                "val_dice": validation.best_dice, "epochs": epochs, "model": eval_model, "fit_model": model}
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ def test_time_budget_stops_after_the_epoch_in_progress(world):
 @pytest.mark.parametrize("change, message", [
     (dict(crop_size=128), "crop_size 128 is larger than the 64 x 64 slices"),
     (dict(crop_size=30), "multiple of 2\\*\\*depth"),
-    (dict(loss="focal"), "loss must be one of"),
+    (dict(loss="tversky"), "loss must be one of bce, dice, bce_dice, focal, got 'tversky'"),
+    (dict(augment="heavy"), "augment must be one of em, basic, none"),
+    (dict(precision="float8"), "precision must be one of"),
+    (dict(foreground=1.5), "foreground is a share of crops"),
     (dict(preset="huge"), "preset must be one of"),
     (dict(dataset_uri="no/such/folder"), "dataset folder not found"),
 ])
