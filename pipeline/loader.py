@@ -29,6 +29,10 @@ class PatchDataset(keras.utils.PyDataset):
         self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
         self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
         self.augment = augment
+        # Where the foreground is: found once here, so each epoch's new worker pool inherits a small
+        # array instead of scanning the masks again (Keras starts a fresh pool every epoch).
+        self.points = [foreground_points(open_stack(self.dataset_dir, s)[1]) if augment.foreground else None
+                       for s in self.stacks]
         self.epoch = 0
         slices = np.array([s.shape[0] for s in self.stacks], float)
         self.weights = slices / slices.sum()
@@ -38,9 +42,6 @@ class PatchDataset(keras.utils.PyDataset):
         if self._arrays is None:
             cv2.setNumThreads(1)  # one warp per sample; OpenCV's own threads would only contend
             self._arrays = [open_stack(self.dataset_dir, s) for s in self.stacks]
-            # Where the foreground is, found once per process from the memory-mapped masks.
-            self._points = [foreground_points(mask) if self.augment.foreground else None
-                            for _, mask in self._arrays]
         return self._arrays
 
     def __len__(self) -> int:
@@ -52,7 +53,7 @@ class PatchDataset(keras.utils.PyDataset):
         k = int(rng.choice(len(self.stacks), p=self.weights))
         image, mask = self._open()[k]
         return random_patch(rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high,
-                            self.augment, self._points[k])
+                            self.augment, self.points[k])
 
     def __getitem__(self, batch: int):
         first = batch * self.batch_size

@@ -1,0 +1,114 @@
+"""Training throughput (issue 3): images/s of a preset through our whole input pipeline (PatchDataset:
+crops, rotation, elastic and intensity augmentation in worker processes reading memory-mapped stacks)
+against a bare Keras loop of the same model on in-memory arrays with no augmentation, in the same run;
+then the augmentation alone, in patches/s, for 1, 2 and 4 worker processes.
+
+    python bench/train_throughput.py                                  # paper preset, 464 x 464, CPU
+    python bench/train_throughput.py --crop 512 --precision mixed_float16 --jit_compile true --steps 50  # GPU
+
+Target: pipeline / bare >= 0.95 (the input pipeline costs under 5 %). On a 2-core CPU the augmentation
+workers share the cores with training, so the ratio there measures that competition too.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # noqa: E402
+
+from pipeline.dataset import read_manifest, stacks_in, write_dataset  # noqa: E402
+from pipeline.loader import PatchDataset  # noqa: E402
+from pipeline.losses import get_loss  # noqa: E402
+from pipeline.model import UNetSpec, build_unet  # noqa: E402
+from pipeline.synthetic import synthetic_stack  # noqa: E402
+from pipeline.train import PRESETS, JIT_CHOICES, dtype_policy, resolve_precision  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def make_dataset(folder: Path, crop: int) -> list:
+    side = max(512, crop + 64)
+    stacks = [dict(name=f"s{i}", split="val" if i == 3 else "train", image=image, mask=mask)
+              for i, (image, mask) in enumerate(synthetic_stack(0, i, (8, side, side)) for i in range(4))]
+    write_dataset(folder, stacks)
+    return stacks_in(read_manifest(folder), "train")
+
+
+def images_per_second(model, data, steps: int, batch: int, **fit_args) -> float:
+    timer = EpochTimer()
+    model.fit(data, epochs=2, steps_per_epoch=steps, callbacks=[timer], verbose=0, **fit_args)
+    return steps * batch / timer.seconds[-1]  # the first epoch compiles; the second is timed
+
+
+def augmentation_rate(folder: Path, stacks, crop: int, batch: int, workers: int, batches: int) -> float:
+    data = PatchDataset(folder, stacks, batch, crop, batches, seed=1, workers=workers)
+    adapter = PyDatasetAdapter(data, shuffle=False)
+    adapter.on_epoch_begin()
+    iterator = adapter.get_numpy_iterator()
+    next(iterator)  # pool start-up and the first batch are not throughput
+    start = time.perf_counter()
+    count = sum(1 for _ in iterator)
+    seconds = time.perf_counter() - start
+    adapter.on_epoch_end()
+    return count * batch / seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="paper")
+    parser.add_argument("--crop", type=int, default=464)
+    parser.add_argument("--batch_size", type=int, default=0, help="default: the preset's")
+    parser.add_argument("--steps", type=int, default=6, help="timed training steps")
+    parser.add_argument("--workers", type=int, default=2, help="augmentation processes while training")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--jit_compile", default="auto")
+    args = parser.parse_args()
+    recipe = PRESETS[args.preset]
+    batch = args.batch_size or recipe["batch_size"]
+    spec = UNetSpec(depth=recipe["depth"], base_filters=recipe["base_filters"])
+    policy = resolve_precision(args.precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "dataset"
+        stacks = make_dataset(folder, args.crop)
+        with dtype_policy(policy):
+            model = build_unet(spec)
+            model.compile(keras.optimizers.Adam(recipe["learning_rate"]), get_loss("bce_dice"),
+                          jit_compile=JIT_CHOICES[args.jit_compile])
+        print(f"{args.preset} preset: {model.count_params():,} parameters, {args.crop} x {args.crop} crops, "
+              f"batch {batch}, {policy}, jit_compile {args.jit_compile}", flush=True)
+        # Bare loop: fixed crops held in memory, no augmentation, no workers.
+        rng = np.random.default_rng(0)
+        x = rng.random((batch * args.steps, args.crop, args.crop, 1), np.float32)
+        y = (rng.random(x.shape) > 0.5).astype(np.float32)
+        bare = images_per_second(model, x, args.steps, batch, y=y, batch_size=batch)
+        data = PatchDataset(folder, stacks, batch, args.crop, args.steps, seed=0, workers=args.workers)
+        ours = images_per_second(model, data, args.steps, batch)
+        print(f"training: ours {ours:.2f} images/s ({args.workers} augmentation workers), bare Keras loop on "
+              f"in-memory arrays {bare:.2f} images/s, ratio {ours / bare:.3f} (target >= 0.95)", flush=True)
+        for workers in (1, 2, 4):
+            rate = augmentation_rate(folder, stacks, args.crop, batch, workers, batches=max(8, 32 // batch * workers))
+            print(f"augmentation alone: {workers} worker(s) {rate:.1f} patches/s of {args.crop} x {args.crop}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
