@@ -30,14 +30,13 @@ from pipeline.model import UNetSpec, build_unet, multiple_of
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
 from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
-from serving.segmenter import compiled_forward, log_segmenter
+from serving.segmenter import compiled_forward, log_segmenter, model_requirements
 from serving.tiling import predict_probabilities
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
 MIN_LR_RATIO = 0.01  # the cosine ends at 1 % of the peak rate, not 0: the last epochs still learn
-REQUIREMENTS = str(Path(__file__).resolve().parent.parent / "requirements.txt")
 
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
 PRESETS = {
@@ -337,7 +336,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             meta = {"multiple_of": multiple_of(spec), "spec": asdict(spec), "crop_size": cfg.crop_size,
                     "data_fingerprint": manifest["eval_fingerprint"]}
             log_segmenter(keras_path, meta, name="model")
-            mlflow.keras.log_model(eval_model, name="keras_model", pip_requirements=REQUIREMENTS)
+            mlflow.keras.log_model(eval_model, name="keras_model", pip_requirements=model_requirements())
         return {"run_id": run.info.run_id, "model_uri": f"runs:/{run.info.run_id}/model",
                 "val_dice": validation.best_dice, "epochs": epochs, "model": eval_model, "fit_model": model}
 

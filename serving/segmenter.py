@@ -32,6 +32,9 @@ DEFAULT_PARAMS = {
     "min_object_size": 20,  # voxels; smaller components are dropped from "labels" (noise, not cells)
 }
 OUTPUTS = ("mask", "probability", "labels")
+# What a logged model needs to run (pinned as in requirements.txt); the viewer's and Spark's packages stay
+# out, so `mlflow models serve` does not install a browser UI and a JVM bridge to answer requests.
+MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "tifffile", "opencv-python-headless", "tqdm", "scipy")
 
 
 def signature() -> ModelSignature:
@@ -106,6 +109,14 @@ def compiled_forward(keras_model):
     return lambda tiles: graph(tiles).numpy()
 
 
+def model_requirements() -> list[str]:
+    """The pinned lines of requirements.txt for `MODEL_PACKAGES`."""
+    import pipeline
+
+    lines = (Path(pipeline.__file__).parent.parent / "requirements.txt").read_text().splitlines()
+    return [line.strip() for line in lines if line.split("==")[0].strip() in MODEL_PACKAGES]
+
+
 class StackSegmenter(mlflow.pyfunc.PythonModel):
     """Segments whole stacks with a Keras U-Net saved as the artifact `keras_model`."""
 
@@ -161,5 +172,5 @@ def log_segmenter(keras_path: str | Path, meta: dict, name: str = "model"):
         artifacts={"keras_model": str(keras_path), "meta": str(meta_path)},
         code_paths=[str(Path(pipeline.__file__).parent), str(Path(serving.__file__).parent)],
         signature=signature(),
-        pip_requirements=str(Path(pipeline.__file__).parent.parent / "requirements.txt"),
+        pip_requirements=model_requirements(),
     )

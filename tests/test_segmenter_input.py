@@ -68,3 +68,11 @@ def test_tile_size_must_divide_by_the_network_downsampling():
     check_tile_size(512, 16)
     with pytest.raises(InputError, match="tile_size 500 is not a multiple of 16 .*; use 512 or 496"):
         check_tile_size(500, 16)
+
+
+def test_logged_models_require_only_what_inference_needs():
+    from serving.segmenter import MODEL_PACKAGES, model_requirements
+
+    names = [line.split("==")[0] for line in model_requirements()]
+    assert sorted(names) == sorted(MODEL_PACKAGES)  # every one pinned in requirements.txt
+    assert all("==" in line for line in model_requirements())
