@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 
 from pipeline.augment import AUGMENTATIONS
+from pipeline.checkpoint import Backup, backup_dir, checkpoint_key
 from pipeline.cli import run_entry
 from pipeline.dataset import open_stack, read_manifest, stacks_in
 from pipeline.distribute import agree, cluster_config, is_chief, make_strategy
@@ -29,7 +30,7 @@ from pipeline.metrics import stack_scores
 from pipeline.model import UNetSpec, build_unet, multiple_of
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
-from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
+from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, run_exists, step_run
 from serving.segmenter import compiled_forward, log_segmenter, model_requirements
 from serving.tiling import predict_probabilities
 
@@ -76,6 +77,7 @@ class TrainConfig:
     workers: int = 2  # augmentation processes; 1 = in the training process
     gpus: str = ""  # GPU indices to use, e.g. 0,1; empty = all visible
     seed: int = 0
+    checkpoint_dir: str = ""  # resume backup written every epoch; "" = .em-unet-checkpoints/<hash of config and data> here, so the same command resumes
     experiment: str = DEFAULT_EXPERIMENT
 
 
@@ -169,13 +171,14 @@ class Schedule(keras.callbacks.Callback):
         self.cfg, self.peak, self.strategy = cfg, peak, strategy
         self.warmup_steps = cfg.warmup_epochs * cfg.steps_per_epoch
         self.step, self.progress, self.started = 0, 0.0, time.monotonic()
+        self.spent_before = 0.0  # seconds of completed epochs before a resume: the budget is for the whole run
 
     def _set(self):
         rate = schedule_rate(self.peak, self.step, self.warmup_steps, self.progress, self.cfg.lr_schedule)
         self.model.optimizer.learning_rate.assign(rate)
 
     def on_train_begin(self, logs=None):
-        self.started = time.monotonic()
+        self.started = time.monotonic() - self.spent_before
 
     def on_epoch_begin(self, epoch, logs=None):
         spent = (time.monotonic() - self.started) / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
@@ -196,19 +199,23 @@ class Validation(keras.callbacks.Callback):
     early after `patience` epochs without progress or when the time budget would overrun.
 
     Validation runs on `eval_model`, a plain float32 copy of the network outside any distribution
-    strategy, compiled with XLA like the served model: what is measured is what will be served."""
+    strategy, compiled with XLA like the served model: what is measured is what will be served.
+
+    `backup(epoch, metrics, stop, elapsed)` is called after each epoch's decisions and before its metrics
+    are logged: a run killed in between re-logs them from the backup when it resumes, never twice."""
 
     def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int, eval_model,
-                 strategy, chief: bool = True):
+                 strategy, chief: bool = True, backup=None):
         super().__init__()
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
         self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
         self.best_dice, self.best_weights, self.best_epoch = -1.0, None, -1
         self.started = self.epoch_started = time.monotonic()
+        self.backup, self.spent_before, self.epochs_done = backup, 0.0, 0
 
     def on_train_begin(self, logs=None):
-        self.started = time.monotonic()
+        self.started = time.monotonic() - self.spent_before
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.monotonic()
@@ -241,18 +248,21 @@ class Validation(keras.callbacks.Callback):
         if improved:
             self.best_dice, self.best_epoch = scores["dice"], epoch
             self.best_weights = self.model.get_weights()
-        if self.chief:
-            mlflow.log_metrics(metrics, step=epoch)
-            if improved:
-                mlflow.log_image(self.picture(probs), "val_overlay.png")
-        print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
-              f"val_iou {scores['iou']:.4f}  {metrics['images_per_sec']:.1f} images/s", flush=True)
+        if self.chief and improved:
+            mlflow.log_image(self.picture(probs), "val_overlay.png")  # rewritten, not doubled, if redone
         elapsed = time.monotonic() - self.started
         epoch_seconds = time.monotonic() - self.epoch_started
         over_budget = bool(self.cfg.max_minutes and elapsed + epoch_seconds > self.cfg.max_minutes * 60)
         stalled = bool(self.cfg.patience and epoch - self.best_epoch >= self.cfg.patience)
         # Every worker must stop after the same epoch, or the others would wait for it forever.
         over_budget, stalled = (agree(self.strategy, float(flag)) > 0 for flag in (over_budget, stalled))
+        self.epochs_done = epoch + 1
+        if self.backup is not None:
+            self.backup(epoch, metrics, over_budget or stalled, elapsed)
+        if self.chief:
+            mlflow.log_metrics(metrics, step=epoch)
+        print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
+              f"val_iou {scores['iou']:.4f}  {metrics['images_per_sec']:.1f} images/s", flush=True)
         if over_budget:
             print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)
         elif stalled:
@@ -275,6 +285,50 @@ def build_before_fit(model, strategy, sample) -> None:
     model.train_step = lambda data: {k: keras.ops.reshape(v, (1,)) for k, v in step(data).items()}
 
 
+@contextmanager
+def train_run(cfg: TrainConfig, backup: Backup, chief: bool, strategy, cluster):
+    """Yield `(run, resumed)`: the MLflow run to log to (None on a worker that is not the chief) and the
+    backup to resume from (`Backup.load`, None to start afresh). Resuming continues the backup's run; a
+    backup whose run this tracking store does not have is ignored, and so are backups of different epochs
+    on the workers of a cluster (they must all start from the same one)."""
+    resumed = backup.load()
+    if resumed and chief and not run_exists(resumed["state"]["run_id"]):
+        print(f"the backup in {backup.folder} belongs to run {resumed['state']['run_id']}, which the tracking "
+              f"store {mlflow.get_tracking_uri()} does not have: starting afresh", flush=True)
+        resumed = None
+    if cluster is not None:
+        start = float(resumed["state"]["next_epoch"]) if resumed else 0.0
+        if agree(strategy, start) ** 2 != agree(strategy, start * start):  # not the same on every worker
+            print("the workers' backups are of different epochs: starting afresh", flush=True)
+            resumed = None
+    run_id = resumed["state"]["run_id"] if resumed and chief else None
+    with step_run("train", cfg.experiment, run_id=run_id) if chief else nullcontext(None) as run:
+        yield run, resumed
+
+
+def restore(resumed: dict, model, strategy, schedule: Schedule, validation: Validation, run) -> tuple[int, bool]:
+    """Put a backup's state back: weights and optimizer state, the schedule's step, the best epoch, the
+    time spent; log the last epoch's metrics if the kill came before they were logged. Returns
+    `(first epoch to run, whether training had already decided to stop)`."""
+    state = resumed["state"]
+    with strategy.scope():
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+        model.load_weights(resumed["weights"])
+    schedule.step = state["schedule_step"]
+    schedule.spent_before = validation.spent_before = state["spent_seconds"]
+    validation.best_dice, validation.best_epoch = state["best_dice"], state["best_epoch"]
+    validation.best_weights, validation.epochs_done = resumed["best_weights"], state["next_epoch"]
+    last = state["next_epoch"] - 1
+    if run is not None:
+        logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_dice")}
+        if last not in logged:
+            mlflow.log_metrics(state["metrics"], step=last)
+    print(f"resuming from the backup of epoch {last + 1} (best val_dice {state['best_dice']:.4f} at epoch "
+          f"{state['best_epoch'] + 1})" + (f" in run {run.info.run_id}" if run is not None else ""), flush=True)
+    return state["next_epoch"], state["stopped"]
+
+
 def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     """Run the step: returns `{"run_id", "model_uri", "val_dice", "epochs", "model", "fit_model"}`: `model`
     is the float32 Keras model holding the best weights, `fit_model` the one trained under the distribution
@@ -283,6 +337,11 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
 
     `devices` (tests) forces MirroredStrategy over the given devices, e.g. two logical CPUs. With
     `TF_CONFIG` set, this process is one worker of a MultiWorkerMirroredStrategy cluster.
+
+    After every epoch the state is backed up (`pipeline.checkpoint`); run again after a kill, the same
+    config on the same data continues from the last completed epoch in the same MLflow run, with the
+    same batches, learning rates and best epoch as a run that was never interrupted. The time budget
+    counts the completed epochs of all attempts. The backup is deleted when the run has finished.
     """
     cfg = resolve(cfg)
     cluster = cluster_config()  # before anything else: a TF_CONFIG that does not parse fails here
@@ -300,7 +359,9 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     # rate for one replica's batch; the warm-up is what makes large multiples stable.
     peak_rate = cfg.learning_rate * global_batch / cfg.batch_size
     keras.utils.set_random_seed(cfg.seed)
-    with step_run("train", cfg.experiment) if chief else nullcontext(None) as run:
+    key = checkpoint_key(asdict(cfg), manifest.get("content_hash", ""), replicas)
+    with Backup(backup_dir(cfg.checkpoint_dir, key, cluster), key) as backup, \
+            train_run(cfg, backup, chief, strategy, cluster) as (run, resumed):
         if chief:
             # The resolved recipe too: under `mlflow run -e train` the preset placeholders (0) are logged.
             log_config(cfg, replicas=replicas, global_batch_size=global_batch, per_replica_batch=per_replica,
@@ -316,19 +377,37 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
         augment = dataclasses.replace(AUGMENTATIONS[cfg.augment], foreground=cfg.foreground)
         data = PatchDataset(dataset_dir, stacks_in(manifest, "train"), global_batch, cfg.crop_size,
                             cfg.steps_per_epoch, cfg.seed, workers=cfg.workers, augment=augment)
+        schedule = Schedule(cfg, peak_rate, strategy)
+
+        def save(epoch, metrics, stop, elapsed):
+            backup.save({"run_id": run.info.run_id if run else None, "next_epoch": epoch + 1,
+                         "data_epoch": data.epoch, "schedule_step": schedule.step, "best_dice": validation.best_dice,
+                         "best_epoch": validation.best_epoch, "spent_seconds": elapsed, "stopped": stop,
+                         "metrics": metrics}, model, validation.best_weights)
+
         validation = Validation(dataset_dir, cfg, stacks_in(manifest, "val"), cfg.steps_per_epoch * global_batch,
-                                eval_model, strategy, chief)
-        callbacks = [Schedule(cfg, peak_rate, strategy), validation]
+                                eval_model, strategy, chief, backup=save)
+        callbacks = [schedule, validation]
         if cluster is not None:
             build_before_fit(model, strategy, tuple(a[:per_replica] for a in data[0]))
-        model.fit(data, epochs=cfg.epochs, callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+        start, stopped = restore(resumed, model, strategy, schedule, validation, run) if resumed else (0, False)
+        if resumed:
+            # After fit's own reset of the data (which counts as an epoch end): the batches of the next epoch.
+            data_epoch = resumed["state"]["data_epoch"]
+            callbacks.insert(0, keras.callbacks.LambdaCallback(on_train_begin=lambda logs: setattr(data, "epoch", data_epoch)))
+        if not stopped and start < cfg.epochs:
+            # shuffle=False: the batches are random draws already; Keras' shuffle would order them by Python's
+            # global `random` state, which a resumed process does not have (its losses differed by 1 %).
+            model.fit(data, epochs=cfg.epochs, initial_epoch=start, callbacks=callbacks, shuffle=False,
+                      verbose=1 if sys.stdout.isatty() else 2)
         eval_model.set_weights(validation.best_weights)
-        epochs = len(model.history.epoch)
+        epochs = validation.epochs_done
         with tempfile.TemporaryDirectory() as tmp:
             # Every worker saves (TensorFlow's rule for multi-worker training); only the chief's copy is logged.
             keras_path = Path(tmp) / "unet.keras"
             eval_model.save(keras_path)
             if not chief:
+                backup.remove()
                 return {"run_id": None, "model_uri": None, "val_dice": validation.best_dice, "epochs": epochs,
                         "model": eval_model, "fit_model": model}
             mlflow.log_metrics({"best_val_dice": validation.best_dice, "best_epoch": validation.best_epoch,
@@ -337,6 +416,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
                     "data_fingerprint": manifest["eval_fingerprint"]}
             log_segmenter(keras_path, meta, name="model")
             mlflow.keras.log_model(eval_model, name="keras_model", pip_requirements=model_requirements())
+        backup.remove()  # inside the run: a kill before this line resumes (and finishes) the same run
         return {"run_id": run.info.run_id, "model_uri": f"runs:/{run.info.run_id}/model",
                 "val_dice": validation.best_dice, "epochs": epochs, "model": eval_model, "fit_model": model}
 

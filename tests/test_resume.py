@@ -1,0 +1,125 @@
+"""Interrupted training resumes: a real `python -m pipeline.train` is killed with SIGKILL in the middle of
+an epoch; the same command, run again, continues from the last completed epoch in the same MLflow run and
+ends as an uninterrupted run would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline.checkpoint import DEFAULT_ROOT, Backup, backup_dir
+from pipeline.errors import InputError
+from pipeline.train import TrainConfig, train
+from tests.conftest import ROOT, TINY_TRAIN, make_dataset
+
+# Six epochs of 20 steps: long enough (a few seconds per epoch) for the kill to land inside epoch 3.
+RESUME_TRAIN = {**TINY_TRAIN, "epochs": 6, "steps_per_epoch": 20, "patience": 0}
+METRICS = ("val_dice", "val_iou", "val_loss", "loss", "learning_rate", "images_per_sec")
+
+
+def flags(config: dict) -> list[str]:
+    return [part for k, v in config.items() for part in (f"--{k}", str(v))]
+
+
+def start_train(args: list[str], cwd: Path, uri: str) -> tuple[subprocess.Popen, list[str]]:
+    """`python -m pipeline.train` in a new process; its output lines are collected as they come."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("MLFLOW_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def wait_for(lines: list[str], text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        assert proc.poll() is None, f"train ended before printing {text!r}:\n{''.join(lines)}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{''.join(lines)}"
+        time.sleep(0.05)
+
+
+def history(run_id: str, name: str) -> list:
+    return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, name))
+
+
+@pytest.mark.slow
+def test_training_killed_mid_epoch_resumes_in_the_same_run(store, tmp_path):
+    data = make_dataset(tmp_path / "data", seed=0)
+    args = ["--dataset_uri", str(data), *flags(RESUME_TRAIN)]
+
+    proc, lines = start_train(args, tmp_path, store)
+    wait_for(lines, "epoch 2:", proc)
+    time.sleep(0.5)  # into epoch 3's training steps
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    output = "".join(lines)
+    assert "epoch 3:" not in output, output  # the kill came before epoch 3 was complete
+    (backup,) = (tmp_path / DEFAULT_ROOT).iterdir()
+    state = json.loads((backup / "state.json").read_text())
+    assert state["next_epoch"] == 2
+    killed_run = state["run_id"]
+    assert mlflow.get_run(killed_run).info.status == "RUNNING"  # SIGKILL: nobody closed it
+    assert [s for s, _ in history(killed_run, "val_dice")] == [0, 1]
+
+    proc, lines = start_train(args, tmp_path, store)
+    assert proc.wait(600) == 0, "".join(lines)
+    output = "".join(lines)
+    assert "resuming from the backup of epoch 2" in output, output
+    assert "epoch 1:" not in output and "epoch 2:" not in output and "epoch 3:" in output and "epoch 6:" in output
+
+    runs = mlflow.search_runs(experiment_names=["em-unet"], output_format="list")
+    assert [r.info.run_id for r in runs] == [killed_run]
+    run = mlflow.get_run(killed_run)
+    assert run.info.status == "FINISHED" and run.data.metrics["epochs_trained"] == 6
+    for name in METRICS:
+        assert [s for s, _ in history(killed_run, name)] == list(range(6)), name
+    assert not (tmp_path / DEFAULT_ROOT).exists()  # the backup is deleted after a successful finish
+
+    # The same training never interrupted (in this process; its own backup folder): same batches,
+    # learning rates and optimizer state give the same per-epoch losses and scores.
+    reference = train(TrainConfig(dataset_uri=str(data), checkpoint_dir=str(tmp_path / "reference"), **RESUME_TRAIN))
+    for name in ("learning_rate", "loss", "val_loss", "val_dice"):
+        resumed, uninterrupted = history(killed_run, name), history(reference["run_id"], name)
+        np.testing.assert_allclose([v for _, v in resumed], [v for _, v in uninterrupted], rtol=1e-6, err_msg=name)
+    assert run.data.metrics["best_epoch"] == mlflow.get_run(reference["run_id"]).data.metrics["best_epoch"]
+
+
+def test_worker_backups_are_apart_from_the_chief(tmp_path):
+    cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 0}}
+    chief = backup_dir(str(tmp_path / "ckpt"), "k", cluster)
+    worker = backup_dir(str(tmp_path / "ckpt"), "k", {**cluster, "task": {"type": "worker", "index": 2}})
+    assert chief == tmp_path / "ckpt" and worker == tmp_path / "ckpt" / "worker-2"
+    assert backup_dir("", "abc", None) == Path.cwd() / DEFAULT_ROOT / "abc"
+
+
+def test_a_backup_folder_serves_one_training_at_a_time(tmp_path):
+    with Backup(tmp_path / "b", "key1"):
+        with pytest.raises(InputError, match="another training with the same configuration is running"):
+            with Backup(tmp_path / "b", "key1"):
+                pass
+    with Backup(tmp_path / "b", "key1"):  # released when the first one ended
+        pass
+
+
+def test_a_backup_of_another_training_is_refused(tmp_path):
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    with Backup(tmp_path / "b", "key1") as backup:
+        backup.save({"next_epoch": 1}, model, model.get_weights())
+        assert backup.load()["state"]["next_epoch"] == 1
+        backup.save({"next_epoch": 2}, model, model.get_weights())
+        assert sorted(p.name for p in backup.folder.iterdir()) == ["epoch-2", "lock", "state.json"]
+    with pytest.raises(InputError, match="holds the backup of another training"):
+        with Backup(tmp_path / "b", "key2") as other:
+            other.load()
