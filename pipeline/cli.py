@@ -34,7 +34,8 @@ def parse_config(cls, argv: list[str] | None = None):
 
 
 def run_entry(step: Callable, cls, argv: list[str] | None = None) -> None:
-    """Parse flags into `cls`, run `step(cfg)`; an `InputError` prints `error: <message>` and exits 2.
+    """Parse flags into `cls`, check the tracking store, run `step(cfg)`; an `InputError` prints
+    `error: <message>` and exits 2.
 
     The MLflow run opened by the step is closed as FAILED by its context manager before we get here.
     TensorFlow's C++ start-up chatter is silenced by TF_CPP_MIN_LOG_LEVEL in the MLproject commands: it
@@ -43,6 +44,9 @@ def run_entry(step: Callable, cls, argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(cls, argv)
     try:
+        from pipeline.tracking import check_tracking  # MLflow is imported by the entry module already
+
+        check_tracking()  # before any work: an unreachable store must not cost a training
         step(cfg)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)

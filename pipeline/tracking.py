@@ -3,6 +3,8 @@ artifacts of earlier steps are found."""
 
 import dataclasses
 import os
+import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,3 +72,46 @@ def run_exists(run_id: str) -> bool:
         return mlflow.get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException:
         return False
+
+
+# A probe must answer in seconds: MLflow retries HTTP for minutes by default, and its SQLAlchemy stores
+# retry an unreachable database for about 100 s.
+PROBE_SECONDS = 5
+DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def _probe_database(uri: str) -> None:
+    import sqlalchemy
+
+    timeout = {"postgresql": {"connect_timeout": PROBE_SECONDS}, "mysql": {"connect_timeout": PROBE_SECONDS}}
+    engine = sqlalchemy.create_engine(uri, connect_args=timeout.get(uri.split(":")[0].split("+")[0], {}))
+    try:
+        with engine.connect():
+            pass
+    finally:
+        engine.dispose()
+
+
+def check_tracking() -> None:
+    """Fail within seconds, before any work, if the tracking store cannot be used: an `InputError` naming
+    the URI, what went wrong and the fix. Call at the start of an entry point."""
+    uri = mlflow.get_tracking_uri()
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(PROBE_SECONDS))
+    started = time.monotonic()
+    try:
+        if uri.split(":")[0].split("+")[0] in DATABASES:
+            _probe_database(uri)
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:
+        reason = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        shown = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a database password
+        raise InputError(f"cannot use the MLflow tracking store {shown} ({reason.replace(uri, shown)}; after "
+                         f"{time.monotonic() - started:.1f} s): start that server or database, or set "
+                         f"MLFLOW_TRACKING_URI to one that works (e.g. sqlite:///mlflow.db)") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,66 @@
+"""An unreachable or misconfigured tracking store stops every entry point within seconds, before any
+work, with one line that names the URI and the fix (exit code 2), instead of MLflow's minutes of retries."""
+
+import socket
+import time
+
+import mlflow
+import pytest
+
+from pipeline.errors import InputError
+from pipeline.tracking import check_tracking
+from tests.conftest import run_module
+
+
+def closed_port() -> int:
+    """A local TCP port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("module, args", [
+    ("pipeline.train", ["--dataset_uri", "nowhere"]),
+    ("pipeline.preprocess", []),
+    ("serving.predict", ["--input", "stack.tif"]),
+    ("pipeline.main", []),
+])
+def test_entry_points_fail_fast_on_a_closed_tracking_server(module, args, tmp_path):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    started = time.monotonic()
+    result = run_module(module, *args, cwd=tmp_path, env_uri=uri, timeout=120)
+    seconds = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and uri in error[0] and "MLFLOW_TRACKING_URI" in error[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert seconds < 60, seconds  # process start and imports included; MLflow alone retries for minutes
+    assert not (tmp_path / ".em-unet-checkpoints").exists()  # nothing was started
+
+
+def test_a_closed_database_port_fails_in_seconds(monkeypatch):
+    uri = f"postgresql://user:secret@127.0.0.1:{closed_port()}/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    started = time.monotonic()
+    try:
+        with pytest.raises(InputError, match="cannot use the MLflow tracking store postgresql://user:\\*\\*\\*@") as error:
+            check_tracking()
+        assert "secret" not in str(error.value)  # the password is not printed
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert time.monotonic() - started < 15  # MLflow's own engine retries for about 100 s
+
+
+def test_a_malformed_uri_is_named(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp:/mlflow-host:5000")
+    mlflow.set_tracking_uri("htp:/mlflow-host:5000")
+    try:
+        with pytest.raises(InputError, match="htp:/mlflow-host:5000.*MLFLOW_TRACKING_URI"):
+            check_tracking()
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_working_store_passes(store):
+    check_tracking()
