@@ -2,6 +2,7 @@
 TIFF/PNG slices (natural sort order), single 2-D images and `.npy` arrays. Every stack comes out as
 `(Z, H, W)`; every mistake comes out as an `InputError` that names the file."""
 
+import os
 import re
 import warnings
 from pathlib import Path
@@ -50,6 +51,32 @@ def _as_stack(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+def available_memory() -> int:
+    """Bytes that new arrays can take now: MemAvailable on Linux, else physical memory, else 16 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def check_fits(path: Path, shape: tuple, dtype, what: str, advice: str) -> None:
+    """Refuse to allocate what a file header declares when it exceeds the memory available: a corrupt or
+    hostile header (a few bytes declaring 300000 x 300000 pixels) must give a message, not an
+    out-of-memory kill or a machine swapping for minutes."""
+    needed = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+    free = available_memory()
+    if needed > free:
+        raise InputError(f"{path}: {what} declares {tuple(int(n) for n in shape)} {np.dtype(dtype)}, "
+                         f"{needed / 2**30:.1f} GiB, but only {free / 2**30:.1f} GiB of memory is available; "
+                         f"{advice}")
+
+
 def _read_tiff(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
@@ -58,6 +85,8 @@ def _read_tiff(path: Path) -> np.ndarray:
                 if not tif.series:
                     raise InputError(f"{path}: the TIFF holds no image")
                 series = tif.series[0]
+                check_fits(path, series.shape, series.dtype, "the TIFF header",
+                           "crop the stack (e.g. in Fiji), or segment it with `predict`, which reads one slice at a time")
                 array = series.asarray()
                 axes = series.axes
     except InputError:
@@ -149,6 +178,7 @@ class TiffStack:
         self.path, self._tif, self._pages = path, tif, series.pages
         self.shape = (len(self._pages), *series.pages[0].shape)
         self.dtype = series.dtype
+        check_fits(path, self.shape[1:], self.dtype, "one slice of the TIFF header", "crop the slices (e.g. in Fiji)")
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -182,7 +212,11 @@ def lazy_stack(path: str | Path):
         pages_are_slices = (series is not None and len(series.pages) > 1 and series.ndim == 3
                             and all(p is not None for p in series.pages))
         if pages_are_slices and "S" not in series.axes and "C" not in series.axes:
-            return TiffStack(path, tif)
+            try:
+                return TiffStack(path, tif)
+            except InputError:
+                tif.close()
+                raise
         tif.close()
     if path.is_file() and path.suffix.lower() == ".npy" and path.stat().st_size > 0:
         try:

@@ -103,3 +103,35 @@ def test_lazy_stack_reads_slices_on_demand_and_matches_read_stack(tmp_path, rng)
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
     with pytest.raises(InputError, match="grayscale"):
         lazy_stack(tmp_path / "rgb.tif")
+
+
+def huge_header_tiff(path, size=300_000, pages=3):
+    """A tiny TIFF (under 1 KB) whose header declares `pages` slices of `size` x `size` uint16: a normal
+    file with its ImageWidth / ImageLength tags patched, as a corrupt or hostile header would be."""
+    import struct
+
+    tifffile.imwrite(path, np.zeros((pages, 8, 8), np.uint16), photometric="minisblack")
+    with tifffile.TiffFile(path) as tif:
+        offsets = [p.tags[t].valueoffset for p in tif.pages for t in ("ImageWidth", "ImageLength")]
+        assert all(p.tags["ImageWidth"].dtype == 4 for p in tif.pages)  # LONG: room for a large value
+    with open(path, "r+b") as f:
+        for offset in offsets:
+            f.seek(offset)
+            f.write(struct.pack("<I", size))
+    assert path.stat().st_size < 2000
+    return path
+
+
+def test_a_header_declaring_more_than_memory_is_refused_before_allocating(tmp_path):
+    from pipeline.io import available_memory, lazy_stack
+
+    path = huge_header_tiff(tmp_path / "huge.tif")  # 3 x 300000 x 300000 uint16: 503 GiB
+    assert available_memory() < 3 * 300_000**2 * 2
+    with pytest.raises(InputError, match=r"huge.tif: the TIFF header declares \(3, 300000, 300000\) uint16, 502.9 GiB, "
+                                         r"but only .* GiB of memory is available; crop the stack .* `predict`"):
+        read_stack(path)
+    # predict reads slice by slice, but one slice of 168 GiB does not fit either.
+    with pytest.raises(InputError, match=r"one slice of the TIFF header declares \(300000, 300000\) uint16"):
+        lazy_stack(path)
+    # A stack that fits is still read (the check counts bytes, not pixels).
+    assert read_stack(huge_header_tiff(tmp_path / "ok.tif", size=8)).shape == (3, 8, 8)
