@@ -71,7 +71,7 @@ def write_dataset(out_dir: str | Path, stacks: list[dict]) -> dict:
     tmp.mkdir(parents=True)
     infos, hashes = [], {}
     for s in stacks:
-        if not SAFE_NAME.match(s["name"]):
+        if not SAFE_NAME.fullmatch(s["name"]):
             raise InputError(f"stack name {s['name']!r} is not a safe folder name")
         low, high = s.get("low"), s.get("high")
         if low is None:
@@ -97,24 +97,36 @@ def write_dataset(out_dir: str | Path, stacks: list[dict]) -> dict:
 
 
 def read_manifest(dataset_dir: str | Path) -> dict:
-    """Read and check `manifest.json`; stacks come back as `StackInfo`."""
+    """Read and check `manifest.json`; stacks come back as `StackInfo`. Raises `InputError` for a missing,
+    unparsable or malformed manifest, and for a stack name that is not a plain folder name (`../x`, `/x`):
+    a manifest must not make train or evaluate read files outside the dataset folder."""
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
         raise InputError(f"{dataset_dir}: not a dataset artifact (no {MANIFEST}); run the preprocess step first")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{path}: format version {manifest.get('format_version')}, expected {FORMAT_VERSION}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}); run the preprocess step again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise InputError(f"{path}: format version {version}, expected {FORMAT_VERSION}")
     stacks = []
-    for entry in manifest["stacks"]:
-        info = StackInfo(**{**entry, "shape": tuple(entry["shape"])})
-        if not SAFE_NAME.match(info.name) or info.split not in SPLITS:
-            raise InputError(f"{path}: bad stack entry name={info.name!r} split={info.split!r}")
+    for entry in manifest.get("stacks", []):
+        try:
+            info = StackInfo(**{**entry, "shape": tuple(entry["shape"])})
+        except (TypeError, KeyError) as exc:
+            raise InputError(f"{path}: malformed stack entry {str(entry)[:200]} ({exc})") from None
+        if not isinstance(info.name, str) or not SAFE_NAME.fullmatch(info.name) or info.split not in SPLITS:
+            raise InputError(f"{path}: bad stack entry name={info.name!r} split={info.split!r}; a stack name "
+                             f"is a folder inside the dataset (letters, digits, _ . -), never a path")
         stacks.append(info)
     return {**manifest, "stacks": stacks}
 
 
 def open_stack(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """`(image, mask)` of one stack, memory-mapped read-only by default (shared, not copied, by workers)."""
+    if not isinstance(info.name, str) or not SAFE_NAME.fullmatch(info.name):  # also for StackInfo not from read_manifest
+        raise InputError(f"stack name {info.name!r} is not a folder inside {dataset_dir}; refusing to read it")
     folder = Path(dataset_dir) / info.name
     mode = "r" if mmap else None
     return np.load(folder / "image.npy", mmap_mode=mode), np.load(folder / "mask.npy", mmap_mode=mode)
