@@ -75,3 +75,71 @@ def test_a_keras_file_with_a_lambda_layer_is_refused_by_the_segmenter(store, tmp
         info = log_segmenter(tmp_path / "unsafe.keras", {"multiple_of": 1})
     with pytest.raises(Exception, match="safe_mode"):
         mlflow.pyfunc.load_model(info.model_uri)
+
+
+def popen_module(module, *args, cwd, env_uri):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": env_uri, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_predict_killed_mid_stack_leaves_only_partial_files(world, tmp_path):
+    stack = np.random.default_rng(0).integers(0, 255, (200, 256, 256), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "long.tif", stack, photometric="minisblack")
+    out = tmp_path / "out"
+    proc = popen_module("serving.predict", "--model_uri", world["trained"]["model_uri"], "--input",
+                        str(tmp_path / "long.tif"), "--output_dir", str(out), cwd=tmp_path, env_uri=world["uri"])
+    partial = out / "long_mask.tif.partial"
+    deadline = time.monotonic() + 120
+    while not (partial.exists() and partial.stat().st_size > 3 * 256 * 256) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # a few slices written, the rest not: mid-stack
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["long_mask.tif.partial", "long_objects.csv.partial"], names
+    assert 3 * 256 * 256 < partial.stat().st_size < 200 * 256 * 256
+
+
+def start_two_trainings(store, tmp_path):
+    """Two tiny trainings started together on one store, with different seeds: the same config on the same
+    data would share one flock-ed backup folder (pipeline.checkpoint) and the second would be refused."""
+    data = make_dataset(tmp_path / "data", seed=0)
+    flags = [arg for k, v in TINY_TRAIN.items() for arg in (f"--{k}", str(v))]
+    procs = [popen_module("pipeline.train", "--dataset_uri", str(data), "--seed", str(seed), *flags,
+                          cwd=tmp_path, env_uri=store) for seed in (1, 2)]
+    return procs, [p.communicate(timeout=600) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_trainings_at_once_on_one_sqlite_store_both_finish_intact(store, tmp_path):
+    mlflow.search_experiments()  # the store exists before they start (see the next test for a fresh one)
+    procs, results = start_two_trainings(store, tmp_path)
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in results]
+    client = mlflow.MlflowClient()
+    runs = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")]
+    assert len(runs) == 2 and {r.data.params["seed"] for r in runs} == {"1", "2"}
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for name in ("val_dice", "val_loss", "loss"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [0, 1], name
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        assert model.predict(np.zeros((1, 16, 16), np.float32)).shape == (1, 16, 16)
+
+
+@pytest.mark.slow
+def test_two_trainings_creating_a_fresh_sqlite_store_at_once_fail_clearly_if_at_all(store, tmp_path):
+    """MLflow creates a new SQLite store's tables on first use; two processes doing so at once can both run
+    the migrations and one (sometimes both) hit `duplicate column name`. The tracking probe turns that
+    into one error line and exit 2 before any training; a run that starts finishes intact."""
+    procs, results = start_two_trainings(store, tmp_path)
+    for proc, (_, err) in zip(procs, results):
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert proc.returncode in (0, 2), err[-3000:]
+        if proc.returncode == 2:
+            assert len(errors) == 1 and errors[0].startswith("error: cannot use the MLflow tracking store"), err[-3000:]
+            assert "Traceback" not in err
+    finished = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert sorted(r.info.status for r in finished) == ["FINISHED"] * sum(p.returncode == 0 for p in procs)
