@@ -143,3 +143,24 @@ def test_two_trainings_creating_a_fresh_sqlite_store_at_once_fail_clearly_if_at_
             assert "Traceback" not in err
     finished = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert sorted(r.info.status for r in finished) == ["FINISHED"] * sum(p.returncode == 0 for p in procs)
+
+
+def test_unusual_ranges_segment_like_8_bit_and_constant_images_do_not_crash(world):
+    """Normalisation is percentile scaling of the whole stack, so an affine change of intensities (16-bit
+    using only 45..300, float in [-1e6, 1e6]) gives the same segmentation as the 8-bit stack."""
+    from pipeline.synthetic import synthetic_stack
+
+    image, _ = synthetic_stack(0, 3, (2, 64, 64))
+    model = mlflow.pyfunc.load_model(world["trained"]["model_uri"])
+    prob = model.predict(image, params={"output": "probability"})
+    narrow = image.astype(np.uint16) + 45  # a 16-bit detector using 45..300 of its 0..65535
+    wide = image.astype(np.float32) * np.float32(2e6 / 255) - np.float32(1e6)
+    for variant in (narrow, wide):
+        assert np.abs(model.predict(variant, params={"output": "probability"}) - prob).max() < 1e-3
+    # A constant stack has no contrast to scale: every value maps to 0.5, whatever the dtype and level,
+    # so it is segmented (not a division by zero) and all constant stacks give the same answer.
+    constants = [np.zeros((2, 32, 32), np.uint8), np.full((2, 32, 32), 65535, np.uint16),
+                 np.full((2, 32, 32), -3.5e5, np.float32)]
+    probs = [model.predict(c, params={"output": "probability"}) for c in constants]
+    assert all(p.shape == (2, 32, 32) and np.isfinite(p).all() for p in probs)
+    assert np.array_equal(probs[0], probs[1]) and np.array_equal(probs[0], probs[2])
