@@ -164,3 +164,32 @@ def test_unusual_ranges_segment_like_8_bit_and_constant_images_do_not_crash(worl
     probs = [model.predict(c, params={"output": "probability"}) for c in constants]
     assert all(p.shape == (2, 32, 32) and np.isfinite(p).all() for p in probs)
     assert np.array_equal(probs[0], probs[1]) and np.array_equal(probs[0], probs[2])
+
+
+def test_preprocess_killed_mid_write_leaves_no_finished_looking_artifact(store, tmp_path):
+    """The dataset artifact is written to `<output_dir>.partial` and renamed only when complete: a kill
+    while it is written leaves the `.partial` folder, never an `output_dir` that looks finished."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "big.npy", rng.integers(0, 255, (160, 1024, 1024), dtype=np.uint8))  # writing takes a while
+    np.save(tmp_path / "big_gt.npy", (rng.random((160, 1024, 1024)) > 0.5).astype(np.uint8))
+    out = tmp_path / "dataset"
+    proc = popen_module("pipeline.preprocess", "--images", str(tmp_path / "big.npy"), "--labels",
+                        str(tmp_path / "big_gt.npy"), "--output_dir", str(out), cwd=tmp_path, env_uri=store)
+    partial = out.with_name("dataset.partial")
+    deadline = time.monotonic() + 120
+    while not partial.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert partial.is_dir() and not out.exists()
+
+
+def test_a_model_uri_that_does_not_load_is_one_error_line(store, tmp_path):
+    tifffile.imwrite(tmp_path / "x.tif", np.zeros((2, 32, 32), np.uint8), photometric="minisblack")
+    for uri in ("models:/no-such-model@champion", "runs:/0123456789abcdef0123456789abcdef/model"):
+        proc = run_module("serving.predict", "--model_uri", uri, "--input", str(tmp_path / "x.tif"), cwd=tmp_path,
+                          env_uri=store)
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and last.startswith(f"error: {uri}: cannot load the model"), proc.stderr[-2000:]
