@@ -14,6 +14,7 @@ machine for issue 3 (same data, same 10 minutes); with it, the reference is meas
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -86,6 +87,7 @@ def main():
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--datasets", default="isbi,vnc")
     parser.add_argument("--reference", action="store_true", help="also train the original recipe in this run")
+    parser.add_argument("--recipe", default="{}", help='train overrides as JSON, e.g. \'{"crop_size": 256}\'')
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
@@ -95,7 +97,8 @@ def main():
             if not DATASETS[name]["images"].exists():
                 print(f"{name}: skipped, {DATASETS[name]['images']} is absent")
                 continue
-            ours = run(name, DATASETS[name], args.minutes, {}, "default recipe")
+            overrides = json.loads(args.recipe)
+            ours = run(name, DATASETS[name], args.minutes, overrides, f"default recipe{' + ' + args.recipe if overrides else ''}")
             if args.reference:
                 reference, source = run(name, DATASETS[name], args.minutes, ORIGINAL, "original recipe"), "this run"
             else:
