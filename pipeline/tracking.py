@@ -92,6 +92,26 @@ def _probe_database(uri: str) -> None:
         engine.dispose()
 
 
+@contextmanager
+def sqlite_creation_lock(uri: str):
+    """For a `sqlite:///` store, hold an exclusive lock on `<db>.lock` while MLflow opens it: MLflow creates
+    and migrates a new store's tables on first use, and two processes doing that at once leave it
+    half-migrated for good (`table _alembic_tmp_latest_metrics already exists`). Other stores: no lock."""
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(uri[len("sqlite:///"):].split("?")[0] + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def check_tracking() -> None:
     """Fail within seconds, before any work, if the tracking store cannot be used: an `InputError` naming
     the URI, what went wrong and the fix. Call at the start of an entry point."""
@@ -102,7 +122,8 @@ def check_tracking() -> None:
     try:
         if uri.split(":")[0].split("+")[0] in DATABASES:
             _probe_database(uri)
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        with sqlite_creation_lock(uri):
+            mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:
         reason = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         shown = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a database password

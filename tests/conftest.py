@@ -46,6 +46,11 @@ def make_dataset(folder: Path, seed: int) -> Path:
 def _point_mlflow_at(uri: str | None) -> None:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    # `mlflow.set_experiment` remembers the experiment in this process and in MLFLOW_EXPERIMENT_ID, an id of
+    # another test's store: forget both, so a test that starts a run without naming an experiment uses this
+    # store's default one. There is no public way to unset it.
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 @pytest.fixture(scope="session")

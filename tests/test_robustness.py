@@ -130,19 +130,14 @@ def test_two_trainings_at_once_on_one_sqlite_store_both_finish_intact(store, tmp
 
 
 @pytest.mark.slow
-def test_two_trainings_creating_a_fresh_sqlite_store_at_once_fail_clearly_if_at_all(store, tmp_path):
-    """MLflow creates a new SQLite store's tables on first use; two processes doing so at once can both run
-    the migrations and one (sometimes both) hit `duplicate column name`. The tracking probe turns that
-    into one error line and exit 2 before any training; a run that starts finishes intact."""
+def test_two_trainings_creating_a_fresh_sqlite_store_at_once_both_finish(store, tmp_path):
+    """MLflow creates a new SQLite store's tables on first use; two processes doing so at once used to
+    leave it half-migrated for good (`table _alembic_tmp_latest_metrics already exists`, CI saw it). The
+    tracking check now opens a SQLite store under a file lock, so both create-or-find it in turn."""
     procs, results = start_two_trainings(store, tmp_path)
-    for proc, (_, err) in zip(procs, results):
-        errors = [line for line in err.splitlines() if line.startswith("error:")]
-        assert proc.returncode in (0, 2), err[-3000:]
-        if proc.returncode == 2:
-            assert len(errors) == 1 and errors[0].startswith("error: cannot use the MLflow tracking store"), err[-3000:]
-            assert "Traceback" not in err
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in results]
     finished = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert sorted(r.info.status for r in finished) == ["FINISHED"] * sum(p.returncode == 0 for p in procs)
+    assert sorted(r.info.status for r in finished) == ["FINISHED", "FINISHED"]
 
 
 def test_unusual_ranges_segment_like_8_bit_and_constant_images_do_not_crash(world):
