@@ -1,6 +1,7 @@
 """Shared fixtures: a real MLflow tracking store (SQLite in a temp folder) and tiny real datasets."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,21 @@ def run_python(*args: str, cwd: Path, env_uri: str, timeout: int = 600) -> subpr
 def run_module(module: str, *args: str, cwd: Path, env_uri: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m <module> <args>`."""
     return run_python("-m", module, *args, cwd=cwd, env_uri=env_uri, timeout=timeout)
+
+
+def free_ports(count: int = 1) -> list[int]:
+    """`count` distinct local TCP ports that nobody listens on (bound together, then released)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def free_port() -> int:
+    return free_ports(1)[0]
 
 
 def needs_shared(*parts: str) -> Path:

@@ -54,18 +54,6 @@ print("RESULT " + json.dumps({"run_id": result["run_id"], "epochs": result["epoc
 """
 
 
-def free_ports(count: int) -> list[int]:
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_worker_processes_train_one_model(store, tmp_path):
     """MultiWorkerMirroredStrategy with two real worker processes on 127.0.0.1 (TF_CONFIG, as a TFJob or
     Slurm would set it): both finish the same epochs with the same weights; only the chief logs."""
@@ -73,7 +61,7 @@ def test_two_worker_processes_train_one_model(store, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import ROOT, make_dataset
+    from tests.conftest import ROOT, free_ports, make_dataset
 
     make_dataset(tmp_path / "data", seed=0)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in free_ports(2)]}

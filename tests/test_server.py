@@ -10,7 +10,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_TRAIN, run_module
+from tests.conftest import TINY_TRAIN, free_port, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +34,6 @@ def postgres_bin() -> Path | None:
         return Path(shutil.which("initdb")).resolve().parent
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: float(p.parent.parent.name))
     return found[-1].parent if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(cmd: list, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,7 +1,6 @@
 """An unreachable or misconfigured tracking store stops every entry point within seconds, before any
 work, with one line that names the URI and the fix (exit code 2), instead of MLflow's minutes of retries."""
 
-import socket
 import time
 
 import mlflow
@@ -9,14 +8,7 @@ import pytest
 
 from pipeline.errors import InputError
 from pipeline.tracking import check_tracking
-from tests.conftest import run_module
-
-
-def closed_port() -> int:
-    """A local TCP port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, run_module
 
 
 @pytest.mark.parametrize("module, args", [
@@ -26,7 +18,7 @@ def closed_port() -> int:
     ("pipeline.main", []),
 ])
 def test_entry_points_fail_fast_on_a_closed_tracking_server(module, args, tmp_path):
-    uri = f"http://127.0.0.1:{closed_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = run_module(module, *args, cwd=tmp_path, env_uri=uri, timeout=120)
     seconds = time.monotonic() - started
@@ -39,7 +31,7 @@ def test_entry_points_fail_fast_on_a_closed_tracking_server(module, args, tmp_pa
 
 
 def test_a_closed_database_port_fails_in_seconds(monkeypatch):
-    uri = f"postgresql://user:secret@127.0.0.1:{closed_port()}/mlflow"
+    uri = f"postgresql://user:secret@127.0.0.1:{free_port()}/mlflow"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     started = time.monotonic()

@@ -7,7 +7,6 @@ import dataclasses
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ from pipeline.evaluate import EvaluateConfig, evaluate
 from pipeline.model import UNetSpec, build_unet
 from pipeline.synthetic import synthetic_stack
 from serving.segmenter import log_segmenter
-from tests.conftest import ROOT, _point_mlflow_at
+from tests.conftest import ROOT, _point_mlflow_at, free_port
 from viewer import inference, registry
 
 MODEL = "em-unet-viewer-test"
@@ -259,12 +258,6 @@ def test_bad_uploads_give_a_message_not_a_traceback(viewer_store, monkeypatch, i
 
 
 # --- a real browser on a real server ----------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def server(viewer_store, tmp_path):
