@@ -25,12 +25,14 @@ class MainConfig:
     labels: str = PreprocessConfig.labels
     dataset: str = PreprocessConfig.dataset
     val_slices: str = PreprocessConfig.val_slices
+    unlabelled: str = PreprocessConfig.unlabelled
     synthetic_stacks: int = PreprocessConfig.synthetic_stacks
     synthetic_shape: str = PreprocessConfig.synthetic_shape
     preset: str = TrainConfig.preset
     crop_size: int = TrainConfig.crop_size
     base_filters: int = TrainConfig.base_filters
     depth: int = TrainConfig.depth
+    input_scale: int = TrainConfig.input_scale
     batch_size: int = TrainConfig.batch_size
     learning_rate: float = TrainConfig.learning_rate
     steps_per_epoch: int = TrainConfig.steps_per_epoch

@@ -1,13 +1,22 @@
 """The U-Net (Ronneberger et al. 2015) as a Keras 3 functional model, fully convolutional.
 
 Layer names are deterministic (`enc2_conv1`, `bottleneck_conv2`, `dec3_up`, `head`) so that summaries,
-checkpoints and tests stay stable. Any input whose height and width are multiples of `2**depth` runs.
+checkpoints and tests stay stable. Any input whose height and width are multiples of `multiple_of(spec)`
+runs.
+
+With `input_scale` s > 1 the network sees the image averaged down s times and its logits are brought back
+up to full size (bilinear) before the sigmoid: structures that are many pixels thick (mitochondria in
+5 nm images) are learnt s**2 times faster per image, with s times the context, and the output, loss and
+served masks stay at full resolution.
 """
 
 from dataclasses import dataclass
 
 import keras
 from keras import layers
+
+
+INPUT_SCALES = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -22,6 +31,7 @@ class UNetSpec:
     # Under a distribution strategy, batch statistics over the global batch (all replicas): every replica
     # then normalises alike and holds the same moving averages; a no-op on one device.
     sync_batch_norm: bool = False
+    input_scale: int = 1  # 1, 2 or 4: the network runs at 1/input_scale of the image's resolution
 
 
 def _conv_block(x, filters: int, name: str, spec: UNetSpec):
@@ -37,19 +47,23 @@ def _conv_block(x, filters: int, name: str, spec: UNetSpec):
 
 def multiple_of(spec: UNetSpec) -> int:
     """Height and width of every input must be a multiple of this."""
-    return 2 ** spec.depth
+    return 2**spec.depth * spec.input_scale
 
 
 def build_unet(spec: UNetSpec = UNetSpec(), name: str = "unet") -> keras.Model:
     """U-Net mapping `(batch, H, W, 1)` float32 in [0, 1] to `(batch, H, W, 1)` foreground probability.
 
-    H and W are free (None) but must be multiples of `2**spec.depth`. The output layer is float32 even
+    H and W are free (None) but must be multiples of `multiple_of(spec)`. The output layer is float32 even
     under a mixed-precision policy, so losses and thresholds see full-precision probabilities.
     """
     if spec.depth < 1 or spec.base_filters < 1:
         raise ValueError(f"U-Net needs depth >= 1 and base_filters >= 1, got {spec}")
+    if spec.input_scale not in INPUT_SCALES:
+        raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {spec.input_scale}")
     inputs = keras.Input((None, None, 1), name="image")
     x, skips = inputs, []
+    if spec.input_scale > 1:
+        x = layers.AveragePooling2D(spec.input_scale, name="downscale")(x)
     for level in range(spec.depth):
         x = _conv_block(x, spec.base_filters * 2**level, f"enc{level + 1}", spec)
         skips.append(x)
@@ -62,5 +76,10 @@ def build_unet(spec: UNetSpec = UNetSpec(), name: str = "unet") -> keras.Model:
         x = layers.Conv2DTranspose(filters, 2, strides=2, padding="same", name=f"dec{level + 1}_up")(x)
         x = layers.Concatenate(name=f"dec{level + 1}_concat")([x, skips[level]])
         x = _conv_block(x, filters, f"dec{level + 1}", spec)
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="head")(x)
+    if spec.input_scale == 1:
+        outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="head")(x)
+    else:
+        x = layers.Conv2D(1, 1, dtype="float32", name="head")(x)
+        x = layers.UpSampling2D(spec.input_scale, interpolation="bilinear", dtype="float32", name="upscale")(x)
+        outputs = layers.Activation("sigmoid", dtype="float32", name="probability")(x)
     return keras.Model(inputs, outputs, name=name)

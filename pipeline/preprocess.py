@@ -25,6 +25,28 @@ from pipeline.synthetic import synthetic_dataset
 from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 
 DATASETS = ("synthetic",)
+UNLABELLED = ("skip", "keep")
+
+
+def unlabelled_slices(mask: np.ndarray) -> list[int]:
+    """Slices of a `(Z, H, W)` mask with no foreground at all, in a stack where most slices have some:
+    those were left unannotated (VNC's stack1 mitochondria labels miss slices 1, 7 and 18, whose images
+    are full of mitochondria). Training on them teaches "no object here"; scoring on them counts every
+    right answer as a false positive. A stack that is mostly empty keeps its empty slices."""
+    labelled = np.array([bool(np.any(m)) for m in mask])
+    if len(labelled) < 3 or labelled.mean() < 0.5:
+        return []
+    return [int(z) for z in np.flatnonzero(~labelled)]
+
+
+def keep_slices(part: dict, start: int, unlabelled: list[int]) -> dict:
+    """`part` (slices `start`.. of its source stack) without the `unlabelled` ones, noted in its source."""
+    dropped = [z for z in unlabelled if start <= z < start + part["image"].shape[0]]
+    if not dropped:
+        return part
+    keep = [z - start for z in range(start, start + part["image"].shape[0]) if z not in dropped]
+    return {**part, "image": part["image"][keep], "mask": part["mask"][keep],
+            "source": {**part["source"], "unlabelled_slices_left_out": dropped}}
 
 
 @dataclass(frozen=True)
@@ -35,6 +57,7 @@ class PreprocessConfig:
     labels: str = ""  # label stacks in the same order; any non-zero value is foreground
     dataset: str = "synthetic"  # used when `images` is empty: the embedded synthetic EM samples
     val_slices: str = ""  # single stack only: held-out block "start:stop"; empty = the last 20 %
+    unlabelled: str = "skip"  # skip: leave out slices with no labelled pixel in a stack where most slices have some (annotation missing, not empty tissue); keep
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
@@ -57,19 +80,24 @@ def parse_block(text: str, depth: int) -> tuple[int, int]:
     return start, stop
 
 
-def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[int, int], source: dict) -> list[dict]:
+def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[int, int], source: dict,
+                 unlabelled: list[int] = ()) -> list[dict]:
     """Contiguous blocks of one stack: before, held-out, after. Neighbouring sections are nearly the
-    same image, so random slices would leak into validation."""
+    same image, so random slices would leak into validation. `unlabelled` slices (numbered in the
+    whole stack) are left out of their block; a block left with none is dropped."""
     low, high = stack_stats(image)  # of the whole stack: one normalisation for all its blocks
     start, stop = block
     parts = [(0, start, "train"), (start, stop, "val"), (stop, image.shape[0], "train")]
-    return [dict(name=f"{name}_z{a}-{b}", split=split, image=image[a:b], mask=mask[a:b], low=low, high=high,
-                 source={**source, "slices": f"{a}:{b}"})
-            for a, b, split in parts if b > a]
+    blocks = [keep_slices(dict(name=f"{name}_z{a}-{b}", split=split, image=image[a:b], mask=mask[a:b], low=low,
+                               high=high, source={**source, "slices": f"{a}:{b}"}), a, list(unlabelled))
+              for a, b, split in parts if b > a]
+    return [b for b in blocks if b["image"].shape[0]]
 
 
 def load_files(cfg: PreprocessConfig) -> list[dict]:
     """Read the user's stacks and labels and split them by stack (last one held out)."""
+    if cfg.unlabelled not in UNLABELLED:
+        raise InputError(f"unlabelled must be one of {', '.join(UNLABELLED)}, got {cfg.unlabelled!r}")
     images, labels = list_stack_paths(cfg.images), list_stack_paths(cfg.labels)
     if len(images) != len(labels):
         raise InputError(f"got {len(images)} image stacks but {len(labels)} label stacks; pass one label stack per image stack")
@@ -85,10 +113,17 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
         names.add(name)
         source = {"images": image_path.name, "labels": label_path.name, "dtype": str(image.dtype),
                   "shape": list(image.shape)}
+        unlabelled = unlabelled_slices(mask) if cfg.unlabelled == "skip" else []
+        if unlabelled:
+            print(f"preprocess: {name}: slice(s) {', '.join(map(str, unlabelled))} have no labelled pixel while "
+                  f"{image.shape[0] - len(unlabelled)} of {image.shape[0]} slices do: left out as unannotated "
+                  f"(unlabelled=keep keeps them)", flush=True)
         if len(images) == 1:
-            return split_single(name, image, mask, parse_block(cfg.val_slices, image.shape[0]), source)
-        stacks.append(dict(name=name, split="val" if i == len(images) - 1 else "train", image=image,
-                           mask=mask, source=source))
+            return split_single(name, image, mask, parse_block(cfg.val_slices, image.shape[0]), source, unlabelled)
+        stack = keep_slices(dict(name=name, split="val" if i == len(images) - 1 else "train", image=image,
+                                 mask=mask, source=source), 0, unlabelled)
+        if stack["image"].shape[0]:
+            stacks.append(stack)
     return stacks
 
 

@@ -27,9 +27,10 @@ from pipeline.errors import InputError
 from pipeline.loader import PatchDataset
 from pipeline.losses import LOSSES, get_loss
 from pipeline.metrics import stack_scores
-from pipeline.model import UNetSpec, build_unet, multiple_of
+from pipeline.model import INPUT_SCALES, UNetSpec, build_unet, multiple_of
 from pipeline.normalize import normalize
 from pipeline.overlay import montage, overlay
+from pipeline.scale import auto_input_scale, thinnest_structure
 from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, run_exists, step_run
 from serving.segmenter import compiled_forward, log_segmenter, model_requirements
 from serving.tiling import predict_probabilities
@@ -58,6 +59,7 @@ class TrainConfig:
     crop_size: int = 0  # training patch size; multiple of 2**depth
     base_filters: int = 0  # filters of the first level, doubled at each level
     depth: int = 0  # number of poolings
+    input_scale: int = 0  # the network works at 1/input_scale of the image resolution (1, 2 or 4); 0 = auto: the largest that keeps the thinnest labelled structure 16 px thick (pipeline.scale); preset crops grow with it
     batch_size: int = 0  # per replica; global batch = batch_size x replicas
     learning_rate: float = 0.0  # Adam; scaled linearly with the number of replicas
     steps_per_epoch: int = 0  # batches between validations
@@ -90,6 +92,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name, known in choices.items():
         if getattr(cfg, name) not in known:
             raise InputError(f"{name} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
+    if cfg.input_scale not in (0, *INPUT_SCALES):
+        raise InputError(f"input_scale must be 0 (auto) or one of {', '.join(map(str, INPUT_SCALES))}, got {cfg.input_scale}")
     if not 0 <= cfg.foreground <= 1:
         raise InputError(f"foreground is a share of crops, between 0 and 1; got {cfg.foreground}")
     filled = {k: v for k, v in PRESETS[cfg.preset].items() if not getattr(cfg, k)}
@@ -133,6 +137,24 @@ def dtype_policy(name: str):
         yield
     finally:
         keras.config.set_dtype_policy(before)
+
+
+def choose_scale(cfg: TrainConfig, crop_from_preset: bool, dataset_dir: Path, manifest: dict) -> tuple[TrainConfig, float]:
+    """Fill `input_scale` (0 = auto, from the training masks) and grow a preset crop with it, so the
+    network still sees the preset's crop at its own resolution (capped by the smallest slice). Returns the
+    config and the thinnest structure measured (NaN when the scale was given)."""
+    train_stacks = stacks_in(manifest, "train")
+    thinnest, scale = float("nan"), cfg.input_scale
+    if not scale:
+        thinnest = thinnest_structure([open_stack(dataset_dir, s)[1] for s in train_stacks])
+        scale = auto_input_scale(thinnest)
+    crop, multiple = cfg.crop_size, 2**cfg.depth * scale
+    if crop_from_preset:
+        smallest = min(min(s.shape[1:]) for s in train_stacks)
+        crop = max(multiple, min(crop * scale, smallest // multiple * multiple))
+    if crop % multiple:
+        raise InputError(f"crop_size {crop} must be a multiple of 2**depth x input_scale = {multiple}")
+    return dataclasses.replace(cfg, input_scale=scale, crop_size=crop), thinnest
 
 
 def check_sizes(cfg: TrainConfig, manifest: dict) -> None:
@@ -210,6 +232,7 @@ class Validation(keras.callbacks.Callback):
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
         self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
+        self.multiple = 2**cfg.depth * cfg.input_scale  # multiple_of(the model's spec)
         self.best_dice, self.best_weights, self.best_epoch = -1.0, None, -1
         self.started = self.epoch_started = time.monotonic()
         self.backup, self.spent_before, self.epochs_done = backup, 0.0, 0
@@ -225,7 +248,7 @@ class Validation(keras.callbacks.Callback):
         probs, truths = [], []
         for info, image, mask in self.val:
             probs.append(predict_probabilities(self.forward, image, info.low, info.high,
-                                               multiple=2**self.cfg.depth))
+                                               multiple=self.multiple))
             truths.append(np.asarray(mask))
         prob, truth = np.concatenate(probs), np.concatenate(truths)
         scores = stack_scores(prob >= 0.5, truth)
@@ -262,7 +285,8 @@ class Validation(keras.callbacks.Callback):
         if self.chief:
             mlflow.log_metrics(metrics, step=epoch)
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
-              f"val_iou {scores['iou']:.4f}  {metrics['images_per_sec']:.1f} images/s", flush=True)
+              f"val_iou {scores['iou']:.4f}  (precision {scores['precision']:.3f}, recall {scores['recall']:.3f})  "
+              f"{metrics['images_per_sec']:.1f} images/s", flush=True)
         if over_budget:
             print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)
         elif stalled:
@@ -343,10 +367,12 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     same batches, learning rates and best epoch as a run that was never interrupted. The time budget
     counts the completed epochs of all attempts. The backup is deleted when the run has finished.
     """
+    crop_from_preset = not cfg.crop_size
     cfg = resolve(cfg)
     cluster = cluster_config()  # before anything else: a TF_CONFIG that does not parse fails here
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     manifest = read_manifest(dataset_dir)
+    cfg, thinnest = choose_scale(cfg, crop_from_preset, dataset_dir, manifest)
     check_sizes(cfg, manifest)
     strategy = make_strategy(cfg.gpus, devices, cluster)
     replicas = strategy.num_replicas_in_sync
@@ -354,7 +380,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     chief = is_chief(cluster)
     policy = resolve_precision(cfg.precision)
     spec = UNetSpec(depth=cfg.depth, base_filters=cfg.base_filters, batch_norm=cfg.batch_norm, dropout=cfg.dropout,
-                    sync_batch_norm=replicas > 1)
+                    sync_batch_norm=replicas > 1, input_scale=cfg.input_scale)
     # Linear scaling rule (Goyal et al. 2017): the rate grows with the global batch, from the recipe's
     # rate for one replica's batch; the warm-up is what makes large multiples stable.
     peak_rate = cfg.learning_rate * global_batch / cfg.batch_size
@@ -365,8 +391,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
         if chief:
             # The resolved recipe too: under `mlflow run -e train` the preset placeholders (0) are logged.
             log_config(cfg, replicas=replicas, global_batch_size=global_batch, per_replica_batch=per_replica,
-                       peak_learning_rate=peak_rate, dtype_policy=policy,
-                       recipe=json.dumps({k: getattr(cfg, k) for k in PRESETS[cfg.preset]}))
+                       peak_learning_rate=peak_rate, dtype_policy=policy, thinnest_structure_px=round(thinnest, 1),
+                       recipe=json.dumps({k: getattr(cfg, k) for k in (*PRESETS[cfg.preset], "input_scale")}))
             mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
         with dtype_policy(policy), strategy.scope():
             model = build_unet(spec)

@@ -7,7 +7,7 @@ import pytest
 import tifffile
 
 from pipeline.dataset import read_manifest
-from pipeline.preprocess import PreprocessConfig, preprocess
+from pipeline.preprocess import PreprocessConfig, preprocess, unlabelled_slices
 from tests.conftest import run_module
 
 
@@ -69,6 +69,34 @@ def test_single_stack_is_split_into_contiguous_blocks(store, tmp_path, rng):
     np.testing.assert_array_equal(np.load(f"{folder}/vol_z3-5/image.npy"), image[3:5])
     # One normalisation for the whole stack: every block carries the same statistics.
     assert len({(s.low, s.high) for s in manifest["stacks"]}) == 1
+
+
+def test_unannotated_slices_are_left_out_of_training_and_validation(store, tmp_path, rng, capsys):
+    """VNC's mitochondria labels miss whole slices (1, 7, 18) whose images are full of mitochondria."""
+    image = rng.integers(0, 255, (10, 32, 32), dtype=np.uint8)
+    labels = (image > 128).astype(np.uint8)
+    labels[[1, 6]] = 0  # slice 1 in a training block, slice 6 in the held-out one
+    imwrite(tmp_path / "vol.tif", image)
+    imwrite(tmp_path / "lab.tif", labels)
+    cfg = dict(images=str(tmp_path / "vol.tif"), labels=str(tmp_path / "lab.tif"), val_slices="5:8")
+    folder = artifact_dir(preprocess(PreprocessConfig(**cfg)))
+    assert "slice(s) 1, 6 have no labelled pixel" in capsys.readouterr().out
+    stacks = read_manifest(folder)["stacks"]
+    assert [(s.name, s.split, s.shape[0]) for s in stacks] == [
+        ("vol_z0-5", "train", 4), ("vol_z5-8", "val", 2), ("vol_z8-10", "train", 2)]
+    np.testing.assert_array_equal(np.load(f"{folder}/vol_z0-5/image.npy"), image[[0, 2, 3, 4]])
+    np.testing.assert_array_equal(np.load(f"{folder}/vol_z5-8/mask.npy") > 0, labels[[5, 7]] > 0)
+    kept = read_manifest(artifact_dir(preprocess(PreprocessConfig(**cfg, unlabelled="keep"))))["stacks"]
+    assert [s.shape[0] for s in kept] == [5, 3, 2]
+
+
+def test_mostly_empty_stacks_keep_their_empty_slices():
+    sparse = np.zeros((6, 8, 8), np.uint8)
+    sparse[2, 3, 3] = 1  # one slice with an object: empty slices are the norm here, not missing labels
+    assert unlabelled_slices(sparse) == []
+    dense = np.ones((6, 8, 8), np.uint8)
+    dense[4] = 0
+    assert unlabelled_slices(dense) == [4]
 
 
 def failed_runs(store):
