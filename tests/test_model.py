@@ -40,7 +40,7 @@ def test_losses_on_perfect_and_wrong_predictions():
     assert float(soft_dice_loss(truth, perfect)) < 0.01
     assert float(soft_dice_loss(truth, wrong)) > 0.9
     assert float(bce_dice_loss(truth, perfect)) < float(bce_dice_loss(truth, wrong))
-    with pytest.raises(ValueError, match="unknown loss 'tversky'; expected one of bce, dice, bce_dice, focal"):
+    with pytest.raises(ValueError, match="unknown loss 'tversky'; expected one of bce, dice, bce_dice, bce_dice_both, focal"):
         get_loss("tversky")
 
 
@@ -56,3 +56,22 @@ def test_focal_loss_by_hand():
     easy = np.full((1, 1, 1, 1), 0.99, np.float32)
     one = np.ones((1, 1, 1, 1), np.float32)
     assert float(focal(one, easy)) < 1e-3 * float(get_loss("bce")(one, easy))
+
+
+def test_bce_dice_both_weighs_the_background_overlap_by_hand():
+    both = get_loss("bce_dice_both")
+    # Foreground 1 pixel of 4, predicted [0.5, 0.5, 0, 0]: soft Dice loss of the foreground
+    # 1 - (2 * 0.5 + 1) / (1 + 1 + 1) = 1/3; of the background (truth [0, 1, 1, 1], prediction
+    # [0.5, 0.5, 1, 1]): 1 - (2 * 2.5 + 1) / (3 + 3 + 1) = 1/7. BCE: mean of -ln 0.5 twice and ~0 twice.
+    truth = np.array([1, 0, 0, 0], np.float32).reshape(1, 2, 2, 1)
+    pred = np.array([0.5, 0.5, 0, 0], np.float32).reshape(1, 2, 2, 1)
+    bce = float(get_loss("bce")(truth, pred))
+    assert bce == pytest.approx(np.log(2) / 2, rel=1e-3)
+    assert float(both(truth, pred)) == pytest.approx(bce + 0.5 * (1 / 3 + 1 / 7), rel=1e-4)
+    # A missed thin background line costs more than under bce_dice, which only sees the foreground.
+    cells = np.ones((1, 8, 8, 1), np.float32)
+    cells[0, 4] = 0  # one membrane row
+    no_membrane = np.clip(np.ones_like(cells), 1e-4, 1 - 1e-4)
+    extra_both = float(both(cells, no_membrane)) - float(get_loss("bce")(cells, no_membrane))
+    extra_fg = float(get_loss("bce_dice")(cells, no_membrane)) - float(get_loss("bce")(cells, no_membrane))
+    assert extra_both > 5 * extra_fg

@@ -52,10 +52,11 @@ def test_time_budget_stops_after_the_epoch_in_progress(world):
 @pytest.mark.parametrize("change, message", [
     (dict(crop_size=128), "crop_size 128 is larger than the 64 x 64 slices"),
     (dict(crop_size=30), "multiple of 2\\*\\*depth"),
-    (dict(loss="tversky"), "loss must be one of bce, dice, bce_dice, focal, got 'tversky'"),
+    (dict(loss="tversky"), "loss must be one of bce, dice, bce_dice, bce_dice_both, focal, got 'tversky'"),
     (dict(augment="heavy"), "augment must be one of em, basic, none"),
     (dict(precision="float8"), "precision must be one of"),
     (dict(foreground=1.5), "foreground is a share of crops"),
+    (dict(input_scale=3), "input_scale must be 0 \\(auto\\) or one of 1, 2, 4, got 3"),
     (dict(preset="huge"), "preset must be one of"),
     (dict(dataset_uri="no/such/folder"), "dataset folder not found"),
 ])
