@@ -6,7 +6,7 @@ memory of the `predict` entry point on a large synthetic stack.
     python bench/inference.py --memory_slices 20     # a shorter memory run
     python bench/inference.py --memory_slices 0      # speed only
 
-Speed does not depend on the weights, so the model is a freshly built `fast`-preset U-Net unless
+Speed does not depend on the weights, so the model is a freshly built 8-filter, depth-4 U-Net unless
 `--model_uri` names a logged one. Prints one line per figure.
 """
 
@@ -97,7 +97,7 @@ def memory(model, slices: int):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_uri", default="", help="a logged pyfunc segmenter; default: a fresh fast-preset U-Net")
+    parser.add_argument("--model_uri", default="", help="a logged pyfunc segmenter; default: a fresh 8-filter, depth-4 U-Net")
     parser.add_argument("--memory_slices", type=int, default=200, help="0: skip the memory run")
     parser.add_argument("--no_speed", action="store_true", help="skip the speed comparison")
     args = parser.parse_args()
