@@ -72,3 +72,33 @@ def test_half_resolution_unet_answers_at_full_resolution():
     assert not np.allclose(full.predict(flattened, verbose=0), full.predict(x, verbose=0), atol=1e-5)
     with pytest.raises(ValueError, match="input_scale"):
         build_unet(UNetSpec(input_scale=3))
+
+
+def organelle_dataset(folder, side: int):
+    from pipeline.dataset import read_manifest, write_dataset
+
+    mask = np.stack([disks(side, 40, 80)] * 2).astype(np.uint8)
+    image = (mask * 200 + 20).astype(np.uint8)
+    write_dataset(folder, [dict(name=f"s{i}", split=split, image=image, mask=mask)
+                           for i, split in enumerate(("train", "val"))])
+    return read_manifest(folder)
+
+
+def test_train_picks_the_scale_and_grows_the_preset_crop(tmp_path):
+    from pipeline.errors import InputError
+    from pipeline.train import TrainConfig, choose_scale, resolve
+
+    manifest = organelle_dataset(tmp_path / "big", 320)
+    cfg, thinnest = choose_scale(resolve(TrainConfig()), True, tmp_path / "big", manifest)
+    assert (cfg.input_scale, cfg.crop_size) == (2, 256) and thinnest == pytest.approx(40, abs=2)
+    # A crop the user chose is kept; a given scale is not measured.
+    cfg, thinnest = choose_scale(resolve(TrainConfig(crop_size=160)), False, tmp_path / "big", manifest)
+    assert (cfg.input_scale, cfg.crop_size) == (2, 160)
+    cfg, thinnest = choose_scale(resolve(TrainConfig(input_scale=1)), True, tmp_path / "big", manifest)
+    assert (cfg.input_scale, cfg.crop_size, np.isnan(thinnest)) == (1, 128, True)
+    with pytest.raises(InputError, match="multiple of 2\\*\\*depth x input_scale = 32"):
+        choose_scale(resolve(TrainConfig(crop_size=144, input_scale=2)), False, tmp_path / "big", manifest)
+    # Slices smaller than the grown crop cap it.
+    small = organelle_dataset(tmp_path / "small", 200)
+    cfg, _ = choose_scale(resolve(TrainConfig()), True, tmp_path / "small", small)
+    assert (cfg.input_scale, cfg.crop_size) == (2, 192)
