@@ -149,7 +149,7 @@ def choose_scale(cfg: TrainConfig, crop_from_preset: bool, dataset_dir: Path, ma
     if not scale:
         thinnest = thinnest_structure([open_stack(dataset_dir, s)[1] for s in train_stacks])
         scale = auto_input_scale(thinnest)
-    crop, multiple = cfg.crop_size, 2**cfg.depth * scale
+    crop, multiple = cfg.crop_size, multiple_of(UNetSpec(depth=cfg.depth, input_scale=scale))
     if crop_from_preset:
         smallest = min(min(s.shape[1:]) for s in train_stacks)
         crop = max(multiple, min(crop * scale, smallest // multiple * multiple))
@@ -233,7 +233,7 @@ class Validation(keras.callbacks.Callback):
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
         self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
-        self.multiple = 2**cfg.depth * cfg.input_scale  # multiple_of(the model's spec)
+        self.multiple = multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale))
         self.best_dice, self.best_weights, self.best_epoch = -1.0, None, -1
         self.started = self.epoch_started = time.monotonic()
         self.backup, self.spent_before, self.epochs_done = backup, 0.0, 0
