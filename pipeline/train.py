@@ -6,19 +6,17 @@ the held-out stacks' full slices, logged to MLflow as a Keras model and as the s
 
 import dataclasses
 import json
-import math
 import sys
 import tempfile
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import keras
 import mlflow
-import numpy as np
 
 from pipeline.augment import AUGMENTATIONS
+from pipeline.callbacks import Schedule, Validation
 from pipeline.checkpoint import Backup, backup_dir, checkpoint_key
 from pipeline.cli import run_entry
 from pipeline.dataset import open_stack, read_manifest, stacks_in
@@ -26,19 +24,14 @@ from pipeline.distribute import agree, cluster_config, is_chief, make_strategy
 from pipeline.errors import InputError
 from pipeline.loader import PatchDataset
 from pipeline.losses import LOSSES, get_loss
-from pipeline.metrics import stack_scores
 from pipeline.model import INPUT_SCALES, UNetSpec, build_unet, multiple_of
-from pipeline.normalize import normalize
-from pipeline.overlay import montage, overlay
 from pipeline.scale import auto_input_scale, thinnest_structure
 from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, run_exists, step_run
-from serving.segmenter import compiled_forward, log_segmenter, model_requirements
-from serving.tiling import predict_probabilities
+from serving.segmenter import log_segmenter, model_requirements
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
-MIN_LR_RATIO = 0.01  # the cosine ends at 1 % of the peak rate, not 0: the last epochs still learn
 
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
 PRESETS = {
@@ -163,136 +156,6 @@ def check_sizes(cfg: TrainConfig, manifest: dict) -> None:
         if min(s.shape[1:]) < cfg.crop_size:
             raise InputError(f"crop_size {cfg.crop_size} is larger than the {s.shape[1]} x {s.shape[2]} slices of "
                              f"stack {s.name}; pass a smaller crop_size")
-
-
-def bce_dice_numpy(prob: np.ndarray, truth: np.ndarray) -> float:
-    """The training loss on validation probabilities, computed on the host (no second forward pass)."""
-    p = np.clip(prob, 1e-7, 1 - 1e-7)
-    bce = -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
-    dice = 1 - (2 * np.sum(prob * truth) + 1) / (np.sum(prob) + np.sum(truth) + 1)
-    return float(bce + dice)
-
-
-def schedule_rate(peak: float, step: int, warmup_steps: int, progress: float, kind: str) -> float:
-    """Learning rate at optimizer `step`: linear warm-up over `warmup_steps`, then (cosine) a half cosine
-    from `peak` down to `MIN_LR_RATIO * peak` as `progress` goes from 0 to 1."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    if kind == "constant":
-        return peak
-    progress = min(max(progress, 0.0), 1.0)
-    return peak * (MIN_LR_RATIO + (1 - MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-class Schedule(keras.callbacks.Callback):
-    """Sets the learning rate (see `schedule_rate`). Progress is the larger of the share of `epochs` done
-    and the share of the time budget spent, so the decay ends when training ends, whichever limit ends
-    it; all workers of a cluster agree on it (`pipeline.distribute.agree`)."""
-
-    def __init__(self, cfg: TrainConfig, peak: float, strategy):
-        super().__init__()
-        self.cfg, self.peak, self.strategy = cfg, peak, strategy
-        self.warmup_steps = cfg.warmup_epochs * cfg.steps_per_epoch
-        self.step, self.progress, self.started = 0, 0.0, time.monotonic()
-        self.spent_before = 0.0  # seconds of completed epochs before a resume: the budget is for the whole run
-
-    def _set(self):
-        rate = schedule_rate(self.peak, self.step, self.warmup_steps, self.progress, self.cfg.lr_schedule)
-        self.model.optimizer.learning_rate.assign(rate)
-
-    def on_train_begin(self, logs=None):
-        self.started = time.monotonic() - self.spent_before
-
-    def on_epoch_begin(self, epoch, logs=None):
-        spent = (time.monotonic() - self.started) / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
-        warm_epochs = max(0, epoch - self.cfg.warmup_epochs)
-        by_epochs = warm_epochs / max(1, self.cfg.epochs - self.cfg.warmup_epochs)
-        self.progress = agree(self.strategy, max(by_epochs, spent))
-        self._set()
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if self.step < self.warmup_steps:
-            self._set()
-        self.step += 1
-
-
-class Validation(keras.callbacks.Callback):
-    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics, loss, learning rate,
-    throughput and an overlay to MLflow (the chief only), keep the best weights by `val_dice`, and stop
-    early after `patience` epochs without progress or when the time budget would overrun.
-
-    Validation runs on `eval_model`, a plain float32 copy of the network outside any distribution
-    strategy, compiled with XLA like the served model: what is measured is what will be served.
-
-    `backup(epoch, metrics, stop, elapsed)` is called after each epoch's decisions and before its metrics
-    are logged: a run killed in between re-logs them from the backup when it resumes, never twice."""
-
-    def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int, eval_model,
-                 strategy, chief: bool = True, backup=None):
-        super().__init__()
-        self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
-        self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
-        self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
-        self.multiple = multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale))
-        self.best_dice, self.best_weights, self.best_epoch = -1.0, None, -1
-        self.started = self.epoch_started = time.monotonic()
-        self.backup, self.spent_before, self.epochs_done = backup, 0.0, 0
-
-    def on_train_begin(self, logs=None):
-        self.started = time.monotonic() - self.spent_before
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.monotonic()
-
-    def evaluate(self) -> tuple[dict, list]:
-        self.eval_model.set_weights(self.model.get_weights())
-        probs, truths = [], []
-        for info, image, mask in self.val:
-            probs.append(predict_probabilities(self.forward, image, info.low, info.high,
-                                               multiple=self.multiple))
-            truths.append(np.asarray(mask))
-        prob, truth = np.concatenate(probs), np.concatenate(truths)
-        scores = stack_scores(prob >= 0.5, truth)
-        scores["loss"] = bce_dice_numpy(prob, truth)
-        return scores, probs
-
-    def picture(self, probs) -> np.ndarray:
-        info, image, mask = self.val[0]
-        zs = np.linspace(0, image.shape[0] - 1, min(3, image.shape[0])).astype(int)
-        tiles = [overlay(normalize(image[z], info.low, info.high), mask[z], probs[0][z] >= 0.5) for z in zs]
-        return montage(tiles, columns=len(tiles))
-
-    def on_epoch_end(self, epoch, logs=None):
-        train_seconds = time.monotonic() - self.epoch_started
-        scores, probs = self.evaluate()
-        metrics = {f"val_{k}": v for k, v in scores.items()}
-        metrics.update(loss=float(logs["loss"]), images_per_sec=self.images_per_epoch / train_seconds,
-                       learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        improved = scores["dice"] > self.best_dice
-        if improved:
-            self.best_dice, self.best_epoch = scores["dice"], epoch
-            self.best_weights = self.model.get_weights()
-        if self.chief and improved:
-            mlflow.log_image(self.picture(probs), "val_overlay.png")  # rewritten, not doubled, if redone
-        elapsed = time.monotonic() - self.started
-        epoch_seconds = time.monotonic() - self.epoch_started
-        over_budget = bool(self.cfg.max_minutes and elapsed + epoch_seconds > self.cfg.max_minutes * 60)
-        stalled = bool(self.cfg.patience and epoch - self.best_epoch >= self.cfg.patience)
-        # Every worker must stop after the same epoch, or the others would wait for it forever.
-        over_budget, stalled = (agree(self.strategy, float(flag)) > 0 for flag in (over_budget, stalled))
-        self.epochs_done = epoch + 1
-        if self.backup is not None:
-            self.backup(epoch, metrics, over_budget or stalled, elapsed)
-        if self.chief:
-            mlflow.log_metrics(metrics, step=epoch)
-        print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
-              f"val_iou {scores['iou']:.4f}  (precision {scores['precision']:.3f}, recall {scores['recall']:.3f})  "
-              f"{metrics['images_per_sec']:.1f} images/s", flush=True)
-        if over_budget:
-            print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)
-        elif stalled:
-            print(f"no better val_dice for {self.cfg.patience} epochs: stopping after epoch {epoch + 1}", flush=True)
-        self.model.stop_training = self.model.stop_training or over_budget or stalled
 
 
 def build_before_fit(model, strategy, sample) -> None:
