@@ -107,8 +107,17 @@ class Validation(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_started = time.monotonic()
 
+    def weights(self) -> list:
+        """The weights to validate and keep: the trained ones, or with `ema` their moving average (the
+        optimizer's, for the trainable variables; BatchNorm statistics are already averages)."""
+        optimizer = self.model.optimizer
+        if not getattr(optimizer, "use_ema", False):
+            return self.model.get_weights()
+        average = {v.path: a for v, a in zip(self.model.trainable_variables, optimizer._model_variables_moving_average)}
+        return [keras.ops.convert_to_numpy(average.get(v.path, v)) for v in self.model.weights]
+
     def evaluate(self) -> tuple[dict, list]:
-        self.eval_model.set_weights(self.model.get_weights())
+        self.eval_model.set_weights(self.weights())
         probs, truths = [], []
         for info, image, mask in self.val:
             probs.append(predict_probabilities(self.forward, image, info.low, info.high,
@@ -134,7 +143,7 @@ class Validation(keras.callbacks.Callback):
         improved = scores["dice"] > self.best_dice
         if improved:
             self.best_dice, self.best_epoch = scores["dice"], epoch
-            self.best_weights = self.model.get_weights()
+            self.best_weights = self.eval_model.get_weights()
         if self.chief and improved:
             mlflow.log_image(self.picture(probs), "val_overlay.png")  # rewritten, not doubled, if redone
         elapsed = time.monotonic() - self.started

@@ -61,6 +61,7 @@ class TrainConfig:
     max_minutes: float = 5.0  # time budget (keeps `mlflow run .` under 10 min on 2 cores): stops after the epoch that would overrun it; 0 = none
     loss: str = "bce_dice"  # bce, dice, bce_dice, bce_dice_both (Dice of both classes: thin background such as membranes) or focal
     dropout: float = 0.0  # bottleneck dropout
+    ema: float = 0.0  # momentum of an exponential moving average of the weights, validated and kept instead of the last ones (e.g. 0.99); 0 = off
     batch_norm: bool = True
     augment: str = "em"  # em: rotation, flips, scale, elastic, intensity, blur, noise; basic: the original study's rotation and flips; none
     foreground: float = 0.33  # share of crops centred on foreground (nnU-Net's oversampling): sparse organelles get seen
@@ -88,6 +89,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise InputError(f"{name} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
     if cfg.input_scale not in (0, *INPUT_SCALES):
         raise InputError(f"input_scale must be 0 (auto) or one of {', '.join(map(str, INPUT_SCALES))}, got {cfg.input_scale}")
+    if not 0 <= cfg.ema < 1:
+        raise InputError(f"ema is a momentum between 0 (off) and 1, e.g. 0.99; got {cfg.ema}")
     if not 0 <= cfg.foreground <= 1:
         raise InputError(f"foreground is a share of crops, between 0 and 1; got {cfg.foreground}")
     filled = {k: v for k, v in PRESETS[cfg.preset].items() if not getattr(cfg, k)}
@@ -260,7 +263,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
         with dtype_policy(policy), strategy.scope():
             model = build_unet(spec)
-            model.compile(keras.optimizers.Adam(peak_rate), get_loss(cfg.loss), jit_compile=JIT_CHOICES[cfg.jit_compile])
+            model.compile(keras.optimizers.Adam(peak_rate, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99), get_loss(cfg.loss), jit_compile=JIT_CHOICES[cfg.jit_compile])
         eval_model = build_unet(spec, name="unet")  # float32, outside the strategy: validated and logged
         if chief:
             mlflow.log_param("parameters", model.count_params())

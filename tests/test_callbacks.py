@@ -4,9 +4,11 @@ the rates and epochs a real training logs to a real MLflow store."""
 import math
 
 import mlflow
+import numpy as np
 import pytest
 
 from pipeline.callbacks import MIN_LR_RATIO, schedule_rate
+from pipeline.errors import InputError
 from pipeline.train import TrainConfig, train
 from tests.conftest import TINY_TRAIN, make_dataset
 
@@ -45,3 +47,21 @@ def test_training_stops_after_patience_epochs_without_a_better_val_dice(store, t
     run = mlflow.get_run(result["run_id"])
     assert run.data.metrics["best_epoch"] == 0 and run.data.metrics["epochs_trained"] == 3
     assert len(mlflow.MlflowClient().get_metric_history(result["run_id"], "val_dice")) == 3
+
+
+def test_ema_validates_and_keeps_the_moving_average_of_the_weights(store, tmp_path):
+    data = make_dataset(tmp_path / "data", seed=3)
+    recipe = {**TINY_TRAIN, "epochs": 1, "patience": 0, "warmup_epochs": 0, "batch_norm": False}
+    # A momentum this close to 1 keeps the average at the weights of the first step: the model kept after
+    # three steps is the one a single step makes, not the last one.
+    averaged = train(TrainConfig(dataset_uri=str(data), **{**recipe, "steps_per_epoch": 3, "ema": 0.9999999}))
+    last = train(TrainConfig(dataset_uri=str(data), **{**recipe, "steps_per_epoch": 3}))
+    one_step = train(TrainConfig(dataset_uri=str(data), **{**recipe, "steps_per_epoch": 1}))
+    for a, b, c in zip(averaged["model"].get_weights(), one_step["model"].get_weights(), last["model"].get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert any(np.abs(b - c).max() > 1e-3 for b, c in zip(one_step["model"].get_weights(), last["model"].get_weights()))
+
+
+def test_ema_must_be_a_momentum(store, tmp_path):
+    with pytest.raises(InputError, match="ema is a momentum"):
+        train(TrainConfig(dataset_uri=str(make_dataset(tmp_path / "data", seed=3)), **{**TINY_TRAIN, "ema": 1.0}))
