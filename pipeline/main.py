@@ -42,6 +42,7 @@ class MainConfig:
     augment: str = TrainConfig.augment
     foreground: float = TrainConfig.foreground
     lr_schedule: str = TrainConfig.lr_schedule
+    bn_momentum: float = TrainConfig.bn_momentum
     ema: float = TrainConfig.ema
     patience: int = TrainConfig.patience
     precision: str = TrainConfig.precision

@@ -63,6 +63,7 @@ class TrainConfig:
     dropout: float = 0.0  # bottleneck dropout
     ema: float = 0.0  # momentum of an exponential moving average of the weights, validated and kept instead of the last ones (e.g. 0.99); 0 = off
     batch_norm: bool = True
+    bn_momentum: float = 0.99  # BatchNorm's moving averages (over ~100 steps); 0.9 follows the weights within ~10 steps, for runs of a few dozen steps, but validates noisily
     augment: str = "em"  # em: rotation, flips, scale, elastic, intensity, blur, noise; basic: the original study's rotation and flips; none
     foreground: float = 0.33  # share of crops centred on foreground (nnU-Net's oversampling): sparse organelles get seen
     lr_schedule: str = "cosine"  # cosine: warm-up, then cosine decay to 1 % over the epochs or the time budget; constant
@@ -89,6 +90,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise InputError(f"{name} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")
     if cfg.input_scale not in (0, *INPUT_SCALES):
         raise InputError(f"input_scale must be 0 (auto) or one of {', '.join(map(str, INPUT_SCALES))}, got {cfg.input_scale}")
+    if not 0 < cfg.bn_momentum < 1:
+        raise InputError(f"bn_momentum must be between 0 and 1, e.g. 0.99; got {cfg.bn_momentum}")
     if not 0 <= cfg.ema < 1:
         raise InputError(f"ema is a momentum between 0 (off) and 1, e.g. 0.99; got {cfg.ema}")
     if not 0 <= cfg.foreground <= 1:
@@ -247,7 +250,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     chief = is_chief(cluster)
     policy = resolve_precision(cfg.precision)
     spec = UNetSpec(depth=cfg.depth, base_filters=cfg.base_filters, batch_norm=cfg.batch_norm, dropout=cfg.dropout,
-                    sync_batch_norm=replicas > 1, input_scale=cfg.input_scale)
+                    bn_momentum=cfg.bn_momentum, sync_batch_norm=replicas > 1, input_scale=cfg.input_scale)
     # Linear scaling rule (Goyal et al. 2017): the rate grows with the global batch, from the recipe's
     # rate for one replica's batch; the warm-up is what makes large multiples stable.
     peak_rate = cfg.learning_rate * global_batch / cfg.batch_size

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from pipeline.callbacks import MIN_LR_RATIO, schedule_rate
-from pipeline.errors import InputError
 from pipeline.train import TrainConfig, train
 from tests.conftest import TINY_TRAIN, make_dataset
 
@@ -61,7 +60,3 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(store, tmp_pa
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert any(np.abs(b - c).max() > 1e-3 for b, c in zip(one_step["model"].get_weights(), last["model"].get_weights()))
 
-
-def test_ema_must_be_a_momentum(store, tmp_path):
-    with pytest.raises(InputError, match="ema is a momentum"):
-        train(TrainConfig(dataset_uri=str(make_dataset(tmp_path / "data", seed=3)), **{**TINY_TRAIN, "ema": 1.0}))

@@ -57,6 +57,8 @@ def test_time_budget_stops_after_the_epoch_in_progress(world):
     (dict(precision="float8"), "precision must be one of"),
     (dict(foreground=1.5), "foreground is a share of crops"),
     (dict(input_scale=3), "input_scale must be 0 \\(auto\\) or one of 1, 2, 4, got 3"),
+    (dict(bn_momentum=1.0), "bn_momentum must be between 0 and 1"),
+    (dict(ema=-0.5), "ema is a momentum"),
     (dict(preset="huge"), "preset must be one of"),
     (dict(dataset_uri="no/such/folder"), "dataset folder not found"),
 ])
@@ -117,3 +119,10 @@ def test_evaluate_promotes_a_better_model(world):
     better = evaluate(dataclasses.replace(cfg, model_uri=world["trained"]["model_uri"]))
     assert better["promoted"] is True
     assert str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version) == str(better["version"])
+
+
+def test_bn_momentum_reaches_every_batchnorm_layer_of_the_logged_model(world):
+    result = train(TrainConfig(dataset_uri=str(world["data"]), **{**TINY_TRAIN, "epochs": 1, "bn_momentum": 0.5}))
+    logged = mlflow.keras.load_model(f"runs:/{result['run_id']}/keras_model")
+    momenta = [layer.momentum for layer in logged.layers if layer.__class__.__name__ == "BatchNormalization"]
+    assert len(momenta) == 2 * (2 * TINY_TRAIN["depth"] + 1) and set(momenta) == {0.5}
