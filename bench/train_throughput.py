@@ -1,7 +1,7 @@
 """Training throughput (issue 3): images/s of a preset through our whole input pipeline (PatchDataset:
 crops, rotation, elastic and intensity augmentation in worker processes reading memory-mapped stacks)
 against a bare Keras loop of the same model on in-memory arrays with no augmentation, in the same run;
-then the augmentation alone, in patches/s, for 1, 2 and 4 worker processes.
+then the augmentation alone, in patches/s, in the training process and in 1, 2 and 4 worker processes.
 
     python bench/train_throughput.py                                  # paper preset, 464 x 464, CPU
     python bench/train_throughput.py --crop 512 --precision mixed_float16 --jit_compile true --steps 50  # GPU
@@ -60,7 +60,9 @@ def images_per_second(model, data, steps: int, batch: int, **fit_args) -> float:
 
 
 def augmentation_rate(folder: Path, stacks, crop: int, batch: int, workers: int, batches: int) -> float:
-    data = PatchDataset(folder, stacks, batch, crop, batches, seed=1, workers=workers)
+    """Patches/s through Keras' enqueuer; `workers` 0 = in the consuming process (what workers=1 trains with)."""
+    data = PatchDataset(folder, stacks, batch, crop, batches, seed=1, workers=max(1, workers))
+    data.use_multiprocessing = workers > 0  # one worker process too, to see how processes scale
     adapter = PyDatasetAdapter(data, shuffle=False)
     adapter.on_epoch_begin()
     iterator = adapter.get_numpy_iterator()
@@ -81,6 +83,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="augmentation processes while training")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--jit_compile", default="auto")
+    parser.add_argument("--augmentation_only", action="store_true", help="skip the training comparison")
     args = parser.parse_args()
     recipe = PRESETS[args.preset]
     batch = args.batch_size or recipe["batch_size"]
@@ -89,29 +92,30 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "dataset"
         stacks = make_dataset(folder, args.crop)
-        with dtype_policy(policy):
-            model = build_unet(spec)
-            model.compile(keras.optimizers.Adam(recipe["learning_rate"]), get_loss("bce_dice"),
-                          jit_compile=JIT_CHOICES[args.jit_compile])
-        print(f"{args.preset} preset: {model.count_params():,} parameters, {args.crop} x {args.crop} crops, "
-              f"batch {batch}, {policy}, jit_compile {args.jit_compile}", flush=True)
-        # Bare loop: fixed crops held in memory, no augmentation, no workers.
-        rng = np.random.default_rng(0)
-        x = rng.random((batch * args.steps, args.crop, args.crop, 1), np.float32)
-        y = (rng.random(x.shape) > 0.5).astype(np.float32)
-        # Alternate the two and keep each one's best, so that a slow moment of a shared machine does not
-        # decide the ratio.
-        bare, ours = 0.0, 0.0
-        for _ in range(2):
-            bare = max(bare, images_per_second(model, x, args.steps, batch, y=y, batch_size=batch))
-            data = PatchDataset(folder, stacks, batch, args.crop, args.steps, seed=0, workers=args.workers)
-            ours = max(ours, images_per_second(model, data, args.steps, batch))
-        print(f"training: ours {ours:.2f} images/s ({args.workers} augmentation workers), bare Keras loop on "
-              f"in-memory arrays {bare:.2f} images/s, ratio {ours / bare:.3f} (target >= 0.95)", flush=True)
-        for workers in (1, 2, 4):
+        if not args.augmentation_only:
+            with dtype_policy(policy):
+                model = build_unet(spec)
+                model.compile(keras.optimizers.Adam(recipe["learning_rate"]), get_loss("bce_dice"),
+                              jit_compile=JIT_CHOICES[args.jit_compile])
+            print(f"{args.preset} preset: {model.count_params():,} parameters, {args.crop} x {args.crop} crops, "
+                  f"batch {batch}, {policy}, jit_compile {args.jit_compile}", flush=True)
+            # Bare loop: fixed crops held in memory, no augmentation, no workers.
+            rng = np.random.default_rng(0)
+            x = rng.random((batch * args.steps, args.crop, args.crop, 1), np.float32)
+            y = (rng.random(x.shape) > 0.5).astype(np.float32)
+            # Alternate the two and keep each one's best, so that a slow moment of a shared machine does not
+            # decide the ratio.
+            bare, ours = 0.0, 0.0
+            for _ in range(2):
+                bare = max(bare, images_per_second(model, x, args.steps, batch, y=y, batch_size=batch))
+                data = PatchDataset(folder, stacks, batch, args.crop, args.steps, seed=0, workers=args.workers)
+                ours = max(ours, images_per_second(model, data, args.steps, batch))
+            print(f"training: ours {ours:.3g} images/s ({args.workers} augmentation workers), bare Keras loop on "
+                  f"in-memory arrays {bare:.3g} images/s, ratio {ours / bare:.3f} (target >= 0.95)", flush=True)
+        for workers in (0, 1, 2, 4):
             rate = augmentation_rate(folder, stacks, args.crop, batch, workers, batches=64)
-            print(f"augmentation alone: {workers} worker(s) {rate:.1f} patches/s of {args.crop} x {args.crop}",
-                  flush=True)
+            where = f"{workers} worker process(es)" if workers else "in the training process"
+            print(f"augmentation alone, {where}: {rate:.1f} patches/s of {args.crop} x {args.crop}", flush=True)
 
 
 if __name__ == "__main__":

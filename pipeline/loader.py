@@ -1,10 +1,13 @@
 """Training batches from the dataset artifact, made by worker processes while the accelerator trains
 (the original study's multiprocess generator, as a `keras.utils.PyDataset`).
 
-Workers memory-map the `.npy` stacks, so no array is pickled between processes. Every sample is a pure
-function of `(seed, epoch, index)`: the same run gives the same batches whatever the number of workers.
+Workers memory-map the `.npy` stacks, so no stack is pickled between processes, and hand each batch back
+through shared memory (`SharedArray`) rather than Keras' pipe: at 464 x 464 a batch is 7 MB, and piping it
+cost more than making it. Every sample is a pure function of `(seed, epoch, index)`: the same run gives the
+same batches whatever the number of workers.
 """
 
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 import cv2
@@ -13,6 +16,32 @@ import numpy as np
 
 from pipeline.augment import AugmentSpec, foreground_points, random_patch
 from pipeline.dataset import StackInfo, open_stack
+
+
+class SharedArray(np.ndarray):
+    """An array that, when pickled (a worker's batch on its way back to the training process), travels
+    through a shared-memory block instead of the pickle stream: the unpickling side copies it out and
+    frees the block. Everywhere else it is an ordinary array.
+
+    Blocks are registered with multiprocessing's resource tracker, which the training process starts
+    before its workers and which they share: a block whose batch was never read (a killed run) is
+    removed when the training process ends."""
+
+    def __reduce_ex__(self, protocol):
+        array = np.ascontiguousarray(self).view(np.ndarray)
+        block = shared_memory.SharedMemory(create=True, size=max(1, array.nbytes))
+        np.ndarray(array.shape, array.dtype, buffer=block.buf)[...] = array
+        block.close()
+        return _from_shared, (block.name, array.shape, array.dtype.str)
+
+
+def _from_shared(name: str, shape: tuple, dtype: str) -> np.ndarray:
+    block = shared_memory.SharedMemory(name=name)
+    try:
+        return np.ndarray(shape, dtype, buffer=block.buf).copy()
+    finally:
+        block.close()
+        block.unlink()
 
 
 class PatchDataset(keras.utils.PyDataset):
@@ -37,6 +66,7 @@ class PatchDataset(keras.utils.PyDataset):
         slices = np.array([s.shape[0] for s in self.stacks], float)
         self.weights = slices / slices.sum()
         self._arrays = None  # opened lazily, once per process
+        resource_tracker.ensure_running()  # here, before any worker starts, so that they share it (SharedArray)
 
     def _open(self):
         if self._arrays is None:
@@ -60,7 +90,7 @@ class PatchDataset(keras.utils.PyDataset):
         pairs = [self.sample(self.epoch, first + j) for j in range(self.batch_size)]
         images = np.stack([p[0] for p in pairs])[..., None]
         masks = np.stack([p[1] for p in pairs])[..., None].astype(np.float32)
-        return images, masks
+        return images.view(SharedArray), masks.view(SharedArray)
 
     def on_epoch_end(self):
         # Called in the main process after the epoch's worker pool has stopped; the next pool is made

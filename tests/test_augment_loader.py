@@ -1,10 +1,13 @@
+import os
+import pickle
+
 import numpy as np
 import pytest
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
 from pipeline.augment import AUGMENTATIONS, AugmentSpec, foreground_points, patch_transform, random_patch
 from pipeline.dataset import read_manifest, stacks_in, write_dataset
-from pipeline.loader import PatchDataset
+from pipeline.loader import PatchDataset, SharedArray
 from pipeline.synthetic import synthetic_stack
 
 
@@ -115,3 +118,16 @@ def test_batches_depend_only_on_seed_epoch_index(dataset_dir):
         np.testing.assert_array_equal(x, ex)
         np.testing.assert_array_equal(y, ey)
     assert expected[0][0].shape == (4, 32, 32, 1) and expected[0][1].dtype == np.float32
+
+
+def test_a_batch_crosses_processes_through_shared_memory_and_frees_it(rng):
+    batch = rng.random((2, 16, 16, 1)).astype(np.float32)
+    shared = batch.view(SharedArray)
+    stream = pickle.dumps(shared)
+    assert len(stream) < 1000  # the pixels are not in the pickle stream...
+    blocks = [name for name in os.listdir("/dev/shm") if name.encode() in stream]
+    assert len(blocks) == 1  # ...they wait in one shared-memory block
+    back = pickle.loads(stream)
+    assert type(back) is np.ndarray and back.dtype == np.float32
+    np.testing.assert_array_equal(back, batch)
+    assert not os.path.exists(f"/dev/shm/{blocks[0]}")  # read once, then freed
