@@ -63,7 +63,7 @@ class TrainConfig:
     dropout: float = 0.0  # bottleneck dropout
     ema: float = 0.0  # momentum of an exponential moving average of the weights, validated and kept instead of the last ones (e.g. 0.99); 0 = off
     batch_norm: bool = True
-    bn_momentum: float = 0.99  # BatchNorm's moving averages (over ~100 steps); 0.9 follows the weights within ~10 steps, for runs of a few dozen steps, but validates noisily
+    bn_momentum: float = UNetSpec.bn_momentum  # BatchNorm's moving averages (0.99: over ~100 steps); 0.9 follows the weights within ~10 steps, for runs of a few dozen steps, but validates noisily
     augment: str = "em"  # em: rotation, flips, scale, elastic, intensity, blur, noise; basic: the original study's rotation and flips; none
     foreground: float = 0.33  # share of crops centred on foreground (nnU-Net's oversampling): sparse organelles get seen
     lr_schedule: str = "cosine"  # cosine: warm-up, then cosine decay to 1 % over the epochs or the time budget; constant
