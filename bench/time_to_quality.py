@@ -5,6 +5,7 @@ held-out slices with full-slice inference (the served pyfunc), against the origi
     python bench/time_to_quality.py --minutes 2 --datasets isbi
     python bench/time_to_quality.py --reference         # also train the original recipe, same budget
     python bench/time_to_quality.py --original_only     # only the original recipe
+    python bench/time_to_quality.py --training_slices   # also score the slices it trained on
 
 - ISBI 2012 (`../shared/datasets/isbi2012`): train slices 0-23, validate 24-29; labels: cell interior
   (255) vs membrane (0). Figure: mean two-class Dice (cell interior and membrane).
@@ -73,7 +74,8 @@ def scores(name: str, pred: np.ndarray, truth: np.ndarray) -> dict:
             "precision": float(inter / max(1, np.sum(pred))), "recall": float(inter / max(1, np.sum(truth)))}
 
 
-def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pictures: str = "") -> dict:
+def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pictures: str = "",
+        training_slices: bool = False) -> dict:
     prepared = preprocess(PreprocessConfig(images=str(dataset["images"]), labels=str(dataset["labels"]),
                                            val_slices=dataset["val_slices"]))
     start = time.perf_counter()
@@ -100,6 +102,11 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
             picture.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(overlay(normalize(image[a], low, high), truth[0], pred[0])).save(picture)
     print(f"{name} [{label}]: {result['epochs']} epochs in {trained / 60:.1f} min, best val_dice {result['val_dice']:.4f}")
+    if training_slices:  # underfitting or overfitting: the same figure on the (annotated) slices it trained on
+        seen = [z for z in range(a) if z not in unlabelled_slices(labels)]
+        pred = segmenter.segment(image[seen], low, high) > 0
+        print(f"  training slices {seen[0]}-{seen[-1]} ({len(seen)} annotated), tta none: " +
+              "  ".join(f"{k} {v:.4f}" for k, v in scores(name, pred, labels[seen] > 0).items()), flush=True)
     for tta, both in figures.items():
         for which, values in both.items():
             slices = f"slices {a}-{b - 1}" if which == "all" else \
@@ -116,6 +123,8 @@ def main():
     parser.add_argument("--reference", action="store_true", help="also train the original recipe in this run")
     parser.add_argument("--original_only", action="store_true", help="train only the original recipe")
     parser.add_argument("--pictures", default="", help="folder for an overlay of the first held-out slice")
+    parser.add_argument("--training_slices", action="store_true",
+                        help="also score the training slices (does the model underfit or overfit?)")
     parser.add_argument("--recipe", default="{}", help='train overrides as JSON, e.g. \'{"crop_size": 256}\'')
     args = parser.parse_args()
     args.pictures = str(Path(args.pictures).resolve()) if args.pictures else ""  # before the chdir below
@@ -132,7 +141,7 @@ def main():
                 continue
             overrides = json.loads(args.recipe)
             ours = run(name, DATASETS[name], args.minutes, overrides, f"default recipe{' + ' + args.recipe if overrides else ''}",
-                       args.pictures)
+                       args.pictures, args.training_slices)
             if args.reference:
                 reference, source = run(name, DATASETS[name], args.minutes, ORIGINAL, "original recipe", args.pictures), "this run"
             else:
