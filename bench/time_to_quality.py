@@ -103,7 +103,8 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
             Image.fromarray(overlay(normalize(image[a], low, high), truth[0], pred[0])).save(picture)
     print(f"{name} [{label}]: {result['epochs']} epochs in {trained / 60:.1f} min, best val_dice {result['val_dice']:.4f}")
     if training_slices:  # underfitting or overfitting: the same figure on the (annotated) slices it trained on
-        seen = [z for z in range(a) if z not in unlabelled_slices(labels)]
+        unlabelled = set(unlabelled_slices(labels))
+        seen = [z for z in range(a) if z not in unlabelled]
         pred = segmenter.segment(image[seen], low, high) > 0
         print(f"  training slices {seen[0]}-{seen[-1]} ({len(seen)} annotated), tta none: " +
               "  ".join(f"{k} {v:.4f}" for k, v in scores(name, pred, labels[seen] > 0).items()), flush=True)
