@@ -89,7 +89,8 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
     low, high = stack_stats(image)
     a, b = (int(v) for v in dataset["val_slices"].split(":"))
     truth = labels[a:b] > 0
-    unannotated = [z for z in unlabelled_slices(labels) if a <= z < b]
+    unlabelled = set(unlabelled_slices(labels))  # slices with no labelled pixel, in the whole stack
+    unannotated = sorted(z for z in unlabelled if a <= z < b)
     annotated = [z - a for z in range(a, b) if z not in unannotated]
     figures = {}
     for tta in ("none", "d4"):  # without, then with test-time augmentation (8 views: flips and turns)
@@ -103,7 +104,6 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
             Image.fromarray(overlay(normalize(image[a], low, high), truth[0], pred[0])).save(picture)
     print(f"{name} [{label}]: {result['epochs']} epochs in {trained / 60:.1f} min, best val_dice {result['val_dice']:.4f}")
     if training_slices:  # underfitting or overfitting: the same figure on the (annotated) slices it trained on
-        unlabelled = set(unlabelled_slices(labels))
         seen = [z for z in range(a) if z not in unlabelled]
         pred = segmenter.segment(image[seen], low, high) > 0
         print(f"  training slices {seen[0]}-{seen[-1]} ({len(seen)} annotated), tta none: " +
