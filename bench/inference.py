@@ -27,10 +27,10 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-from pipeline.model import UNetSpec, build_unet  # noqa: E402
-from pipeline.normalize import normalize, stack_stats  # noqa: E402
-from serving.segmenter import compiled_forward, log_segmenter  # noqa: E402
-from serving.tiling import predict_probabilities  # noqa: E402
+from emunet.core.model import UNetSpec, build_unet  # noqa: E402
+from emunet.core.normalize import normalize, stack_stats  # noqa: E402
+from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
+from emunet.inference.tiling import predict_probabilities  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 STACKS = {"isbi 30x512x512": SHARED / "isbi2012" / "train-volume.tif",

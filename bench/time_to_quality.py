@@ -37,9 +37,9 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.io import read_mask, read_stack  # noqa: E402
-from pipeline.normalize import normalize, stack_stats  # noqa: E402
-from pipeline.overlay import overlay  # noqa: E402
+from emunet.core.io import read_mask, read_volume  # noqa: E402
+from emunet.core.normalize import normalize, stack_stats  # noqa: E402
+from emunet.core.overlay import overlay  # noqa: E402
 from pipeline.preprocess import PreprocessConfig, preprocess, unlabelled_slices  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
@@ -84,8 +84,8 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
     segmenter = mlflow.pyfunc.load_model(result["model_uri"]).unwrap_python_model()
     # Scored on the source stack's held-out block as the issue defines it, normalised as preprocess does,
     # and again on its annotated slices only (`unlabelled_slices`: VNC's slice 18 has no labels at all).
-    image = read_stack(Path(dataset["images"]))
-    labels = read_mask(Path(dataset["labels"]), image, Path(dataset["images"]))
+    image = read_volume(Path(dataset["images"]))
+    labels = read_mask(Path(dataset["labels"]), image.shape, Path(dataset["images"]))
     low, high = stack_stats(image)
     a, b = (int(v) for v in dataset["val_slices"].split(":"))
     truth = labels[a:b] > 0

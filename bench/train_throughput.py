@@ -25,12 +25,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter  # noqa: E402
 
-from pipeline.dataset import read_manifest, stacks_in, write_dataset  # noqa: E402
-from pipeline.loader import PatchDataset  # noqa: E402
-from pipeline.losses import get_loss  # noqa: E402
-from pipeline.model import UNetSpec, build_unet  # noqa: E402
-from pipeline.synthetic import synthetic_stack  # noqa: E402
-from pipeline.train import PRESETS, JIT_CHOICES, dtype_policy, resolve_precision  # noqa: E402
+from emunet.core.dataset import read_manifest, stacks_in, write_dataset  # noqa: E402
+from emunet.training.loader import PatchDataset  # noqa: E402
+from emunet.core.losses import get_loss  # noqa: E402
+from emunet.core.model import UNetSpec, build_unet  # noqa: E402
+from emunet.core.synthetic import synthetic_stack  # noqa: E402
+from emunet.training.config import PRESETS, JIT_CHOICES, dtype_policy, resolve_precision  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):

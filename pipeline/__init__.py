@@ -1,9 +1,4 @@
-"""Data in, model out: reading stacks, the embedded synthetic data, the dataset artifact, augmentation,
-the U-Net, its losses and metrics, and the MLflow entry points `preprocess`, `train`, `evaluate`, `main`."""
+"""Entry points that turn data into a registered model: `preprocess`, `train`, `evaluate` and `main`
+(`python -m pipeline.<step>`). The work itself lives in `emunet`."""
 
-import os
-
-# TensorFlow turns its oneDNN CPU kernels on by default only on recent Intel CPUs. Elsewhere (this
-# project's 2-core AMD EPYC CI machine) they train the U-Net 1.5-2x faster than the default Eigen kernels
-# (bench/train_throughput.py). Set before TensorFlow is imported; an explicit TF_ENABLE_ONEDNN_OPTS wins.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+import emunet  # noqa: F401  (sets TensorFlow's CPU kernel default before anything imports TensorFlow)

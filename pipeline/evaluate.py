@@ -4,25 +4,24 @@ metrics, a per-slice CSV and overlays, register the model and move the `champion
     python -m pipeline.evaluate --model_uri runs:/<train run>/model --dataset_uri runs:/<preprocess run>/dataset
 """
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 from tqdm import tqdm
 
-from pipeline.cli import run_entry
-from pipeline.dataset import open_stack, read_manifest, stacks_in
-from pipeline.errors import InputError
-from pipeline.metrics import per_slice_scores, stack_scores
-from pipeline.normalize import normalize
-from pipeline.overlay import montage, overlay
-from pipeline.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
-from serving.segmenter import DEFAULT_PARAMS
+from emunet.core.champion import promote_if_better
+from emunet.core.cli import run_entry
+from emunet.core.dataset import open_stack, read_manifest, stacks_in
+from emunet.core.errors import InputError
+from emunet.core.metrics import per_slice_scores, stack_scores
+from emunet.core.normalize import normalize
+from emunet.core.overlay import montage, overlay
+from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, local_artifact, log_config, step_run
+from emunet.inference.outputs import rows_to_csv
+from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 
 DEFAULT_MODEL_NAME = "em-unet"
 DEFAULT_ALIAS = "champion"
@@ -40,14 +39,6 @@ class EvaluateConfig:
     tile_size: int = DEFAULT_PARAMS["tile_size"]
     register: bool = True  # false: score only
     experiment: str = DEFAULT_EXPERIMENT
-
-
-def load_segmenter(model_uri: str):
-    """The `StackSegmenter` inside a logged pyfunc model."""
-    try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except MlflowException as exc:
-        raise InputError(f"{model_uri}: cannot load the model ({exc.message})") from exc
 
 
 def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = True):
@@ -71,42 +62,23 @@ def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = Tr
     return pooled, rows, pictures, manifest
 
 
-def rows_to_csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def champion_dice(client: MlflowClient, cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str):
-    """`(version, test_dice)` of the current champion on this evaluation data, or `(None, None)`.
-
-    A champion scored on other data is re-scored here, so versions are always compared on like data."""
-    try:
-        champion = client.get_model_version_by_alias(cfg.registered_model, cfg.alias)
-    except MlflowException:
-        return None, None
-    if champion.tags.get("data_fingerprint") == fingerprint and "test_dice" in champion.tags:
-        return champion, float(champion.tags["test_dice"])
-    print(f"champion v{champion.version} was scored on other data; scoring it on this data")
-    segmenter = load_segmenter(f"models:/{cfg.registered_model}/{champion.version}")
-    return champion, score(segmenter, dataset_dir, cfg, progress=False)[0]["dice"]
-
-
 def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, test_dice: float) -> dict:
-    """Register a new version; move the alias to it if there is no champion or it beats the champion."""
+    """Register a new version with its score; move the alias to it if there is no champion or it beats the
+    champion on this evaluation data (`emunet.core.champion`: atomic against concurrent evaluations)."""
     client = MlflowClient()
-    champion, best = champion_dice(client, cfg, dataset_dir, fingerprint)
     version = mlflow.register_model(cfg.model_uri, cfg.registered_model)
+    # Full precision in the tag (repr round-trips): a rounded tag made the same model look better than itself.
     for key, value in {"test_dice": repr(float(test_dice)), "data_fingerprint": fingerprint,
                        "eval_run_id": mlflow.active_run().info.run_id}.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
-    # Full precision in the tag (repr round-trips): a rounded tag made the same model look better than itself.
-    promoted = champion is None or test_dice > best
-    if promoted:
-        client.set_registered_model_alias(cfg.registered_model, cfg.alias, version.version)
-    verdict = ("new champion" if promoted else f"champion stays v{champion.version}") + (
+
+    def rescore(number: str) -> float:
+        segmenter = load_segmenter(f"models:/{cfg.registered_model}/{number}")
+        return score(segmenter, dataset_dir, cfg, progress=False)[0]["dice"]
+
+    promoted, champion, best = promote_if_better(client, mlflow.get_registry_uri(), cfg.registered_model, cfg.alias,
+                                                 version.version, test_dice, fingerprint, rescore)
+    verdict = ("new champion" if promoted else f"champion stays v{champion}") + (
         "" if champion is None else f" (test_dice {test_dice:.4f} vs {best:.4f})")
     print(f"registered {cfg.registered_model} v{version.version}: {verdict}")
     mlflow.set_tags({"registered_version": version.version, "promoted": str(promoted).lower()})
@@ -115,6 +87,9 @@ def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, test_dice
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the step: returns `{"run_id", "metrics", "version", "promoted"}`."""
+    resolve_options({"threshold": cfg.threshold, "tile_size": cfg.tile_size})  # before any work
+    if not cfg.model_uri:
+        raise InputError("no model given: pass model_uri=runs:/<train run id>/model or models:/em-unet/<version>")
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     with step_run("evaluate", cfg.experiment) as run:
         log_config(cfg)

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 
 import mlflow
 
-from pipeline.cli import run_entry
+from emunet.core.cli import run_entry
 from pipeline.evaluate import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, EvaluateConfig, evaluate
 from pipeline.preprocess import PreprocessConfig, preprocess
-from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
+from emunet.core.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 from pipeline.train import TrainConfig, train
 
 

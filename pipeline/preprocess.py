@@ -1,5 +1,5 @@
 """`preprocess` entry point: the user's stacks (or the embedded synthetic samples) in, the dataset
-artifact out (see `pipeline.dataset`), logged to MLflow with its provenance.
+artifact out (see `emunet.core.dataset`), logged to MLflow with its provenance.
 
     python -m pipeline.preprocess --images a.tif,b.tif --labels a_labels.tif,b_labels.tif
     python -m pipeline.preprocess --images stack.tif --labels labels.tif --val_slices 24:30
@@ -15,14 +15,14 @@ import mlflow
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.cli import run_entry
-from pipeline.dataset import safe_name, write_dataset
-from pipeline.errors import InputError
-from pipeline.io import list_stack_paths, read_mask, read_stack
-from pipeline.normalize import normalize, stack_stats
-from pipeline.overlay import montage, overlay
-from pipeline.synthetic import synthetic_dataset
-from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
+from emunet.core.cli import run_entry
+from emunet.core.dataset import check_output_dir, safe_name, write_dataset
+from emunet.core.errors import InputError
+from emunet.core.io import list_stack_paths, read_mask, read_volume
+from emunet.core.normalize import normalize, stack_stats
+from emunet.core.overlay import montage, overlay
+from emunet.core.synthetic import synthetic_dataset
+from emunet.core.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 
 DATASETS = ("synthetic",)
 UNLABELLED = ("skip", "keep")
@@ -61,7 +61,7 @@ class PreprocessConfig:
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
-    output_dir: str = ""  # where to write the artifact; empty = a temporary folder
+    output_dir: str = ""  # where to write the artifact (a new or empty folder, or a previous artifact, which is replaced); empty = a temporary folder
     experiment: str = DEFAULT_EXPERIMENT
 
 
@@ -81,11 +81,12 @@ def parse_block(text: str, depth: int) -> tuple[int, int]:
 
 
 def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[int, int], source: dict,
-                 unlabelled: list[int] = ()) -> list[dict]:
+                 unlabelled: list[int] = (), window: tuple[float, float] | None = None) -> list[dict]:
     """Contiguous blocks of one stack: before, held-out, after. Neighbouring sections are nearly the
     same image, so random slices would leak into validation. `unlabelled` slices (numbered in the
-    whole stack) are left out of their block; a block left with none is dropped."""
-    low, high = stack_stats(image)  # of the whole stack: one normalisation for all its blocks
+    whole stack) are left out of their block; a block left with none is dropped. `window` is the whole
+    stack's `(low, high)`, one normalisation for all its blocks (computed when not given)."""
+    low, high = window or stack_stats(image)
     start, stop = block
     parts = [(0, start, "train"), (start, stop, "val"), (stop, image.shape[0], "train")]
     blocks = [keep_slices(dict(name=f"{name}_z{a}-{b}", split=split, image=image[a:b], mask=mask[a:b], low=low,
@@ -106,8 +107,12 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
     stacks, names = [], set()
     pairs = list(zip(images, labels))
     for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
-        image = read_stack(image_path)
-        mask = read_mask(label_path, image, image_path)
+        image = read_volume(image_path)
+        mask = read_mask(label_path, image.shape, image_path)
+        try:
+            low, high = stack_stats(image)
+        except InputError as exc:
+            raise InputError(f"{image_path}: {exc}") from None
         name = safe_name(image_path.stem if image_path.is_file() else image_path.name)
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
@@ -119,9 +124,10 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
                   f"{image.shape[0] - len(unlabelled)} of {image.shape[0]} slices do: left out as unannotated "
                   f"(unlabelled=keep keeps them)", flush=True)
         if len(images) == 1:
-            return split_single(name, image, mask, parse_block(cfg.val_slices, image.shape[0]), source, unlabelled)
+            return split_single(name, image, mask, parse_block(cfg.val_slices, image.shape[0]), source, unlabelled,
+                                (low, high))
         stack = keep_slices(dict(name=name, split="val" if i == len(images) - 1 else "train", image=image,
-                                 mask=mask, source=source), 0, unlabelled)
+                                 mask=mask, source=source, low=low, high=high), 0, unlabelled)
         if stack["image"].shape[0]:
             stacks.append(stack)
     return stacks
@@ -139,7 +145,7 @@ def load_synthetic(cfg: PreprocessConfig) -> list[dict]:
         raise InputError(f"synthetic_stacks must be at least 2 (train and validation), got {cfg.synthetic_stacks}")
     samples = synthetic_dataset(cfg.seed, cfg.synthetic_stacks, shape)
     return [dict(name=name, split="val" if i == len(samples) - 1 else "train", image=image, mask=mask,
-                 source={"generator": "pipeline.synthetic", "seed": cfg.seed, "index": i, "shape": list(shape)})
+                 source={"generator": "emunet.core.synthetic", "seed": cfg.seed, "index": i, "shape": list(shape)})
             for i, (name, image, mask) in enumerate(samples)]
 
 
@@ -167,6 +173,8 @@ def preview(stacks: list[dict], per_stack: int = 3) -> np.ndarray:
 
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the step: returns `{"run_id", "dataset_uri", "manifest"}`."""
+    if cfg.output_dir:
+        check_output_dir(cfg.output_dir)  # before any work: never replace a folder of the user's
     with step_run("preprocess", cfg.experiment) as run:
         log_config(cfg)
         stacks = load_files(cfg) if cfg.images else load_synthetic(cfg)
@@ -174,8 +182,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             raise InputError("need at least one training and one validation stack")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(cfg.output_dir) if cfg.output_dir else Path(tmp) / "dataset"
-            manifest = write_dataset(out, stacks)
-            cv2.imwrite(str(out / "montage.png"), cv2.cvtColor(preview(stacks), cv2.COLOR_RGB2BGR))
+            manifest = write_dataset(out, stacks, montage=preview(stacks))
             mlflow.log_artifacts(str(out), artifact_path="dataset")
         with warnings.catch_warnings():  # MLflow cannot tell which local source class to use; either is right
             warnings.simplefilter("ignore", UserWarning)

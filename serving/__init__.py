@@ -1,5 +1,4 @@
-"""Inference: tiled, blended segmentation of stacks of any size, and the MLflow pyfunc model around it."""
+"""Entry points that use a trained model: `predict` and `predict_spark` (`python -m serving.<step>`).
+The work itself lives in `emunet.inference`."""
 
-import os
-
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as in pipeline/__init__.py: faster CPU kernels
+import emunet  # noqa: F401  (sets TensorFlow's CPU kernel default before anything imports TensorFlow)

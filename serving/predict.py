@@ -5,29 +5,28 @@
 
 For each input `<name>` it writes `<name>_mask.tif` (uint8, 0 / 255), optionally `<name>_prob.tif`
 (float32), and `<name>_objects.csv` (per slice: object count and areas). Results are written slice by
-slice to `.partial` files that are renamed only when complete. With `labels`, the prediction is also
-scored and the scores are logged to MLflow.
+slice to `.partial` files that are renamed only when complete. Images and labels are read one slice at a
+time, so memory does not grow with the stack. Two inputs that would write the same `<name>` are refused
+before any work. With `labels`, the prediction is also scored and the scores are logged to MLflow.
 """
 
-import csv
-import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import mlflow
 import numpy as np
-import tifffile
 from tqdm import tqdm
 
-from pipeline.cli import run_entry
-from pipeline.errors import InputError
-from pipeline.evaluate import load_segmenter
-from pipeline.io import TiffStack, lazy_stack, list_stack_paths, read_mask
-from pipeline.metrics import per_slice_scores, scores_from_counts
-from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
-from serving.segmenter import DEFAULT_PARAMS
+from emunet.core.cli import run_entry
+from emunet.core.errors import InputError
+from emunet.core.files import output_folder
+from emunet.core.io import check_same_shape, list_stack_paths, open_volume
+from emunet.core.metrics import per_slice_scores, scores_from_counts
+from emunet.core.normalize import stack_stats
+from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
+from emunet.inference.instances import object_areas
+from emunet.inference.outputs import output_names, result_files
+from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 
 
 @dataclass(frozen=True)
@@ -44,43 +43,41 @@ class PredictConfig:
     batch_size: int = DEFAULT_PARAMS["batch_size"]
     tta: str = DEFAULT_PARAMS["tta"]  # "flips" or "d4": averaged over 4 or 8 views, 4x or 8x the time
     save_probability: bool = False  # also write <name>_prob.tif (float32, 4x the mask's size)
-    min_object_size: int = 20  # pixels; smaller connected components are not counted as objects
+    min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice; smaller pieces are not objects
     experiment: str = DEFAULT_EXPERIMENT
 
 
-def objects(mask: np.ndarray, min_size: int) -> list[int]:
-    """Areas of the 8-connected foreground components of a `(H, W)` mask, at least `min_size` pixels."""
-    _, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    return [int(a) for a in stats[1:, cv2.CC_STAT_AREA] if a >= min_size]
+def options(cfg) -> dict:
+    """The segmenter params of a predict-like config, checked (an `InputError` names a bad one)."""
+    params = {k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta", "min_object_size")}
+    resolve_options(params)
+    return params
 
 
-def predict_stack(segmenter, stack: np.ndarray, name: str, cfg: PredictConfig, out_dir: Path,
-                  truth: np.ndarray | None = None) -> list[dict]:
-    """Segment a raw `(Z, H, W)` stack slice by slice, writing `<name>_*` files as slices come. Returns
+def window(stack, path: Path) -> tuple[float, float]:
+    """The stack's intensity window `(low, high)`, or an `InputError` naming the file."""
+    try:
+        return stack_stats(stack)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path, truth=None,
+                  low_high: tuple[float, float] | None = None) -> list[dict]:
+    """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) slice by slice, writing
+    `<name>_*` files as slices come. `truth` (same shape, any non-zero is foreground) is read one slice
+    at a time too; `low_high` is the stack's intensity window (default: computed here). Returns
     per-slice score rows (empty without `truth`)."""
-    targets = {"mask": out_dir / f"{name}_mask.tif", "objects": out_dir / f"{name}_objects.csv"}
-    if cfg.save_probability:
-        targets["prob"] = out_dir / f"{name}_prob.tif"
-    partial = {k: v.with_name(v.name + ".partial") for k, v in targets.items()}
-    probs = segmenter.iter_probabilities(stack, threshold=cfg.threshold, tile_size=cfg.tile_size,
-                                         overlap=cfg.overlap, batch_size=cfg.batch_size, tta=cfg.tta)
+    low, high = low_high or stack_stats(stack)
+    probs = segmenter.iter_probabilities(stack, low, high, **options(cfg))
     rows = []
-    with tifffile.TiffWriter(partial["mask"]) as mask_tif, open(partial["objects"], "w", newline="") as table, \
-            (tifffile.TiffWriter(partial["prob"]) if cfg.save_probability else nullcontext()) as prob_tif:
-        writer = csv.writer(table)
-        writer.writerow(["slice", "objects", "total_area", "mean_area", "areas"])
+    with result_files(out_dir, name, probability=cfg.save_probability) as add:
         for z, prob in enumerate(tqdm(probs, total=len(stack), desc=name, unit="slice")):
             mask = prob >= cfg.threshold
-            mask_tif.write(mask.astype(np.uint8) * 255, contiguous=True, photometric="minisblack")
-            if cfg.save_probability:
-                prob_tif.write(prob.astype(np.float32), contiguous=True, photometric="minisblack")
-            areas = objects(mask, cfg.min_object_size)
-            writer.writerow([z, len(areas), sum(areas), round(float(np.mean(areas)), 1) if areas else 0,
-                             " ".join(map(str, areas))])
+            add(z, mask, prob, object_areas(mask, cfg.min_object_size))
             if truth is not None:
-                rows.append({"stack": name, **per_slice_scores(mask[None], truth[z][None])[0], "slice": z})
-    for key, target in targets.items():
-        os.replace(partial[key], target)
+                rows.append({"stack": name, **per_slice_scores(mask[None], np.asarray(truth[z])[None] != 0)[0],
+                             "slice": z})
     return rows
 
 
@@ -91,20 +88,25 @@ def predict(cfg: PredictConfig) -> dict:
         raise InputError("no input given: pass input=stack.tif (or several, comma-separated)")
     if labels and len(labels) != len(inputs):
         raise InputError(f"got {len(inputs)} input stacks but {len(labels)} label stacks")
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [str(p) for p in [*inputs, *labels] if not p.exists()]
+    if missing:
+        raise InputError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    names = output_names(inputs)  # before any work: a second input must not overwrite the first's results
+    options(cfg)
+    out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
-        rows = []
-        for i, path in enumerate(inputs):
-            stack = lazy_stack(path)  # read slice by slice: memory does not grow with the stack
-            truth = read_mask(labels[i], stack, path) if labels else None
-            try:
-                rows += predict_stack(segmenter, stack, path.stem if path.is_file() else path.name, cfg, out_dir, truth)
-            finally:
-                if isinstance(stack, TiffStack):
-                    stack.close()
+        rows, written = [], []
+        for i, (path, name) in enumerate(zip(inputs, names)):
+            with open_volume(path) as stack:
+                if labels:
+                    with open_volume(labels[i]) as truth:
+                        check_same_shape(truth, stack.shape, path)
+                        rows += predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path))
+                else:
+                    predict_stack(segmenter, stack, name, cfg, out_dir, low_high=window(stack, path))
+            written.append(name)
         metrics = {}
         if rows:
             totals = [sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")]
@@ -112,7 +114,7 @@ def predict(cfg: PredictConfig) -> dict:
                        "median_slice_accuracy": float(np.median([r["pixel_accuracy"] for r in rows]))}
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
             print("scores: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        print(f"wrote {len(inputs)} segmentation(s) to {out_dir.resolve()}")
+        print(f"wrote {len(written)} segmentation(s) to {out_dir.resolve()}")
         return {"run_id": run.info.run_id, "outputs": sorted(str(p) for p in out_dir.iterdir()), "metrics": metrics}
 
 

@@ -17,7 +17,6 @@ the model and this project's code to them.
 
 import csv
 import functools
-import os
 import shutil
 import tempfile
 import time
@@ -28,21 +27,23 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import tifffile
 from mlflow.exceptions import MlflowException
 from pyspark import SparkFiles
 
-from pipeline.errors import InputError
-from pipeline.evaluate import load_segmenter
-from pipeline.io import TiffStack, lazy_stack, list_stack_paths
-from pipeline.normalize import stack_stats
-from pipeline.tracking import DEFAULT_EXPERIMENT, log_config, step_run
-from serving.predict import PredictConfig, objects
-from serving.tiling import MAX_BATCH_PIXELS, plan_tiles
+import emunet
+from emunet.core.errors import InputError
+from emunet.core.files import atomic_write, output_folder
+from emunet.core.io import list_stack_paths, open_volume
+from emunet.core.normalize import stack_stats
+from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
+from emunet.inference.instances import object_areas
+from emunet.inference.outputs import object_row, output_names, result_files
+from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
+from emunet.inference.tiling import plan_tiles
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
 FACTS = "stack long, slices long, height long, width long, low double, high double, error string"
-SLICES = "stack long, slice long, mask binary, objects long, total_area long, mean_area double, areas string"
+SLICES = "stack long, mask binary, slice long, objects long, total_area long, mean_area double, areas string"
 TABLE = "stack long, slice long, objects long, total_area long, mean_area double, areas string"
 
 
@@ -50,18 +51,18 @@ TABLE = "stack long, slice long, objects long, total_area long, mean_area double
 class PredictSparkConfig:
     """Segment many stacks on a Spark cluster; same options and outputs as `predict` (masks, objects)."""
 
-    model_uri: str = PredictConfig.model_uri
+    model_uri: str = "models:/em-unet@champion"
     input: str = ""  # stack files or folders, comma-separated, or a .txt file listing one per line
-    output_dir: str = PredictConfig.output_dir
+    output_dir: str = "predictions"
     # Slices per task. 32 slices of 1024 x 1024 are about half a minute on 2 CPU cores: long enough to
     # hide task overhead, short enough that a 200-slice stack spreads over 7 executors.
     chunk_slices: int = 32
-    threshold: float = PredictConfig.threshold
-    tile_size: int = PredictConfig.tile_size
-    overlap: float = PredictConfig.overlap
-    batch_size: int = PredictConfig.batch_size
-    tta: str = PredictConfig.tta
-    min_object_size: int = PredictConfig.min_object_size
+    threshold: float = DEFAULT_PARAMS["threshold"]
+    tile_size: int = DEFAULT_PARAMS["tile_size"]
+    overlap: float = DEFAULT_PARAMS["overlap"]
+    batch_size: int = DEFAULT_PARAMS["batch_size"]
+    tta: str = DEFAULT_PARAMS["tta"]
+    min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice, as in predict
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT
 
@@ -79,19 +80,6 @@ def input_paths(spec: str) -> list[Path]:
         folder = paths[0].parent
         paths = [folder / line.strip() for line in paths[0].read_text().splitlines() if line.strip()]
     return [p.absolute() for p in paths]
-
-
-def stack_name(path: Path) -> str:
-    return path.stem if path.is_file() else path.name  # as `predict` names its outputs
-
-
-def slices_per_pass(height: int, width: int, multiple: int, cfg: PredictSparkConfig) -> int:
-    """Slices that `serving.tiling.iter_probabilities` takes per step for this slice size. Chunks start
-    at multiples of it, so each forward pass on a chunk holds the very tiles it holds in `predict`: the
-    compiled network may round a tile differently in a batch of another size."""
-    _, _, tile_h, tile_w, boxes = plan_tiles(height, width, cfg.tile_size, multiple, cfg.overlap)
-    per_pass = max(1, min(cfg.batch_size, MAX_BATCH_PIXELS // (tile_h * tile_w)))
-    return max(1, per_pass // len(boxes))
 
 
 def chunk_bounds(slices: int, chunk_slices: int, step: int) -> list[tuple[int, int]]:
@@ -120,12 +108,8 @@ def _segmenter(model_dir: str):
 
 
 def _with_stack(path: str, use):
-    stack = lazy_stack(path)
-    try:
+    with open_volume(path) as stack:
         return use(stack)
-    finally:
-        if isinstance(stack, TiffStack):
-            stack.close()
 
 
 def stack_facts(frames):
@@ -136,10 +120,9 @@ def stack_facts(frames):
             try:
                 shape, (low, high) = _with_stack(path, lambda s: (s.shape, stack_stats(s)))
                 rows.append((index, *shape, low, high, ""))
-            except InputError as exc:  # names the file already
-                rows.append((index, 0, 0, 0, np.nan, np.nan, str(exc)))
-            except ValueError as exc:  # stack_stats: no finite pixel
-                rows.append((index, 0, 0, 0, np.nan, np.nan, f"{path}: {exc}"))
+            except InputError as exc:
+                text = str(exc)
+                rows.append((index, 0, 0, 0, np.nan, np.nan, text if path in text else f"{path}: {text}"))
         yield pd.DataFrame(rows, columns=_columns(FACTS))
 
 
@@ -149,9 +132,7 @@ def _segment_range(stack, row, segmenter, options: dict, threshold: float, min_s
     out = []
     for z, prob in enumerate(probs, start=row.z_start):
         mask = prob >= threshold
-        areas = objects(mask, min_size)
-        out.append((row.stack, z, np.packbits(mask).tobytes(), len(areas), sum(areas),
-                    round(float(np.mean(areas)), 1) if areas else 0.0, " ".join(map(str, areas))))
+        out.append((row.stack, np.packbits(mask).tobytes(), *object_row(z, object_areas(mask, min_size))))
     return out
 
 
@@ -170,33 +151,29 @@ def segment_chunks(frames, options: dict, threshold: float, min_size: int):
 
 
 def write_mask_stack(frame: pd.DataFrame, out_dir: str, shapes: dict) -> pd.DataFrame:
-    """applyInPandas per stack: write `<name>_mask.tif` from its slices (to `.partial`, then renamed) and
-    return its rows of the objects table."""
+    """applyInPandas per stack: write `<name>_mask.tif` from its slices and return its rows of the objects
+    table. Each task attempt writes to a temporary name of its own and renames it when complete, so a
+    retried or speculative attempt never writes into another's file."""
     frame = frame.sort_values("slice")
     name, slices, height, width = shapes[int(frame["stack"].iloc[0])]
     if frame["slice"].tolist() != list(range(slices)):
         raise RuntimeError(f"{name}: got slices {frame['slice'].tolist()} of {slices}")
-    target = Path(out_dir) / f"{name}_mask.tif"
-    partial = target.with_name(target.name + ".partial")
-    with tifffile.TiffWriter(partial) as tif:
-        for packed in frame["mask"]:
-            mask = np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width)
-            tif.write(mask * np.uint8(255), contiguous=True, photometric="minisblack")
-    os.replace(partial, target)
+    with result_files(Path(out_dir), name, objects=False) as add:
+        for z, packed in zip(frame["slice"], frame["mask"]):
+            add(z, np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width))
     return frame.drop(columns="mask")
 
 
 def _zip_code(folder: Path) -> str:
-    """`pipeline` and `serving` as one zip for `addPyFile`: executors import the task functions from it."""
-    import pipeline
+    """`emunet` and `serving` as one zip for `addPyFile`: executors import the task functions from it."""
     import serving
 
     target = folder / "em_unet_code.zip"
     with zipfile.ZipFile(target, "w") as zf:
-        for package in (pipeline, serving):
+        for package in (emunet, serving):
             root = Path(package.__file__).parent
-            for source in sorted(root.glob("*.py")):
-                zf.write(source, f"{root.name}/{source.name}")
+            for source in sorted(root.rglob("*.py")):
+                zf.write(source, str(Path(root.name) / source.relative_to(root)))
     return str(target)
 
 
@@ -208,14 +185,12 @@ def _fetch_model(model_uri: str, folder: Path) -> Path:
 
 
 def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
-    partial = target.with_name(target.name + ".partial")
-    with open(partial, "w", newline="") as out:
+    with atomic_write(target) as tmp, open(tmp, "w", newline="") as out:
         writer = csv.writer(out)
         writer.writerow(["stack", "slice", "objects", "total_area", "mean_area", "areas"])
         for row in table.sort_values(["stack", "slice"]).itertuples(index=False):
             writer.writerow([names[row.stack], row.slice, row.objects, row.total_area,
                              row.mean_area if row.objects else 0, row.areas])
-    os.replace(partial, target)
 
 
 def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
@@ -226,18 +201,18 @@ def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise InputError(f"{len(missing)} input(s) not found: {', '.join(missing[:5])}")
-    names = [stack_name(p) for p in paths]
-    clash = sorted({n for n in names if names.count(n) > 1})
-    if clash:
-        raise InputError(f"several inputs would write the same output name: {', '.join(clash)}")
-    return paths, names
+    resolve_options({k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta",
+                                                   "min_object_size")})
+    if cfg.chunk_slices < 1:
+        raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
+    return paths, output_names(paths)
 
 
 def plan_chunks(facts: pd.DataFrame, paths: list[Path], multiple: int, cfg: PredictSparkConfig) -> list[tuple]:
     """Rows `(stack, path, z_start, z_end, low, high)` for every stack of `facts` (the first stage's output)."""
     rows = []
     for f in facts.sort_values("stack").itertuples():
-        step = slices_per_pass(int(f.height), int(f.width), multiple, cfg)
+        step = plan_tiles(int(f.height), int(f.width), cfg.tile_size, multiple, cfg.overlap, cfg.batch_size).slices_per_pass
         rows += [(int(f.stack), str(paths[f.stack]), z0, z1, float(f.low), float(f.high))
                  for z0, z1 in chunk_bounds(int(f.slices), cfg.chunk_slices, step)]
     return rows
@@ -270,8 +245,7 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
     from pyspark.sql import SparkSession
 
     paths, names = _checked_inputs(cfg)
-    out_dir = Path(cfg.output_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = output_folder(Path(cfg.output_dir).absolute())
     with step_run("predict_spark", cfg.experiment) as run, tempfile.TemporaryDirectory() as tmp:
         log_config(cfg)
         model_dir = _fetch_model(cfg.model_uri, Path(tmp))
@@ -295,7 +269,7 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
 
 if __name__ == "__main__":
     # Run by module name, not as __main__: executors must import the task functions from the shipped code.
-    from pipeline.cli import run_entry
+    from emunet.core.cli import run_entry
     from serving.predict_spark import PredictSparkConfig as Config, predict_spark as step
 
     run_entry(step, Config)

@@ -36,8 +36,8 @@ def store(tmp_path, monkeypatch):
 
 def make_dataset(folder: Path, seed: int) -> Path:
     """A tiny synthetic dataset artifact: two training stacks and one validation stack of 4 x 64 x 64."""
-    from pipeline.dataset import write_dataset
-    from pipeline.synthetic import synthetic_stack
+    from emunet.core.dataset import write_dataset
+    from emunet.core.synthetic import synthetic_stack
 
     stacks = [dict(name=f"s{i}", split="val" if i == 2 else "train", image=image, mask=mask)
               for i, (image, mask) in enumerate(synthetic_stack(seed, i, (4, 64, 64)) for i in range(3))]

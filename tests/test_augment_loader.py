@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 
-from pipeline.augment import AUGMENTATIONS, AugmentSpec, foreground_points, patch_transform, random_patch
-from pipeline.dataset import read_manifest, stacks_in, write_dataset
-from pipeline.loader import PatchDataset, SharedArray
-from pipeline.synthetic import synthetic_stack
+from emunet.training.augment import AUGMENTATIONS, AugmentSpec, foreground_points, patch_transform, random_patch
+from emunet.core.dataset import read_manifest, stacks_in, write_dataset
+from emunet.training.loader import PatchDataset, SharedArray
+from emunet.core.synthetic import synthetic_stack
 
 
 @pytest.fixture

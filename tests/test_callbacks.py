@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.callbacks import MIN_LR_RATIO, schedule_rate
+from emunet.training.callbacks import MIN_LR_RATIO, schedule_rate
 from pipeline.train import TrainConfig, train
 from tests.conftest import TINY_TRAIN, make_dataset
 
@@ -60,3 +60,26 @@ def test_ema_validates_and_keeps_the_moving_average_of_the_weights(store, tmp_pa
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert any(np.abs(b - c).max() > 1e-3 for b, c in zip(one_step["model"].get_weights(), last["model"].get_weights()))
 
+
+
+def test_val_loss_is_the_loss_the_run_trains_with(store, tmp_path):
+    """`val_loss` used to be BCE + Dice whatever `loss` said. With `loss=focal` it must be the focal loss of
+    the validation probabilities, computed here by hand from the logged (best-epoch) model's own answer."""
+    from emunet.core.dataset import open_stack, read_manifest, stacks_in
+
+    data = make_dataset(tmp_path / "data", seed=4)
+    result = train(TrainConfig(dataset_uri=str(data), **{**TINY_TRAIN, "loss": "focal", "patience": 0}))
+    segmenter = mlflow.pyfunc.load_model(result["model_uri"]).unwrap_python_model()
+    probs, truths = [], []
+    for info in stacks_in(read_manifest(data), "val"):
+        image, mask = open_stack(data, info)
+        probs.append(segmenter.segment(image, info.low, info.high, output="probability"))
+        truths.append(np.asarray(mask, np.float64))
+    p, y = np.clip(np.concatenate(probs).astype(np.float64), 1e-7, 1 - 1e-7), np.concatenate(truths)
+    p_t = y * p + (1 - y) * (1 - p)
+    focal = np.mean(-(y * 0.25 + (1 - y) * 0.75) * (1 - p_t) ** 2 * np.log(p_t))
+    bce_dice = np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))) + 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+    best = int(mlflow.get_run(result["run_id"]).data.metrics["best_epoch"])
+    logged = {m.step: m.value for m in mlflow.MlflowClient().get_metric_history(result["run_id"], "val_loss")}[best]
+    assert logged == pytest.approx(focal, rel=1e-3, abs=1e-6)
+    assert abs(logged - bce_dice) > 0.1  # what was logged before, whatever the loss

@@ -4,8 +4,9 @@
 import json
 
 import mlflow
+import pytest
 
-from pipeline.distribute import make_strategy
+from emunet.training.distribute import make_strategy
 from tests.conftest import TINY_TRAIN, run_python
 
 SCRIPT = """
@@ -31,6 +32,7 @@ def test_single_device_uses_the_default_strategy():
     assert make_strategy("", devices=[]).num_replicas_in_sync == 1
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_over_two_cpus_keeps_replicas_identical(store, tmp_path):
     proc = run_python("-c", SCRIPT, json.dumps(TINY_TRAIN), cwd=tmp_path, env_uri=store)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -54,6 +56,7 @@ print("RESULT " + json.dumps({"run_id": result["run_id"], "epochs": result["epoc
 """
 
 
+@pytest.mark.slow
 def test_two_worker_processes_train_one_model(store, tmp_path):
     """MultiWorkerMirroredStrategy with two real worker processes on 127.0.0.1 (TF_CONFIG, as a TFJob or
     Slurm would set it): both finish the same epochs with the same weights; only the chief logs."""
@@ -89,11 +92,9 @@ def test_two_worker_processes_train_one_model(store, tmp_path):
 def test_tf_config_that_does_not_parse_is_a_clear_error(tmp_path):
     import os
 
-    from pipeline.distribute import cluster_config, is_chief
-    from pipeline.errors import InputError
+    from emunet.training.distribute import cluster_config, is_chief
+    from emunet.core.errors import InputError
     from tests.conftest import ROOT
-
-    import pytest
 
     for raw, message in [('{"cluster": ', "TF_CONFIG is not valid JSON"),
                          ('{"cluster": {"worker": ["a:1"]}}', "needs a 'cluster' and a 'task'"),

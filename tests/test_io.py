@@ -1,19 +1,20 @@
-"""Reading stacks: every format users bring, and a clear one-line error for every bad input."""
+"""Reading volumes: every format users bring, read lazily with their calibration, and a clear one-line
+error for every bad input."""
 
 import cv2
 import numpy as np
 import pytest
 import tifffile
 
-from pipeline.errors import InputError
-from pipeline.io import natural_key, read_mask, read_stack
+from emunet.core.errors import InputError
+from emunet.core.io import natural_key, open_volume, read_mask, read_volume
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
 def test_multipage_tiff_roundtrip(tmp_path, rng, dtype):
     stack = (rng.random((5, 20, 30)) * 1000).astype(dtype)
     tifffile.imwrite(tmp_path / "s.tif", stack)
-    out = read_stack(tmp_path / "s.tif")
+    out = read_volume(tmp_path / "s.tif")
     assert out.shape == (5, 20, 30) and out.dtype == dtype
     np.testing.assert_array_equal(out, stack)
 
@@ -22,7 +23,7 @@ def test_folder_of_slices_in_natural_order(tmp_path):
     for z in (10, 2, 1):  # slice_10 must come after slice_2
         cv2.imwrite(str(tmp_path / f"slice_{z}.png"), np.full((8, 9), z, np.uint8))
     (tmp_path / "notes.txt").write_text("ignored")
-    out = read_stack(tmp_path)
+    out = read_volume(tmp_path)
     assert out.shape == (3, 8, 9)
     assert list(out[:, 0, 0]) == [1, 2, 10]
     assert sorted(["a10", "a2", "a1"], key=natural_key) == ["a1", "a2", "a10"]
@@ -30,7 +31,7 @@ def test_folder_of_slices_in_natural_order(tmp_path):
 
 def test_single_2d_image_is_a_one_slice_stack(tmp_path):
     tifffile.imwrite(tmp_path / "one.tif", np.zeros((16, 16), np.uint16))
-    assert read_stack(tmp_path / "one.tif").shape == (1, 16, 16)
+    assert read_volume(tmp_path / "one.tif").shape == (1, 16, 16)
 
 
 def write_tiff(path, array, **kwargs):
@@ -53,7 +54,7 @@ def write_tiff(path, array, **kwargs):
 def test_bad_inputs_raise_one_clear_line(tmp_path, make, message):
     path = make(tmp_path)
     with pytest.raises(InputError, match=message) as info:
-        read_stack(path)
+        read_volume(path)
     assert str(path.name) in str(info.value) and "\n" not in str(info.value)
 
 
@@ -62,14 +63,14 @@ def test_truncated_tiff(tmp_path, rng):
     data = (tmp_path / "full.tif").read_bytes()
     (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="truncated or corrupt"):
-        read_stack(tmp_path / "cut.tif")
+        read_volume(tmp_path / "cut.tif")
 
 
 def test_folder_with_mismatched_slices(tmp_path):
     cv2.imwrite(str(tmp_path / "a1.png"), np.zeros((8, 8), np.uint8))
     cv2.imwrite(str(tmp_path / "a2.png"), np.zeros((8, 9), np.uint8))
     with pytest.raises(InputError, match=r"a2.png: slice has shape \(8, 9\)"):
-        read_stack(tmp_path)
+        read_volume(tmp_path)
 
 
 def test_labels_binarised_and_checked(tmp_path):
@@ -77,32 +78,76 @@ def test_labels_binarised_and_checked(tmp_path):
     labels = np.zeros((2, 8, 8), np.uint16)
     labels[0, 1, 1], labels[1, 2, 2] = 255, 7  # several values: any non-zero is foreground
     tifffile.imwrite(tmp_path / "l.tif", labels)
-    mask = read_mask(tmp_path / "l.tif", image, "img.tif")
+    mask = read_mask(tmp_path / "l.tif", image.shape, "img.tif")
     assert mask.dtype == np.uint8 and mask.sum() == 2 and set(np.unique(mask)) == {0, 1}
 
     tifffile.imwrite(tmp_path / "bg.tif", np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(InputError, match="all background"):
-        read_mask(tmp_path / "bg.tif", image, "img.tif")
+        read_mask(tmp_path / "bg.tif", image.shape, "img.tif")
     tifffile.imwrite(tmp_path / "small.tif", np.ones((2, 8, 7), np.uint8))
     with pytest.raises(InputError, match=r"small.tif has shape \(2, 8, 7\) but img.tif has \(2, 8, 8\)"):
-        read_mask(tmp_path / "small.tif", image, "img.tif")
+        read_mask(tmp_path / "small.tif", image.shape, "img.tif")
 
 
-def test_lazy_stack_reads_slices_on_demand_and_matches_read_stack(tmp_path, rng):
-    from pipeline.io import TiffStack, lazy_stack
-
+@pytest.mark.parametrize("kind", ["tif", "npy", "folder"])
+def test_volumes_are_read_slice_by_slice_and_match_the_whole_read(tmp_path, rng, kind):
     stack = rng.integers(0, 65535, (6, 20, 30), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")
-    lazy = lazy_stack(tmp_path / "s.tif")
-    assert isinstance(lazy, TiffStack) and lazy.shape == (6, 20, 30) and lazy.dtype == np.uint16
-    np.testing.assert_array_equal(lazy[2], stack[2])
-    np.testing.assert_array_equal(lazy[1:4], stack[1:4])
-    lazy.close()
-    np.save(tmp_path / "s.npy", stack)
-    assert isinstance(lazy_stack(tmp_path / "s.npy"), np.memmap)
-    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((4, 16, 16, 3), np.uint8), photometric="rgb")
-    with pytest.raises(InputError, match="grayscale"):
-        lazy_stack(tmp_path / "rgb.tif")
+    if kind == "tif":
+        path = write_tiff(tmp_path / "s.tif", stack, photometric="minisblack")
+    elif kind == "npy":
+        path = tmp_path / "s.npy"
+        np.save(path, stack)
+    else:
+        path = tmp_path / "slices"
+        path.mkdir()
+        for z in range(6):
+            tifffile.imwrite(path / f"z{z}.tif", stack[z])
+    with open_volume(path) as volume:
+        assert volume.shape == (6, 20, 30) and volume.dtype == np.uint16 and len(volume) == 6
+        np.testing.assert_array_equal(volume[2], stack[2])
+        np.testing.assert_array_equal(volume[-1], stack[-1])
+        np.testing.assert_array_equal(volume[1:4], stack[1:4])
+        np.testing.assert_array_equal(volume[::2], stack[::2])
+        np.testing.assert_array_equal(volume[1:3, 5:9, 2:4], stack[1:3, 5:9, 2:4])
+        with pytest.raises(IndexError):
+            volume[6]
+    np.testing.assert_array_equal(read_volume(path), stack)
+
+
+def test_a_tiff_volume_reads_only_the_pages_asked_for(tmp_path, rng):
+    """Lazy for real: a slice is read from its page, so a damaged page fails only when it is read."""
+    stack = rng.integers(0, 255, (4, 64, 64), dtype=np.uint8)
+    write_tiff(tmp_path / "s.tif", stack, photometric="minisblack")
+    with tifffile.TiffFile(tmp_path / "s.tif") as tif:
+        last = tif.pages[3].dataoffsets[0]
+    data = bytearray((tmp_path / "s.tif").read_bytes())
+    data[last:last + 4096] = b"\0" * len(data[last:last + 4096])  # not a read error, but check reads go page by page
+    with open_volume(tmp_path / "s.tif") as volume:
+        np.testing.assert_array_equal(volume[0], stack[0])
+        with open(tmp_path / "s.tif", "r+b") as f:  # the file changes after opening: slice 3 reads the new bytes
+            f.seek(last)
+            f.write(b"\xff" * 64)
+        assert (volume[3][0] == 255).all() and (volume[0] == stack[0]).all()
+
+
+def test_imagej_and_ome_tiffs_carry_their_voxel_size(tmp_path):
+    stack = np.zeros((3, 16, 16), np.uint8)
+    tifffile.imwrite(tmp_path / "fiji.tif", stack, imagej=True, resolution=(1 / 4.0, 1 / 4.0),
+                     metadata={"spacing": 50.0, "unit": "nm", "axes": "ZYX"})
+    with open_volume(tmp_path / "fiji.tif") as volume:
+        assert volume.voxel_size == pytest.approx((50.0, 4.0, 4.0)) and volume.unit == "nm"
+    tifffile.imwrite(tmp_path / "micron.tif", stack, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"spacing": 0.25, "unit": "micron", "axes": "ZYX"})
+    with open_volume(tmp_path / "micron.tif") as volume:
+        assert volume.voxel_size == pytest.approx((0.25, 0.5, 0.5)) and volume.unit == "µm"
+    tifffile.imwrite(tmp_path / "ome.ome.tif", stack, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeX": 0.008, "PhysicalSizeY": 0.008, "PhysicalSizeZ": 0.05,
+                               "PhysicalSizeXUnit": "µm"})
+    with open_volume(tmp_path / "ome.ome.tif") as volume:
+        assert volume.voxel_size == pytest.approx((0.05, 0.008, 0.008)) and volume.unit == "µm"
+    tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="minisblack")
+    with open_volume(tmp_path / "plain.tif") as volume:
+        assert volume.voxel_size is None and volume.unit is None
 
 
 def huge_header_tiff(path, size=300_000, pages=3):
@@ -118,20 +163,25 @@ def huge_header_tiff(path, size=300_000, pages=3):
         for offset in offsets:
             f.seek(offset)
             f.write(struct.pack("<I", size))
-    assert path.stat().st_size < 2000
+    assert path.stat().st_size < 10_000
     return path
 
 
 def test_a_header_declaring_more_than_memory_is_refused_before_allocating(tmp_path):
-    from pipeline.io import available_memory, lazy_stack
+    from emunet.core.io import available_memory
 
-    path = huge_header_tiff(tmp_path / "huge.tif")  # 3 x 300000 x 300000 uint16: 503 GiB
-    assert available_memory() < 3 * 300_000**2 * 2
-    with pytest.raises(InputError, match=r"huge.tif: the TIFF header declares \(3, 300000, 300000\) uint16, 502.9 GiB, "
-                                         r"but only .* GiB of memory is available; crop the stack .* `predict`"):
-        read_stack(path)
-    # predict reads slice by slice, but one slice of 168 GiB does not fit either.
-    with pytest.raises(InputError, match=r"one slice of the TIFF header declares \(300000, 300000\) uint16"):
-        lazy_stack(path)
+    path = huge_header_tiff(tmp_path / "huge.tif")  # 3 x 300000 x 300000 uint16: 503 GiB, 168 GiB a slice
+    assert available_memory() < 300_000**2 * 2
+    with pytest.raises(InputError, match=r"huge.tif: one slice of the TIFF header declares \(300000, 300000\) uint16, "
+                                         r"167.6 GiB, but only .* GiB of memory is available; crop the slices"):
+        open_volume(path).__enter__()
+    # Slices that fit, a whole stack that does not: read slice by slice, refused as a whole.
+    path = huge_header_tiff(tmp_path / "long.tif", size=60_000, pages=20)  # 6.7 GiB a slice, 134 GiB in all
+    assert available_memory() < 20 * 60_000**2 * 2
+    with open_volume(path) as volume:
+        assert volume.shape == (20, 60_000, 60_000)
+    with pytest.raises(InputError, match=r"long.tif: the stack declares \(20, 60000, 60000\) uint16, 134.1 GiB, but only "
+                                         r".* GiB of memory is available; read it slice by slice"):
+        read_volume(path)
     # A stack that fits is still read (the check counts bytes, not pixels).
-    assert read_stack(huge_header_tiff(tmp_path / "ok.tif", size=8)).shape == (3, 8, 8)
+    assert read_volume(huge_header_tiff(tmp_path / "ok.tif", size=8)).shape == (3, 8, 8)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import confusion, per_slice_scores, scores_from_counts, stack_scores
+from emunet.core.metrics import confusion, per_slice_scores, scores_from_counts, stack_scores
 
 
 def test_hand_computed_3x3():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pipeline.losses import bce_dice_loss, get_loss, soft_dice_loss
-from pipeline.model import UNetSpec, build_unet, multiple_of
+from emunet.core.losses import bce_dice_loss, get_loss, soft_dice_loss
+from emunet.core.model import UNetSpec, build_unet, multiple_of
 
 
 @pytest.mark.parametrize("depth, size", [(2, 32), (3, 48), (2, 20)])

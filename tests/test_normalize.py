@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.normalize import normalize, stack_stats
+from emunet.core.normalize import normalize, stack_stats
 
 
 def test_16bit_uses_its_own_range_not_255(rng):
@@ -27,7 +27,7 @@ def test_constant_and_nan_inputs():
     low, high = stack_stats(x)
     assert np.isfinite([low, high]).all()
     assert normalize(x, low, high)[0, 0, 0] == 0.0
-    with pytest.raises(ValueError, match="no finite"):
+    with pytest.raises(ValueError, match="no usable intensity values"):
         stack_stats(np.full((2, 2), np.nan))
 
 
@@ -41,11 +41,21 @@ class SliceReader:
         return self.array[z]
 
 
-def test_streamed_statistics_equal_in_memory_statistics(rng, monkeypatch):
-    import pipeline.normalize as norm
-
-    monkeypatch.setattr(norm, "MAX_SAMPLES", 997)  # force sub-sampling with a step that straddles slices
+def test_streamed_statistics_equal_in_memory_statistics(rng):
     stack = rng.gamma(2.0, 300.0, size=(7, 33, 41)).astype(np.float32)
-    expected = np.percentile(stack.reshape(-1)[:: stack.size // 997].astype(np.float64), [0.5, 99.5])
-    assert stack_stats(stack) == pytest.approx(tuple(expected))
-    assert stack_stats(SliceReader(stack)) == stack_stats(stack)
+    # Under the sample cap every voxel counts: the exact percentiles.
+    assert stack_stats(stack) == pytest.approx(tuple(np.percentile(stack, [0.5, 99.5])))
+    # Over it, a fixed sample per slice: the same whichever way the stack is held.
+    assert stack_stats(SliceReader(stack), max_samples=997) == stack_stats(stack, max_samples=997)
+    assert stack_stats(stack, max_samples=997) == pytest.approx(tuple(np.percentile(stack, [0.5, 99.5])), rel=0.1)
+
+
+def test_a_subsample_sees_the_whole_slice_not_a_few_columns():
+    """The left half of every slice is dark, the right half bright. Every k-th voxel of the flattened
+    stack, with the width a multiple of k, samples the same left-hand columns only (the window came out
+    (0, 0)); a spatially spread sample sees both halves."""
+    stack = np.zeros((40, 100, 64), np.uint8)
+    stack[:, :, 32:] = 200
+    low, high = stack_stats(stack, max_samples=4000)  # 256 000 voxels: one in 64 is sampled
+    assert (low, high) == (0.0, 200.0)
+    assert stack_stats(stack) == (0.0, 200.0)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from serving.predict import PredictConfig, objects, predict
+from emunet.inference.instances import object_areas as objects
+from serving.predict import PredictConfig, predict
 from tests.conftest import run_module
 
 
@@ -18,6 +19,52 @@ def test_objects_counts_components_above_the_minimum_size():
     mask[10:15, 10:16] = 1  # 30 px
     mask[18, 18] = 1  # 1 px: noise
     assert objects(mask, min_size=5) == [9, 30]
+
+
+def test_two_inputs_with_the_same_name_are_refused_before_any_work(world, tmp_path):
+    """a/cells.tif and b/cells.tif would both write cells_mask.tif: the second silently won."""
+    for folder, value in (("a", 10), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "cells.tif", np.full((2, 32, 32), value, np.uint8), photometric="minisblack")
+    out = tmp_path / "out"
+    proc = run_module("serving.predict", "--model_uri", world["trained"]["model_uri"], "--output_dir", str(out),
+                      "--input", f"{tmp_path / 'a' / 'cells.tif'},{tmp_path / 'b' / 'cells.tif'}", cwd=tmp_path,
+                      env_uri=world["uri"])
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("error: several inputs would write the same output name cells"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # refused before anything was written
+
+
+def traced_peak(run) -> int:
+    """Peak bytes allocated through Python and NumPy (NumPy reports its arrays to tracemalloc) by `run()`."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_labels_are_streamed_slice_by_slice_like_the_images(world, tmp_path):
+    """The README promises that predict's memory does not grow with the stack; with labels the whole label
+    stack used to be read (and binarised: twice its size again). Predicting with labels must cost about
+    what predicting without them costs, far less than one label stack more."""
+    rng = np.random.default_rng(3)
+    shape = (64, 256, 256)  # 4 MiB of uint8 labels; a slice is 64 KiB
+    tifffile.imwrite(tmp_path / "big.tif", rng.integers(0, 255, shape, dtype=np.uint8), photometric="minisblack")
+    tifffile.imwrite(tmp_path / "big_gt.tif", (rng.random(shape) > 0.5).astype(np.uint8) * 255, photometric="minisblack")
+    base = PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "big.tif"),
+                         output_dir=str(tmp_path / "out"))
+    with_labels = PredictConfig(**{**base.__dict__, "labels": str(tmp_path / "big_gt.tif")})
+    predict(base)  # the network compiled once: the runs measured below allocate what predict needs
+    without = traced_peak(lambda: predict(base))
+    scored = traced_peak(lambda: predict(with_labels))
+    stack_bytes = int(np.prod(shape))
+    assert scored - without < stack_bytes / 4, (f"labels added {(scored - without) / 2**20:.1f} MiB to the peak "
+                                                f"({without / 2**20:.1f} MiB without) for a {stack_bytes / 2**20:.0f} MiB stack")
 
 
 def test_predict_writes_results_and_scores_with_labels(world, tmp_path):
@@ -53,7 +100,7 @@ def test_predict_without_input_is_a_clear_error(world, tmp_path):
 
 
 def test_tiled_prediction_agrees_with_whole_slice_prediction(world):
-    from pipeline.synthetic import synthetic_stack
+    from emunet.core.synthetic import synthetic_stack
 
     image, _ = synthetic_stack(0, 0, (1, 1024, 1024))
     model = mlflow.pyfunc.load_model(world["trained"]["model_uri"])
@@ -66,7 +113,7 @@ def test_tiled_prediction_agrees_with_whole_slice_prediction(world):
 
 
 def test_tta_and_bad_tile_size_through_the_pyfunc(world):
-    from pipeline.synthetic import synthetic_stack
+    from emunet.core.synthetic import synthetic_stack
 
     image, _ = synthetic_stack(0, 1, (2, 96, 80))
     model = mlflow.pyfunc.load_model(world["trained"]["model_uri"])
@@ -75,5 +122,23 @@ def test_tta_and_bad_tile_size_through_the_pyfunc(world):
     assert d4.shape == plain.shape == (2, 96, 80)
     # An average of views of the same image: close to the plain prediction, but not the same numbers.
     assert 0 < np.abs(d4 - plain).mean() < 0.1
-    with pytest.raises(Exception, match="tile_size 99 is not a multiple of 4"):
-        model.predict(image, params={"tile_size": 99})
+    # A tile size that does not divide by the model's 2**depth (4 here) is rounded up, as the tiler does.
+    np.testing.assert_array_equal(model.predict(image, params={"tile_size": 31}), model.predict(image, params={"tile_size": 32}))
+
+
+def test_one_slice_sent_with_the_stacks_window_equals_that_slice_of_the_whole_stack(world):
+    """A REST client sends one slice at a time; normalised by that slice's own percentiles it came out
+    differently from the same slice inside the stack, which training and predict normalise as a whole."""
+    from emunet.core.normalize import stack_stats
+    from emunet.core.synthetic import synthetic_stack
+
+    image, _ = synthetic_stack(0, 2, (6, 64, 64))
+    image = (image.astype(np.float32) * np.linspace(0.4, 1.6, 6)[:, None, None]).astype(np.float32)  # brighter with depth
+    model = mlflow.pyfunc.load_model(world["trained"]["model_uri"])
+    whole = model.predict(image, params={"output": "probability"})
+    low, high = stack_stats(image)
+    for z in (0, 5):
+        alone = model.predict(image[z], params={"output": "probability", "low": low, "high": high})
+        np.testing.assert_allclose(alone, whole[z], atol=1e-5)
+    own_window = model.predict(image[0], params={"output": "probability"})
+    assert np.abs(own_window - whole[0]).max() > 1e-3  # without the window it is a different answer

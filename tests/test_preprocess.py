@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.dataset import read_manifest
+from emunet.core.dataset import read_manifest
+from emunet.core.errors import InputError
 from pipeline.preprocess import PreprocessConfig, preprocess, unlabelled_slices
 from tests.conftest import run_module
 
@@ -35,7 +36,7 @@ def test_synthetic_default_writes_the_artifact_and_logs_provenance(store):
     names = {a.path for a in mlflow.MlflowClient().list_artifacts(result["run_id"], "dataset")}
     assert "dataset/montage.png" in names
     provenance = mlflow.artifacts.load_dict(f"runs:/{result['run_id']}/provenance.json")
-    assert provenance["stacks"][0]["generator"] == "pipeline.synthetic"
+    assert provenance["stacks"][0]["generator"] == "emunet.core.synthetic"
 
 
 def test_several_uint16_tiff_stacks_split_by_stack(store, tmp_path, rng):
@@ -140,3 +141,36 @@ def test_bad_input_gives_one_line_exit_2_and_a_failed_run(store, tmp_path, rng, 
     assert last.startswith("error: ") and message in last, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(failed_runs(store)) == 1
+
+
+def test_output_dir_never_deletes_what_preprocess_did_not_write(store, tmp_path):
+    """`--output_dir` pointed at a folder of the user's used to be deleted (rmtree before the rename). Now a
+    folder holding anything but a previous artifact is refused, before any work, and left as it was; a
+    previous artifact is replaced whole; a path that is a file is refused."""
+    tiny = ["--synthetic_stacks", "2", "--synthetic_shape", "2,32,32"]
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "chapter1.docx").write_text("months of work")
+    proc = run_module("pipeline.preprocess", *tiny, "--output_dir", str(thesis), cwd=tmp_path, env_uri=store)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: output_dir {thesis} is a folder that holds files of its own")
+    assert [p.name for p in thesis.iterdir()] == ["chapter1.docx"] and (thesis / "chapter1.docx").read_text() == "months of work"
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # refused before any run
+
+    out = tmp_path / "dataset"
+    first = preprocess(PreprocessConfig(synthetic_stacks=2, synthetic_shape="2,32,32", output_dir=str(out)))
+    second = preprocess(PreprocessConfig(synthetic_stacks=2, synthetic_shape="2,32,32", seed=1, output_dir=str(out)))
+    assert first["manifest"]["content_hash"] != second["manifest"]["content_hash"]
+    assert read_manifest(out)["content_hash"] == second["manifest"]["content_hash"]  # the previous artifact replaced
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("dataset")) == ["dataset"]  # nothing left over
+    (out / "my_notes.txt").write_text("mine")  # an artifact the user has put a file into is theirs now
+    with pytest.raises(InputError, match="holds files of its own"):
+        preprocess(PreprocessConfig(synthetic_stacks=2, synthetic_shape="2,32,32", output_dir=str(out)))
+    assert (out / "my_notes.txt").read_text() == "mine"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(InputError, match="exists and is a file"):
+        preprocess(PreprocessConfig(synthetic_stacks=2, synthetic_shape="2,32,32", output_dir=str(tmp_path / "afile")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    preprocess(PreprocessConfig(synthetic_stacks=2, synthetic_shape="2,32,32", output_dir=str(empty)))
+    assert (empty / "manifest.json").is_file()

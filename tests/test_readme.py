@@ -14,3 +14,8 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
     assert test_cmd.endswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci == test_cmd
+    # The system packages the suite drives (Java, Chromium, PostgreSQL) come with the README's command too,
+    # so a newcomer's run skips nothing that CI runs.
+    assert test_cmd.startswith("bash .ci/setup-system && ")
+    setup = (ROOT / ".ci" / "setup-system").read_text()
+    assert all(package in setup for package in ("openjdk-17-jre-headless", "chromium", "postgresql"))

@@ -15,8 +15,9 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import DEFAULT_ROOT, Backup, backup_dir
-from pipeline.errors import InputError
+from emunet.core.errors import InputError
+from emunet.training.checkpoint import DEFAULT_ROOT, Backup, backup_dir
+from emunet.training.state import TrainingState
 from tests.conftest import ROOT, TINY_TRAIN, make_dataset
 
 # Six epochs of 20 steps: long enough (a few seconds per epoch) for the kill to land inside epoch 3.
@@ -117,15 +118,41 @@ def test_a_backup_folder_serves_one_training_at_a_time(tmp_path):
         pass
 
 
-def test_a_backup_of_another_training_is_refused(tmp_path):
+def tiny_model():
     import keras
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    return keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+
+
+def test_a_backup_of_another_training_is_refused(tmp_path):
+    model = tiny_model()
     with Backup(tmp_path / "b", "key1") as backup:
-        backup.save({"next_epoch": 1}, model, model.get_weights())
-        assert backup.load()["state"]["next_epoch"] == 1
-        backup.save({"next_epoch": 2}, model, model.get_weights())
+        backup.save(TrainingState(next_epoch=1, best_weights=model.get_weights()), model)
+        state, weights = backup.load()
+        assert state.next_epoch == 1 and weights.name == "model.weights.h5"
+        backup.save(TrainingState(next_epoch=2, best_dice=0.5, best_weights=model.get_weights()), model)
+        assert backup.load()[0].best_dice == 0.5
         assert sorted(p.name for p in backup.folder.iterdir()) == ["epoch-2", "lock", "state.json"]
     with pytest.raises(InputError, match="holds the backup of another training"):
         with Backup(tmp_path / "b", "key2") as other:
             other.load()
+
+
+def test_the_weights_reach_the_disk_before_state_json_names_them(tmp_path, monkeypatch):
+    """After a power cut, state.json must not name an epoch whose weights were still in the page cache:
+    the weights, the best weights and their folder are fsynced before state.json is written and renamed.
+    Only state.json used to be. Which files were flushed, and in what order, is read off the real calls."""
+    model = tiny_model()
+    flushed, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    with Backup(tmp_path / "b", "key") as backup:
+        backup.save(TrainingState(next_epoch=3, best_weights=model.get_weights()), model)
+    state_written = next(i for i, name in enumerate(flushed) if name.startswith("state.json"))
+    before = flushed[:state_written]
+    assert {"model.weights.h5", "best.npz", "epoch-3"} <= set(before), flushed
+    assert flushed[-1] == "b", flushed  # and the rename itself, in the backup folder

@@ -4,8 +4,8 @@ half resolution but answers at full resolution."""
 import numpy as np
 import pytest
 
-from pipeline.model import UNetSpec, build_unet, multiple_of
-from pipeline.scale import auto_input_scale, thickness, thinnest_structure
+from emunet.core.model import UNetSpec, build_unet, multiple_of
+from emunet.training.plan import auto_input_scale, thickness, thinnest_structure
 
 
 def disks(size: int, diameter: int, spacing: int) -> np.ndarray:
@@ -52,8 +52,13 @@ def test_thick_organelles_are_learnt_at_lower_resolution(diameter, scale):
 
 
 def test_a_mask_without_foreground_keeps_full_resolution():
-    assert auto_input_scale(thinnest_structure([np.zeros((2, 64, 64), np.uint8)])) in (1, 2, 4)
+    # Its background is 64 px thick, but with nothing labelled it is no structure: no reason to downscale.
+    assert np.isnan(thinnest_structure([np.zeros((2, 64, 64), np.uint8)]))
+    assert auto_input_scale(thinnest_structure([np.zeros((2, 64, 64), np.uint8)])) == 1
     assert auto_input_scale(float("nan")) == 1
+    # Empty slices among labelled ones do not count either: thick organelles still go to half resolution.
+    stack = np.stack([disks(512, 40, 80), np.zeros((512, 512), bool), disks(512, 40, 80)])
+    assert auto_input_scale(thinnest_structure([stack])) == 2
 
 
 def test_half_resolution_unet_answers_at_full_resolution():
@@ -75,7 +80,7 @@ def test_half_resolution_unet_answers_at_full_resolution():
 
 
 def organelle_dataset(folder, side: int):
-    from pipeline.dataset import read_manifest, write_dataset
+    from emunet.core.dataset import read_manifest, write_dataset
 
     mask = np.stack([disks(side, 40, 80)] * 2).astype(np.uint8)
     image = (mask * 200 + 20).astype(np.uint8)
@@ -85,8 +90,9 @@ def organelle_dataset(folder, side: int):
 
 
 def test_train_picks_the_scale_and_grows_the_preset_crop(tmp_path):
-    from pipeline.errors import InputError
-    from pipeline.train import TrainConfig, choose_scale, resolve
+    from emunet.core.errors import InputError
+    from emunet.training.config import TrainConfig, resolve
+    from emunet.training.plan import choose_scale
 
     manifest = organelle_dataset(tmp_path / "big", 320)
     cfg, thinnest = choose_scale(resolve(TrainConfig()), True, tmp_path / "big", manifest)

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
-from serving.segmenter import as_stack, label_objects, signature
+from emunet.core.errors import InputError
+from emunet.inference.instances import label_objects, object_areas
+from emunet.inference.segmenter import as_stack, signature
 
 
 def test_2d_and_3d_inputs_become_stacks():
@@ -17,6 +18,7 @@ def test_2d_and_3d_inputs_become_stacks():
     (np.zeros((64, 64, 3), np.uint8), "looks like a colour"),
     (np.full((4, 4), np.nan), "no finite values"),
     (np.array([["a", "b"]]), "numeric"),
+    ([[1, 2], [3]], "not a rectangular array"),
     (np.ones((8, 8), bool), "input is boolean, which looks like a mask"),
 ])
 def test_bad_inputs_are_clear_errors(data, message):
@@ -27,22 +29,38 @@ def test_bad_inputs_are_clear_errors(data, message):
 def test_signature_exposes_inference_params():
     params = {p.name: p.default for p in signature().params}
     assert params == {"output": "mask", "threshold": 0.5, "tile_size": 1024, "overlap": 0.25, "batch_size": 4,
-                      "tta": "none", "min_object_size": 20}
+                      "tta": "none", "min_object_size": 20, "low": None, "high": None}
 
 
 def test_label_objects_follows_cells_through_slices_and_drops_specks():
     mask = np.zeros((3, 10, 10), np.uint8)
-    mask[0:3, 1:4, 1:4] = 1  # one cell through three slices: 27 voxels
-    mask[1, 7:9, 7:9] = 1  # a second object: 4 voxels
-    mask[2, 9, 0] = 1  # a speck: 1 voxel
+    mask[0:3, 1:4, 1:4] = 1  # one cell through three slices: 9 pixels in each
+    mask[1, 7:9, 7:9] = 1  # a second object: 4 pixels
+    mask[2, 9, 0] = 1  # a speck: 1 pixel
     labels = label_objects(mask, min_size=2)
     assert labels.dtype == np.int32 and labels.max() == 2
     assert len(np.unique(labels[:, 2, 2])) == 1 and labels[0, 2, 2] > 0  # same id in every slice
     assert labels[2, 9, 0] == 0
 
 
+def test_min_object_size_means_pixels_in_a_slice_for_labels_and_the_objects_table_alike():
+    """A thin object crossing five slices with 10 pixels in each (50 voxels) is a speck in every slice:
+    with min_object_size 20 the objects table drops it slice by slice, and so must output=labels (which
+    once kept it, counting its 50 voxels in 3-D). Diagonal neighbours are one object in both."""
+    mask = np.zeros((5, 12, 12), np.uint8)
+    mask[:, 1, 1:11] = 1  # 10 pixels a slice, through 5 slices
+    mask[:, 5:10, 5:10] = 1  # 25 pixels a slice: an object
+    mask[:, 10, 10] = 1  # touches it diagonally: part of it (8-connected), in the table and the labels
+    labels = label_objects(mask, min_size=20)
+    assert labels.max() == 1
+    for z in range(5):
+        table = object_areas(mask[z], 20)
+        in_labels = sorted(np.bincount(labels[z].ravel())[1:][np.bincount(labels[z].ravel())[1:] > 0].tolist())
+        assert table == in_labels == [26]
+
+
 def test_options_default_and_unknown_output():
-    from serving.segmenter import resolve_options
+    from emunet.inference.segmenter import resolve_options
 
     assert resolve_options({"threshold": None, "tile_size": 256})["tile_size"] == 256
     assert resolve_options({"threshold": None})["threshold"] == 0.5
@@ -54,24 +72,38 @@ def test_options_default_and_unknown_output():
     ({"tta": "rot90"}, "tta must be one of none, flips, d4, got 'rot90'"),
     ({"overlap": 1.0}, "0 <= overlap < 1"),
     ({"tile_size": 0}, "tile_size >= 1"),
+    ({"tile_size": "abc"}, "tile_size must be a number, got 'abc'"),
+    ({"tile_size": 2.5}, "tile_size must be a finite whole number"),
+    ({"threshold": 1.5}, "threshold is a probability between 0 and 1"),
+    ({"min_object_size": -1}, "min_object_size >= 0"),
+    ({"low": 3.0}, "pass both low and high"),
+    ({"low": 5.0, "high": 5.0}, "high must be above low"),
+    ({"colour": "red"}, "unknown param"),
 ])
 def test_bad_options_are_clear_errors(params, message):
-    from serving.segmenter import resolve_options
+    from emunet.inference.segmenter import resolve_options
 
     with pytest.raises(InputError, match=message):
         resolve_options(params)
 
 
-def test_tile_size_must_divide_by_the_network_downsampling():
-    from serving.segmenter import check_tile_size
+def test_tile_size_has_one_rule_everywhere_round_up_and_log(caplog):
+    """The README said rounded up, the segmenter refused, the tiler rounded up: now one rule, logged."""
+    import logging
 
-    check_tile_size(512, 16)
-    with pytest.raises(InputError, match="tile_size 500 is not a multiple of 16 .*; use 512 or 496"):
-        check_tile_size(500, 16)
+    from emunet.inference.tiling import plan_tiles, tile_side
+
+    with caplog.at_level(logging.INFO, logger="emunet.inference.tiling"):
+        assert tile_side(512, 16) == 512 and not caplog.records
+        assert tile_side(500, 16) == 512
+    assert "tile_size 500 rounded up to 512" in caplog.text
+    assert plan_tiles(2000, 2000, 500, 16).tile_h == 512
+    with pytest.raises(ValueError, match="tile_size must be a whole number of pixels >= 1"):
+        tile_side(0, 16)
 
 
 def test_logged_models_require_only_what_inference_needs():
-    from serving.segmenter import MODEL_PACKAGES, model_requirements
+    from emunet.inference.segmenter import MODEL_PACKAGES, model_requirements
 
     names = [line.split("==")[0] for line in model_requirements()]
     assert sorted(names) == sorted(MODEL_PACKAGES)  # every one pinned in requirements.txt

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 import tifffile
 
-from pipeline.normalize import stack_stats
+from emunet.core.normalize import stack_stats
 from serving.predict import PredictConfig, predict
-from serving.predict_spark import (PredictSparkConfig, SliceRange, chunk_bounds, input_paths, slices_per_pass,
-                                   stack_facts)
-from serving.tiling import iter_probabilities
+from serving.predict_spark import SliceRange, chunk_bounds, input_paths, stack_facts, write_mask_stack
+from emunet.inference.outputs import result_files
+from emunet.inference.tiling import iter_probabilities, plan_tiles
 from tests.conftest import ROOT, run_module
 
 
@@ -39,8 +39,7 @@ def forward_passes(stack, bounds, **options) -> list[tuple]:
 @pytest.mark.parametrize("shape, tile_size", [((11, 64, 64), 1024), ((9, 40, 57), 1024), ((7, 100, 150), 64)])
 def test_aligned_chunks_make_the_forward_passes_of_the_whole_stack(shape, tile_size):
     stack = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)
-    cfg = PredictSparkConfig(tile_size=tile_size, batch_size=4)
-    step = slices_per_pass(shape[1], shape[2], 4, cfg)
+    step = plan_tiles(shape[1], shape[2], tile_size, 4, batch_size=4).slices_per_pass
     options = dict(tile_size=tile_size, batch_size=4, multiple=4)
     whole = forward_passes(stack, [(0, shape[0])], **options)
     assert forward_passes(stack, chunk_bounds(shape[0], 3, step), **options) == whole
@@ -63,7 +62,7 @@ def test_input_list_file_resolves_relative_lines(tmp_path):
 def stacks(folder):
     """Three inputs: a uint16 stack larger than a chunk whose brightness climbs with depth (so statistics
     of one chunk differ from the stack's), a small uint8 stack, and a float `.npy` stack."""
-    from pipeline.synthetic import synthetic_stack
+    from emunet.core.synthetic import synthetic_stack
 
     image, _ = synthetic_stack(3, 0, (10, 64, 64))
     ramp = (image.astype(np.float32) * np.linspace(2, 60, 10)[:, None, None]).astype(np.uint16)
@@ -134,7 +133,7 @@ def test_predict_spark_refuses_clashing_names_before_starting_spark(tmp_path):
     inputs = f"{tmp_path / 'a' / 'cells.tif'},{tmp_path / 'b' / 'cells.tif'}"
     proc = run_module("serving.predict_spark", "--input", inputs, cwd=tmp_path, env_uri=f"sqlite:///{tmp_path / 'm.db'}")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "error: several inputs would write the same output name: cells"
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: several inputs would write the same output name cells")
 
 
 def test_stack_facts_are_whole_stack_statistics_or_a_named_error(tmp_path):
@@ -147,3 +146,32 @@ def test_stack_facts_are_whole_stack_statistics_or_a_named_error(tmp_path):
     assert (good.slices, good.height, good.width) == (6, 20, 30) and good.error == ""
     assert (good.low, good.high) == stack_stats(stack)
     assert cut.error.startswith(f"{tmp_path / 'cut.tif'}: ") and "truncated or corrupt" in cut.error
+
+
+def test_two_attempts_of_one_task_never_write_into_each_others_file(tmp_path):
+    """A retried or speculative Spark task writes the mask its first attempt is still writing. With one
+    fixed `.partial` name the second attempt truncated the first's file and renamed it away under it (the
+    first then failed, or left a broken TIFF). Each attempt now writes a file of its own and renames it
+    when complete: the result is one attempt's whole stack, whichever finishes last."""
+    first_slices = np.zeros((3, 16, 16), np.uint8)
+    second_slices = np.ones((3, 16, 16), np.uint8)
+    with result_files(tmp_path, "cells", objects=False) as first:
+        first(0, first_slices[0])
+        with result_files(tmp_path, "cells", objects=False) as second:  # starts while the first is writing
+            for z in range(3):
+                second(z, second_slices[z])
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_mask.tif") > 0, second_slices > 0)
+        first(1, first_slices[1])
+        first(2, first_slices[2])
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_mask.tif"), first_slices)
+    assert [p.name for p in tmp_path.iterdir()] == ["cells_mask.tif"]
+
+
+def test_a_spark_task_writes_its_mask_from_packed_slices(tmp_path):
+    masks = np.random.default_rng(0).random((3, 10, 13)) > 0.5
+    frame = pd.DataFrame({"stack": [0] * 3, "slice": [2, 0, 1], "mask": [np.packbits(m).tobytes() for m in masks[[2, 0, 1]]],
+                          "objects": [0] * 3, "total_area": [0] * 3, "mean_area": [0.0] * 3, "areas": [""] * 3})
+    rows = write_mask_stack(frame, str(tmp_path), {0: ("cells", 3, 10, 13)})
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_mask.tif"), masks * 255)
+    assert list(rows.columns) == ["stack", "slice", "objects", "total_area", "mean_area", "areas"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cells_mask.tif"]

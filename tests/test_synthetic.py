@@ -1,7 +1,7 @@
 import numpy as np
 from scipy import ndimage
 
-from pipeline.synthetic import synthetic_dataset, synthetic_stack
+from emunet.core.synthetic import synthetic_dataset, synthetic_stack
 
 SHAPE = (8, 96, 96)
 

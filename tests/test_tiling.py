@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from serving.tiling import gaussian_window, plan_tiles, predict_probabilities, tile_starts
+from emunet.inference.tiling import gaussian_window, plan_tiles, predict_probabilities, tile_starts
 
 
 def local_model(batch: np.ndarray) -> np.ndarray:
@@ -35,14 +35,35 @@ def test_any_size_comes_back_same_shape_and_blends_exactly(rng, shape, tile):
 
 
 def test_plan_pads_small_slices_to_the_network_multiple():
-    pad_h, pad_w, tile_h, tile_w, boxes = plan_tiles(10, 7, 512, 16, 0.25)
-    assert (pad_h, pad_w, tile_h, tile_w, boxes) == (16, 16, 16, 16, [(0, 0)])
-    pad_h, pad_w, tile_h, tile_w, boxes = plan_tiles(1000, 777, 256, 16, 0.25)
-    assert (tile_h, tile_w) == (256, 256) and (pad_h, pad_w) == (1000, 777) and len(boxes) == 5 * 4  # stride 192: ceil(744/192)+1 rows, ceil(521/192)+1 columns
+    plan = plan_tiles(10, 7, 512, 16, 0.25)
+    assert (plan.pad_h, plan.pad_w, plan.tile_h, plan.tile_w, plan.boxes) == (16, 16, 16, 16, ((0, 0),))
+    assert plan.slices_per_pass == 4  # four 16 x 16 slices fill a batch of 4 tiles
+    plan = plan_tiles(1000, 777, 256, 16, 0.25)
+    # stride 192: ceil(744/192)+1 rows, ceil(521/192)+1 columns
+    assert (plan.tile_h, plan.tile_w) == (256, 256) and (plan.pad_h, plan.pad_w) == (1000, 777) and len(plan.boxes) == 5 * 4
+    assert plan.slices_per_pass == 1
+
+
+def test_inference_mirrors_borders_as_training_does(rng):
+    """Training's crops mirror the slice with OpenCV's BORDER_REFLECT_101 ("dcb|abcd|cba"); tiled inference
+    must pad a slice that is not a multiple of the network's down-sampling the same way, or the network
+    sees at the border something it never saw in training. A stand-in network that averages each pixel's
+    3 x 3 neighbourhood shows the padding in its answer at the last rows and columns."""
+    import cv2
+    from scipy import ndimage
+
+    def neighbourhood(batch):
+        return ndimage.uniform_filter(batch, size=(1, 3, 3, 1), mode="nearest")
+
+    stack = rng.random((1, 30, 27)).astype(np.float32)  # padded to 32 x 32 for a multiple of 16
+    prob = predict_probabilities(neighbourhood, stack, 0, 1, tile_size=64, multiple=16)
+    padded = cv2.copyMakeBorder(stack[0], 0, 2, 0, 5, cv2.BORDER_REFLECT_101)
+    expected = ndimage.uniform_filter(padded, size=3, mode="nearest")[:30, :27]
+    np.testing.assert_allclose(prob[0], expected, atol=1e-6)
 
 
 def test_forward_passes_are_capped_in_pixels(rng, monkeypatch):
-    import serving.tiling as tiling
+    import emunet.inference.tiling as tiling
 
     monkeypatch.setattr(tiling, "MAX_BATCH_PIXELS", 3 * 32 * 32)
     sizes = []
@@ -59,14 +80,14 @@ def test_forward_passes_are_capped_in_pixels(rng, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["none", "flips", "d4"])
 def test_tta_maps_every_view_back_to_the_tile(rng, mode):
-    from serving.tiling import with_tta
+    from emunet.inference.tiling import with_tta
 
     tiles = rng.random((2, 16, 24, 1)).astype(np.float32)  # not square: transposed views are 24 x 16
     np.testing.assert_allclose(with_tta(lambda t: t, mode)(tiles), tiles, rtol=1e-6)
 
 
 def test_tta_averages_the_views():
-    from serving.tiling import with_tta
+    from emunet.inference.tiling import with_tta
 
     # A "network" that answers with each pixel's row position: not flip-invariant, so the views differ.
     def rows(t):

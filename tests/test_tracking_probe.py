@@ -6,8 +6,8 @@ import time
 import mlflow
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.tracking import check_tracking
+from emunet.core.errors import InputError
+from emunet.core.tracking import check_tracking
 from tests.conftest import free_port, run_module
 
 
@@ -54,5 +54,17 @@ def test_a_malformed_uri_is_named(monkeypatch):
         mlflow.set_tracking_uri(None)
 
 
-def test_a_working_store_passes(store):
+def test_a_working_store_passes_and_leaves_the_environment_as_it_was(store, monkeypatch):
+    """A reachable store passes in seconds; the probe's short HTTP timeouts are only for the probe: the
+    retries a long training relies on are what they were before (here: a value the user had set)."""
+    import os
+    import sqlite3
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    started = time.monotonic()
     check_tracking()
+    assert time.monotonic() - started < 15
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7" and "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    tables = sqlite3.connect(store.removeprefix("sqlite:///")).execute("SELECT name FROM sqlite_master").fetchall()
+    assert ("experiments",) in tables  # the probe opened (and so created) the real store

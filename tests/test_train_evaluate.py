@@ -9,11 +9,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline.errors import InputError
+from emunet.core.errors import InputError
 from pipeline.evaluate import EvaluateConfig, evaluate
-from pipeline.model import UNetSpec, build_unet
+from emunet.core.model import UNetSpec, build_unet
 from pipeline.train import TrainConfig, train
-from serving.segmenter import log_segmenter
+from emunet.inference.segmenter import log_segmenter
 from tests.conftest import TINY_TRAIN
 
 
@@ -55,10 +55,12 @@ def test_time_budget_stops_after_the_epoch_in_progress(world):
     (dict(loss="tversky"), "loss must be one of bce, dice, bce_dice, bce_dice_both, focal, got 'tversky'"),
     (dict(augment="heavy"), "augment must be one of em, basic, none"),
     (dict(precision="float8"), "precision must be one of"),
-    (dict(foreground=1.5), "foreground is a share of crops"),
-    (dict(input_scale=3), "input_scale must be 0 \\(auto\\) or one of 1, 2, 4, got 3"),
+    (dict(foreground=1.5), "foreground must be a share of crops"),
+    (dict(input_scale=3), "input_scale must be 0 \\(auto\\) or one of 1, 2, 4; got 3"),
     (dict(bn_momentum=1.0), "bn_momentum must be between 0 and 1"),
-    (dict(ema=-0.5), "ema is a momentum"),
+    (dict(ema=-0.5), "ema must be a momentum"),
+    (dict(epochs=0), "epochs must be at least 1"),
+    (dict(warmup_epochs=-1), "warmup_epochs must be 0 or more"),
     (dict(preset="huge"), "preset must be one of"),
     (dict(dataset_uri="no/such/folder"), "dataset folder not found"),
 ])

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.errors import InputError
-from pipeline.overlay import ALPHA, FN, FP, TP
+from emunet.core.errors import InputError
+from emunet.core.overlay import ALPHA, FN, FP, TP
+from emunet.inference.outputs import mask_tiff
 from tests.conftest import ROOT
 from viewer import charts, inference, messages, pictures, registry, scoring, stacks
 
@@ -100,7 +101,7 @@ def test_sample_data_is_a_synthetic_stack_with_its_mask():
 # --- pictures -------------------------------------------------------------------------------------------
 
 def blend(gray: float, colour) -> np.ndarray:
-    """A pixel of gray level `gray` (in [0, 1]) under an overlay colour, as pipeline.overlay mixes them."""
+    """A pixel of gray level `gray` (in [0, 1]) under an overlay colour, as emunet.core.overlay mixes them."""
     return ((1 - ALPHA) * np.float32(int(gray * 255)) + ALPHA * np.array(colour, np.float32)).astype(np.uint8)
 
 
@@ -183,7 +184,7 @@ def test_scores_csv_reads_back():
 def test_mask_tiff_is_a_uint8_stack_of_0_and_255():
     mask = np.zeros((3, 4, 5), np.uint8)
     mask[1, 2, 3] = 1
-    back = tifffile.imread(io.BytesIO(scoring.mask_tiff(mask)))
+    back = tifffile.imread(io.BytesIO(mask_tiff(mask)))
     assert back.shape == (3, 4, 5) and back.dtype == np.uint8
     assert back[1, 2, 3] == 255 and back.sum() == 255
 

@@ -21,9 +21,10 @@ import tifffile
 from streamlit.testing.v1 import AppTest
 
 from pipeline.evaluate import EvaluateConfig, evaluate
-from pipeline.model import UNetSpec, build_unet
-from pipeline.synthetic import synthetic_stack
-from serving.segmenter import log_segmenter
+from emunet.core.errors import InputError
+from emunet.core.model import UNetSpec, build_unet
+from emunet.core.synthetic import synthetic_stack
+from emunet.inference.segmenter import log_segmenter
 from tests.conftest import ROOT, _point_mlflow_at, free_port
 from viewer import inference, registry
 
@@ -95,7 +96,7 @@ def test_registry_lists_versions_aliases_scores_and_params(viewer_store):
 
 
 def test_viewer_probabilities_equal_the_pyfunc_and_report_each_slice(viewer_store):
-    model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1")
+    model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1", [viewer_store["uri"]])
     stack, _ = stack_and_truth(0, (3, 40, 52))
     stack = stack.astype(np.uint16) * 40  # 16-bit: normalised by the stack's percentiles, not / 255
     for tta in ("none", "flips"):
@@ -109,8 +110,12 @@ def test_viewer_probabilities_equal_the_pyfunc_and_report_each_slice(viewer_stor
 
 # --- the page, with AppTest -------------------------------------------------------------------------------
 
-def open_app(monkeypatch, uri: str) -> AppTest:
+def open_app(monkeypatch, uri: str, stores: str | None = None) -> AppTest:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    if stores is None:
+        monkeypatch.delenv(registry.STORES_ENV, raising=False)
+    else:
+        monkeypatch.setenv(registry.STORES_ENV, stores)
     at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception
@@ -139,7 +144,7 @@ def test_empty_registry_says_so_and_shows_the_command_that_trains_one(store, mon
     if create_db:
         registry.list_models(registry.client_for(store))  # an existing store with no model in it
     at = open_app(monkeypatch, store)
-    assert at.text_input(key="tracking_uri").value == store  # the default is MLFLOW_TRACKING_URI
+    assert at.selectbox(key="tracking_store").value == store  # the default is MLFLOW_TRACKING_URI
     assert any("No registered model" in i.value for i in at.info)
     assert [c.value for c in at.code] == [registry.TRAIN_COMMAND]
     assert (len(at.warning) == 1) is not create_db  # "no tracking store" only when the file is missing
@@ -147,12 +152,32 @@ def test_empty_registry_says_so_and_shows_the_command_that_trains_one(store, mon
     assert_no_leak(at)
 
 
-def test_a_tracking_uri_that_cannot_be_read_gives_a_message(viewer_store, monkeypatch):
-    at = open_app(monkeypatch, viewer_store["uri"])
-    at.text_input(key="tracking_uri").set_value("nosuchscheme://somewhere").run()
+def test_a_tracking_store_that_cannot_be_read_gives_a_message(viewer_store, monkeypatch):
+    at = open_app(monkeypatch, viewer_store["uri"], stores=f"{viewer_store['uri']},nosuchscheme://somewhere")
+    at.selectbox(key="tracking_store").set_value("nosuchscheme://somewhere").run()
     assert any("Cannot read the model registry" in e.value for e in at.sidebar.error)
     assert any("No registered model" in i.value for i in at.info)
     assert_no_leak(at)
+
+
+def test_the_page_opens_only_the_stores_the_server_was_started_with(viewer_store, monkeypatch, tmp_path):
+    """Loading a model runs its code on the viewer's host, so a page visitor must not be able to point the
+    viewer at a store of their choosing: there is no text box for a URI, only the configured stores to
+    pick from, and a store outside them is refused before anything opens it (a SQLite store that were
+    opened would be created: its file stays absent)."""
+    evil = f"sqlite:///{tmp_path / 'visitor.db'}"
+    at = open_app(monkeypatch, viewer_store["uri"])
+    assert not at.text_input and at.selectbox(key="tracking_store").options == [viewer_store["uri"]]
+    with pytest.raises(ValueError, match="is not in list"):  # a selectbox sends an index into its options
+        at.selectbox(key="tracking_store").set_value(evil).run()
+    assert not (tmp_path / "visitor.db").exists()
+    with pytest.raises(InputError, match="opens only the tracking stores its server was started with"):
+        registry.load_pyfunc(evil, MODEL, "1", [viewer_store["uri"]])
+    assert not (tmp_path / "visitor.db").exists()
+    # Configured on the command line (`streamlit run viewer/app.py -- --stores a,b`) or in the environment.
+    assert registry.configured_stores(["--stores", "sqlite:///a.db,http://lab:5000"], {}) == ["sqlite:///a.db", "http://lab:5000"]
+    assert registry.configured_stores([], {registry.STORES_ENV: "http://lab:5000"}) == ["http://lab:5000"]
+    assert registry.configured_stores([], {"MLFLOW_TRACKING_URI": "http://x:5000"}) == ["http://x:5000"]
 
 
 def test_sample_data_is_segmented_scored_and_browsable(viewer_store, monkeypatch):
@@ -310,6 +335,14 @@ def screenshot(page, tmp_path: Path, name: str) -> None:
     shutil.copy(path, ARTIFACTS / path.name)
 
 
+def chromium() -> str:
+    """Debian's Chromium (`.ci/setup-system` installs it), wherever it is on PATH; CHROMIUM names another."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("no chromium on PATH: run `bash .ci/setup-system` (the README's test command does), or set CHROMIUM")
+    return path
+
+
 def slice_caption(page) -> str:
     return page.get_by_text(f"A: {MODEL} v1").first.locator("xpath=..").inner_text()
 
@@ -322,7 +355,7 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
     tifffile.imwrite(tmp_path / "cells.tif", image, photometric="minisblack")
     tifffile.imwrite(tmp_path / "cells_gt.tif", truth * 255, photometric="minisblack")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+        browser = p.chromium.launch(executable_path=chromium(), args=[
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         try:
@@ -371,7 +404,7 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             assert download.value.suggested_filename == "cells_v1_mask.tif"
             mask = tifffile.imread(download.value.path())
             assert mask.shape == image.shape and mask.dtype == np.uint8
-            model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1")
+            model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1", [viewer_store["uri"]])
             assert np.array_equal(mask, model.predict(image) * 255)
 
             # Compare with the worse version.

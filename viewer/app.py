@@ -20,13 +20,17 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-from pipeline.errors import InputError  # noqa: E402
-from pipeline.normalize import normalize, stack_stats  # noqa: E402
-from serving.segmenter import DEFAULT_PARAMS  # noqa: E402
-from serving.tiling import TTA_MODES  # noqa: E402
+from emunet.core.errors import InputError  # noqa: E402
+from emunet.core.normalize import normalize, stack_stats  # noqa: E402
+from emunet.core.tracking import redact  # noqa: E402
+from emunet.inference.outputs import mask_tiff  # noqa: E402
+from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
+from emunet.inference.tiling import TTA_MODES  # noqa: E402
 from viewer import charts, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
 
 log = logging.getLogger("em-unet-viewer")
+# The tracking stores this server may open: from its command line or environment, never from the page.
+STORES = registry.configured_stores(sys.argv[1:])
 TTA_LABELS = {"none": "none", "flips": "flips (4 views, 4x time)", "d4": "d4 (8 views, 8x time)"}
 SCORE_LABELS = {"dice": "Dice", "iou": "IoU", "pixel_accuracy": "Pixel accuracy",
                 "median_slice_accuracy": "Median slice accuracy", "precision": "Precision", "recall": "Recall"}
@@ -36,22 +40,22 @@ SCORE_LABELS = {"dice": "Dice", "iou": "IoU", "pixel_accuracy": "Pixel accuracy"
 
 @st.cache_data(ttl=20, show_spinner=False)
 def registered_models(uri: str) -> list[str]:
-    return registry.list_models(registry.client_for(uri))
+    return registry.list_models(registry.client_for(registry.allowed(uri, STORES)))
 
 
 @st.cache_data(ttl=20, show_spinner=False)
 def versions_of(uri: str, name: str) -> dict[str, str]:
-    return registry.version_choices(registry.client_for(uri), name)
+    return registry.version_choices(registry.client_for(registry.allowed(uri, STORES)), name)
 
 
 @st.cache_data(ttl=20, show_spinner=False)
 def version_info(uri: str, name: str, version: str) -> registry.VersionInfo:
-    return registry.describe(registry.client_for(uri), uri, name, version)
+    return registry.describe(registry.client_for(registry.allowed(uri, STORES)), uri, name, version)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def loaded_model(uri: str, name: str, version: str):
-    return registry.load_pyfunc(uri, name, version)
+    return registry.load_pyfunc(uri, name, version, STORES)
 
 
 @st.cache_resource
@@ -262,7 +266,7 @@ def show_downloads(results: list[dict], name: str, threshold: float) -> None:
     columns = st.columns(len(results) + 1)
     for column, result, key in zip(columns, results, ("download_mask", "download_mask_b")):
         pred = result["prob"] >= threshold
-        column.download_button(f"Mask stack · {result['label']} (TIFF)", data=lambda p=pred: scoring.mask_tiff(p),
+        column.download_button(f"Mask stack · {result['label']} (TIFF)", data=lambda p=pred: mask_tiff(p),
                                file_name=f"{name}_{result['file_tag']}_mask.tif", mime="image/tiff",
                                key=key, on_click="ignore", icon=":material/download:")
     rows = [{"model": r["label"], **row} for r in results for row in r["rows"]]
@@ -275,8 +279,8 @@ def show_downloads(results: list[dict], name: str, threshold: float) -> None:
 def main() -> None:
     st.set_page_config(page_title="em-unet viewer", page_icon="🔬", layout="wide")
     st.sidebar.header("Model")
-    uri = st.sidebar.text_input("Tracking URI", value=registry.default_tracking_uri(), key="tracking_uri",
-                                help="the MLflow store the pipeline wrote to (MLFLOW_TRACKING_URI)").strip()
+    uri = st.sidebar.selectbox("Tracking store", STORES, key="tracking_store", format_func=redact,
+                               help=f"the stores this viewer was started with (--stores or {registry.STORES_ENV})")
     info, other = pick_model(uri)
     options = segmentation_options()
 

@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pipeline.normalize import stack_stats
-from serving.segmenter import DEFAULT_PARAMS
+from emunet.core.normalize import stack_stats
+from emunet.inference.segmenter import DEFAULT_PARAMS
 
 # Probabilities kept in memory, all sessions together: 2 GB is ~25 stacks of 100 x 512 x 512 float32,
 # and bounds a long session on a workstation.

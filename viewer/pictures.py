@@ -1,10 +1,10 @@
 """The panels of one slice as `(H, W, 3)` uint8 RGB pictures: image, ground truth, prediction, the
-TP / FP / FN overlay of `pipeline.overlay`, and the probability map in a colour scale."""
+TP / FP / FN overlay of `emunet.core.overlay`, and the probability map in a colour scale."""
 
 import cv2
 import numpy as np
 
-from pipeline.overlay import FN, FP, TP, overlay, to_rgb
+from emunet.core.overlay import FN, FP, TP, overlay, to_rgb
 
 # Panels are shown at least this many pixels wide: a 64 x 64 slice in a 300-pixel column would
 # otherwise be blurred by the browser's smooth scaling; integer nearest-neighbour keeps pixels sharp.

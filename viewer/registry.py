@@ -1,17 +1,25 @@
-"""The model picker's view of an MLflow registry: which registered models and versions exist, what a
-version was trained with, how it scored, and where its run is. Plain functions of a tracking URI and an
-`MlflowClient`; no Streamlit, so they are tested against a real SQLite store."""
+"""The model picker's view of an MLflow registry: which tracking stores the viewer may open, which
+registered models and versions they hold, what a version was trained with, how it scored, and where its
+run is. Plain functions of a tracking URI and an `MlflowClient`; no Streamlit, so they are tested against a
+real SQLite store.
 
+The stores come from the server's configuration, never from the page: loading a model imports its code
+and reads its files on the viewer's host, so a visitor must not be able to point the viewer at a store
+of their choosing. `streamlit run viewer/app.py -- --stores URI[,URI...]`, else the environment variable
+EM_UNET_VIEWER_STORES, else MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db`.
+"""
+
+import argparse
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import urlparse
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import InputError
+from emunet.core.errors import InputError
+from emunet.core.tracking import sqlite_path
 
 # Where `mlflow run .` writes when MLFLOW_TRACKING_URI is unset (MLflow's default store, in the cwd).
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -23,20 +31,40 @@ TRAIN_COMMAND = "mlflow run . --env-manager local --experiment-name em-unet"
 KEY_PARAMS = ("preset", "crop_size", "base_filters", "depth", "loss", "epochs", "batch_size", "learning_rate")
 
 
+STORES_ENV = "EM_UNET_VIEWER_STORES"
+
+
 def default_tracking_uri(environ=None) -> str:
     """MLFLOW_TRACKING_URI if set (the store the pipeline wrote to), else MLflow's default store."""
     environ = os.environ if environ is None else environ
     return environ.get("MLFLOW_TRACKING_URI", "").strip() or DEFAULT_TRACKING_URI
 
 
+def configured_stores(argv: list[str] | None = None, environ=None) -> list[str]:
+    """The tracking URIs this viewer may open, in the order the page offers them: `--stores` (comma-
+    separated, after `--` on the `streamlit run` line), else EM_UNET_VIEWER_STORES, else the default."""
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--stores", default="")
+    given = parser.parse_known_args(argv if argv is not None else [])[0].stores or environ.get(STORES_ENV, "")
+    stores = list(dict.fromkeys(u.strip() for u in given.split(",") if u.strip()))
+    return stores or [default_tracking_uri(environ)]
+
+
+def allowed(uri: str, stores: list[str]) -> str:
+    """`uri` if it is one of the configured `stores`; an `InputError` otherwise, before anything opens it."""
+    if uri not in stores:
+        raise InputError("this viewer opens only the tracking stores its server was started with "
+                         f"(--stores or {STORES_ENV}); the one asked for is not among them")
+    return uri
+
+
 def missing_sqlite_file(uri: str) -> str | None:
     """The database file of a `sqlite:///` URI if it does not exist, else None.
 
     Opening a missing SQLite store would create an empty one, so the viewer asks first."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):]
-    return None if path in ("", ":memory:") or Path(path).exists() else path
+    path = sqlite_path(uri)
+    return None if path is None or path.exists() else str(path)
 
 
 def client_for(uri: str) -> MlflowClient:
@@ -125,12 +153,13 @@ def describe(client: MlflowClient, tracking_uri: str, name: str, choice: str) ->
                        run_id=version.run_id or "", run_link=link, test_metrics=metrics, params=params)
 
 
-def load_pyfunc(tracking_uri: str, name: str, version: str):
-    """The pyfunc model of `name` version `version` in the store at `tracking_uri`.
+def load_pyfunc(tracking_uri: str, name: str, version: str, stores: list[str]):
+    """The pyfunc model of `name` version `version` in the store at `tracking_uri`, which must be one of
+    the configured `stores` (loading a model runs its code on this host).
 
     The artifacts are fetched through a client bound to that store, so several sessions looking at
     different stores do not race on MLflow's global tracking URI."""
-    client = client_for(tracking_uri)
+    client = client_for(allowed(tracking_uri, stores))
     source = client.get_model_version_download_uri(name, version)
     local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
     return mlflow.pyfunc.load_model(local)

@@ -1,24 +1,22 @@
 """Scores of a predicted stack for the page and for download: per-slice rows (Dice, IoU, accuracy,
 object counts), whole-stack scores, the per-slice CSV and the mask TIFF. The numbers are those of
-`pipeline.metrics` and the object counts those of `predict`'s `<name>_objects.csv`."""
-
-import io
+`emunet.core.metrics` and the object counts those of `predict`'s `<name>_objects.csv`."""
 
 import numpy as np
-import tifffile
 
-from pipeline.evaluate import rows_to_csv
-from pipeline.metrics import per_slice_scores, stack_scores
-from serving.predict import PredictConfig, objects
+from emunet.core.metrics import per_slice_scores, stack_scores
+from emunet.inference.instances import object_areas
+from emunet.inference.outputs import rows_to_csv
+from emunet.inference.segmenter import DEFAULT_PARAMS
 
-MIN_OBJECT_SIZE = PredictConfig.min_object_size  # the same cut as predict's object counts
+MIN_OBJECT_SIZE = DEFAULT_PARAMS["min_object_size"]  # the same cut as predict's object counts
 # Columns of the table on the page (the CSV has these and the pixel counts).
 TABLE_COLUMNS = ("slice", "dice", "iou", "pixel_accuracy", "precision", "recall", "objects", "objects_truth")
 
 
 def count_objects(mask: np.ndarray, min_size: int = MIN_OBJECT_SIZE) -> int:
     """Number of 8-connected foreground components of a `(H, W)` mask with at least `min_size` pixels."""
-    return len(objects(np.asarray(mask, np.uint8), min_size))
+    return len(object_areas(mask, min_size))
 
 
 def slice_rows(pred: np.ndarray, truth: np.ndarray | None = None, model: str = "") -> list[dict]:
@@ -55,10 +53,3 @@ def scores_csv(rows: list[dict]) -> bytes:
     """The per-slice rows as CSV bytes (UTF-8), header first."""
     return rows_to_csv(rows).encode()
 
-
-def mask_tiff(mask: np.ndarray) -> bytes:
-    """A `(Z, H, W)` {0, 1} mask as a multi-page TIFF, uint8 0 / 255 (as `predict` writes it), one page
-    per slice: it opens as a stack in Fiji."""
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, (np.asarray(mask) != 0).astype(np.uint8) * 255, photometric="minisblack")
-    return buffer.getvalue()

@@ -1,5 +1,5 @@
 """Stacks from the browser: uploaded files (one multi-page TIFF, or several 2-D PNG/TIFF slices) read
-with `pipeline.io`, the same reader and the same checks as the pipeline, with its messages rewritten to
+with `emunet.core.io`, the same reader and the same checks as the pipeline, with its messages rewritten to
 name the uploaded files instead of the server's temporary paths."""
 
 import hashlib
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError
-from pipeline.io import read_stack
-from pipeline.synthetic import synthetic_stack
+from emunet.core.errors import InputError
+from emunet.core.io import read_volume
+from emunet.core.synthetic import synthetic_stack
 
 UPLOAD_TYPES = ("tif", "tiff", "png")
 # The "sample data" button: one synthetic sample, small enough to segment in seconds on a laptop CPU.
@@ -26,7 +26,7 @@ def safe_name(name: str) -> str:
 
 
 def _scrub(message: str, folder: Path) -> str:
-    """`pipeline.io` names files by their path; on the server that is a temporary folder nobody should
+    """`emunet.core.io` names files by their path; on the server that is a temporary folder nobody should
     see. Keep the uploaded names only."""
     return message.replace(str(folder / "slices") + "/", "").replace(str(folder / "slices"), "the uploaded slices") \
         .replace(str(folder) + "/", "").replace(str(folder), "the upload")
@@ -57,7 +57,7 @@ def read_upload(files: list[tuple[str, bytes]]) -> np.ndarray:
         for name, (_, content) in zip(names, files):
             (target / name if len(files) > 1 else target).write_bytes(content)
         try:
-            return read_stack(target)
+            return read_volume(target)
         except InputError as exc:
             raise InputError(_scrub(str(exc), folder)) from None
 
@@ -91,5 +91,5 @@ def digest(stack: np.ndarray) -> str:
 
 
 def sample_data() -> tuple[np.ndarray, np.ndarray]:
-    """The sample stack: `(image, mask)`, `SAMPLE_SHAPE` uint8, from `pipeline.synthetic`."""
+    """The sample stack: `(image, mask)`, `SAMPLE_SHAPE` uint8, from `emunet.core.synthetic`."""
     return synthetic_stack(SAMPLE_SEED, SAMPLE_INDEX, SAMPLE_SHAPE)

@@ -5,13 +5,14 @@ import dataclasses
 import os
 import re
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from pipeline.errors import InputError
+from emunet.core.errors import InputError
+from emunet.core.files import file_lock
 
 DEFAULT_EXPERIMENT = "em-unet"
 
@@ -50,12 +51,23 @@ def local_artifact(uri: str, what: str) -> Path:
         raise InputError(f"no {what} given: pass a folder or an MLflow artifact URI (runs:/<run id>/{what})")
     if Path(uri).is_dir():
         return Path(uri)
+    if Path(uri).exists():
+        raise InputError(f"{uri}: a file, not a {what} folder; pass the folder or runs:/<run id>/{what}")
     if "://" not in uri and ":" not in uri:
         raise InputError(f"{uri}: {what} folder not found")
     try:
         return Path(mlflow.artifacts.download_artifacts(uri))
     except Exception as exc:
         raise InputError(f"{uri}: could not fetch the {what} from MLflow ({exc})") from exc
+
+
+def load_segmenter(model_uri: str):
+    """The segmenter inside a logged pyfunc model (`runs:/`, `models:/` or a local folder)."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except (MlflowException, OSError) as exc:
+        reason = getattr(exc, "message", None) or str(exc)
+        raise InputError(f"{model_uri}: cannot load the model ({reason.strip().splitlines()[0][:300]})") from None
 
 
 def log_config(cfg, **extra) -> None:
@@ -92,24 +104,27 @@ def _probe_database(uri: str) -> None:
         engine.dispose()
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI; None for other stores and in-memory SQLite."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
 @contextmanager
 def sqlite_creation_lock(uri: str):
     """For a `sqlite:///` store, hold an exclusive lock on `<db>.lock` while MLflow opens it: MLflow creates
     and migrates a new store's tables on first use, and two processes doing that at once leave it
     half-migrated for good (`table _alembic_tmp_latest_metrics already exists`). Other stores: no lock."""
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+    path = sqlite_path(uri)
+    with file_lock(f"{path}.lock") if path is not None else nullcontext():
         yield
-        return
-    import fcntl
 
-    lock_path = Path(uri[len("sqlite:///"):].split("?")[0] + ".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+def redact(uri: str) -> str:
+    """A tracking URI fit to print: a database password becomes `***`."""
+    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)
 
 
 def check_tracking() -> None:
@@ -126,7 +141,7 @@ def check_tracking() -> None:
             mlflow.MlflowClient().search_experiments(max_results=1)
     except Exception as exc:
         reason = (str(getattr(exc, "message", "") or exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        shown = re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", uri)  # never print a database password
+        shown = redact(uri)  # never print a database password
         raise InputError(f"cannot use the MLflow tracking store {shown} ({reason.replace(uri, shown)}; after "
                          f"{time.monotonic() - started:.1f} s): start that server or database, or set "
                          f"MLFLOW_TRACKING_URI to one that works (e.g. sqlite:///mlflow.db)") from None

@@ -8,23 +8,26 @@ dataset/
   montage.png               a look at the data
 ```
 Raw values are stored (not normalised floats) so the artifact stays small and normalisation stays the
-one function in `pipeline.normalize`, applied with the per-stack `low` / `high` recorded here.
+one function in `emunet.core.normalize`, applied with the per-stack `low` / `high` recorded here.
 """
 
 import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from pipeline.errors import InputError
-from pipeline.normalize import stack_stats
+from emunet.core.errors import InputError
+from emunet.core.files import atomic_write, partial_path, remove
+from emunet.core.normalize import stack_stats
 
 MANIFEST = "manifest.json"
+MONTAGE = "montage.png"
+STACK_FILES = {"image.npy", "mask.npy"}
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 # Stack names become folder names: keep them to a safe alphabet so a manifest cannot point outside
@@ -58,17 +61,60 @@ def content_hash(*arrays: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def write_dataset(out_dir: str | Path, stacks: list[dict]) -> dict:
+def is_artifact(folder: Path) -> bool:
+    """Whether `folder` holds a dataset artifact and nothing else: a manifest of ours, the montage, and
+    the stack folders it names with their two arrays. Only such a folder may be replaced."""
+    try:
+        names = {info.name for info in read_manifest(folder)["stacks"]}
+    except InputError:
+        return False
+    for entry in folder.iterdir():
+        if entry.name in (MANIFEST, MONTAGE) and entry.is_file():
+            continue
+        if entry.name in names and entry.is_dir() and {f.name for f in entry.iterdir()} <= STACK_FILES:
+            continue
+        return False
+    return True
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Where an artifact may be written: a new or empty folder, or a previous artifact (replaced whole).
+    Raises `InputError` for a file, or a folder holding anything else: it may be the user's own files."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"output_dir {out_dir} exists and is a file; pass a new folder for the dataset artifact")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not is_artifact(out_dir):
+        raise InputError(f"output_dir {out_dir} is a folder that holds files of its own, not a dataset artifact "
+                         f"written by preprocess; refusing to replace it: pass a new or empty folder")
+    return out_dir
+
+
+def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray | None = None) -> dict:
     """Write the artifact from `stacks`: dicts with `name`, `split`, `image` `(Z, H, W)`, `mask`
-    `(Z, H, W)` {0, 1} and optional `source`, `low`, `high` (default: stats of `image`).
+    `(Z, H, W)` {0, 1} and optional `source`, `low`, `high` (default: stats of `image`); `montage` is an
+    `(H, W, 3)` uint8 RGB picture of the data.
 
     Written to a temporary sibling folder and renamed into place, so a killed run leaves no folder that
-    looks finished. Returns the manifest.
+    looks finished. `out_dir` must be new, empty or a previous artifact (`check_output_dir`): a previous
+    artifact is replaced, anything else is refused, never deleted. Returns the manifest.
     """
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir = check_output_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir) as tmp:
+        tmp.mkdir()
+        manifest = _write_contents(tmp, stacks)
+        if montage is not None:
+            cv2.imwrite(str(tmp / MONTAGE), cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
+        old = None
+        if out_dir.is_dir() and any(out_dir.iterdir()):  # a previous artifact: out of the way, then gone
+            old = partial_path(out_dir)
+            os.replace(out_dir, old)
+    if old is not None:
+        remove(old)
+    return manifest
+
+
+def _write_contents(folder: Path, stacks: list[dict]) -> dict:
     infos, hashes = [], {}
     for s in stacks:
         if not SAFE_NAME.fullmatch(s["name"]):
@@ -76,9 +122,9 @@ def write_dataset(out_dir: str | Path, stacks: list[dict]) -> dict:
         low, high = s.get("low"), s.get("high")
         if low is None:
             low, high = stack_stats(s["image"])
-        (tmp / s["name"]).mkdir()
-        np.save(tmp / s["name"] / "image.npy", s["image"])
-        np.save(tmp / s["name"] / "mask.npy", s["mask"].astype(np.uint8))
+        (folder / s["name"]).mkdir()
+        np.save(folder / s["name"] / "image.npy", s["image"])
+        np.save(folder / s["name"] / "mask.npy", s["mask"].astype(np.uint8))
         hashes[s["name"]] = content_hash(s["image"], s["mask"])
         infos.append(StackInfo(s["name"], s["split"], tuple(s["image"].shape), str(s["image"].dtype),
                                float(low), float(high), {**s.get("source", {}), "sha256": hashes[s["name"]]}))
@@ -90,9 +136,7 @@ def write_dataset(out_dir: str | Path, stacks: list[dict]) -> dict:
         "eval_fingerprint": hashlib.sha256("".join(val).encode()).hexdigest()[:16],
         "content_hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest()[:16],
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
 

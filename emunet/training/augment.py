@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.normalize import normalize
+from emunet.core.normalize import normalize
 
 # dtypes that OpenCV remaps directly; others are converted to float32 first.
 WARPABLE = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))

@@ -11,7 +11,7 @@ import os
 
 import tensorflow as tf
 
-from pipeline.errors import InputError
+from emunet.core.errors import InputError
 
 
 def cluster_config(raw: str | None = None) -> dict | None:

@@ -6,11 +6,15 @@ probabilities are added with a weight that is high in its centre and low at its 
 sees least context. Memory is bounded by the slices of one batch, not the stack.
 """
 
+import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.normalize import normalize
+from emunet.core.normalize import normalize
+
+log = logging.getLogger(__name__)
 
 # Tiles overlap by a quarter: nnU-Net uses a half; a quarter is enough with Gaussian weights and
 # costs 1.8x instead of 4x the pixels of the slice.
@@ -47,13 +51,62 @@ def gaussian_window(height: int, width: int) -> np.ndarray:
     return np.maximum(window / window.max(), 1e-3)
 
 
-def plan_tiles(height: int, width: int, tile_size: int, multiple: int, overlap: float):
-    """Padded size and tile boxes for a slice: returns `(pad_h, pad_w, tile_h, tile_w, boxes)`."""
-    tile_h = min(round_up(tile_size, multiple), round_up(height, multiple))
-    tile_w = min(round_up(tile_size, multiple), round_up(width, multiple))
+def tile_side(tile_size: int, multiple: int) -> int:
+    """The one rule for `tile_size` everywhere (pyfunc, predict, Spark, viewer): a U-Net of depth d halves a
+    tile d times, so the side is rounded up to a multiple of `multiple` (= 2**depth x input_scale), and
+    the change is logged. Raises `ValueError` for a side below 1."""
+    if int(tile_size) != tile_size or tile_size < 1:
+        raise ValueError(f"tile_size must be a whole number of pixels >= 1, got {tile_size!r}")
+    side = round_up(int(tile_size), multiple)
+    if side != tile_size:
+        log.info("tile_size %d rounded up to %d, a multiple of %d (this model's down-sampling)", tile_size, side, multiple)
+    return side
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one slice size is cut and batched: written once, used by the tiler and by Spark's chunking.
+
+    Slices are mirrored out to `(pad_h, pad_w)`, cut into `(tile_h, tile_w)` tiles at `boxes` (top-left
+    corners), `batch` tiles per forward pass; `slices_per_pass` slices fill one batch of tiles."""
+
+    pad_h: int
+    pad_w: int
+    tile_h: int
+    tile_w: int
+    boxes: tuple[tuple[int, int], ...]
+    batch: int
+
+    @property
+    def slices_per_pass(self) -> int:
+        """Slices the tiler takes per step: enough to fill a batch of tiles, so that small slices still
+        run in full batches. Spark starts its chunks at multiples of it, so every forward pass holds the
+        very tiles it holds in `predict` (the compiled network can round a tile differently in a batch of
+        another size)."""
+        return max(1, self.batch // len(self.boxes))
+
+
+def plan_tiles(height: int, width: int, tile_size: int, multiple: int, overlap: float = DEFAULT_OVERLAP,
+               batch_size: int = 4) -> TilePlan:
+    """The `TilePlan` of `(height, width)` slices: tiles of at most `tile_side(tile_size, multiple)`,
+    sharing at least `overlap`; at most `batch_size` tiles per pass, further capped by `MAX_BATCH_PIXELS`."""
+    side = tile_side(tile_size, multiple)
+    tile_h = min(side, round_up(height, multiple))
+    tile_w = min(side, round_up(width, multiple))
     pad_h, pad_w = max(height, tile_h), max(width, tile_w)
-    boxes = [(y, x) for y in tile_starts(pad_h, tile_h, overlap) for x in tile_starts(pad_w, tile_w, overlap)]
-    return pad_h, pad_w, tile_h, tile_w, boxes
+    boxes = tuple((y, x) for y in tile_starts(pad_h, tile_h, overlap) for x in tile_starts(pad_w, tile_w, overlap))
+    batch = max(1, min(int(batch_size), MAX_BATCH_PIXELS // (tile_h * tile_w)))
+    return TilePlan(pad_h, pad_w, tile_h, tile_w, boxes, batch)
+
+
+def mirror_pad(slices: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad `(n, h, w)` slices at the bottom and right to `(n, height, width)` by mirroring without
+    repeating the edge pixel ("dcb|abcd|cba": OpenCV's BORDER_REFLECT_101, which training's crops use
+    too, so a network never sees at its border what it never saw in training)."""
+    pad = ((0, 0), (0, height - slices.shape[1]), (0, width - slices.shape[2]))
+    if slices.shape[1] == 1 or slices.shape[2] == 1:  # a 1-pixel side has nothing to mirror
+        return np.pad(slices, pad, mode="edge")
+    return np.pad(slices, pad, mode="reflect")
 
 
 def _views(mode: str) -> list[tuple[bool, bool, bool]]:
@@ -103,25 +156,21 @@ def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.nd
     """
     predict = with_tta(predict, tta)
     z_size, height, width = stack.shape
-    pad_h, pad_w, tile_h, tile_w, boxes = plan_tiles(height, width, tile_size, multiple, overlap)
-    window = gaussian_window(tile_h, tile_w)
-    batch_size = max(1, min(batch_size, MAX_BATCH_PIXELS // (tile_h * tile_w)))
-    weight_sum = np.zeros((pad_h, pad_w), np.float32)
-    for y, x in boxes:
-        weight_sum[y:y + tile_h, x:x + tile_w] += window
-    # Enough slices per step to fill a batch of tiles, so small slices still run in full batches.
-    chunk = max(1, batch_size // len(boxes))
-    for z0 in range(0, z_size, chunk):
-        slices = normalize(stack[z0:z0 + chunk], low, high)
-        slices = np.pad(slices, ((0, 0), (0, pad_h - height), (0, pad_w - width)), mode="symmetric")
-        jobs = [(k, y, x) for k in range(len(slices)) for y, x in boxes]
+    plan = plan_tiles(height, width, tile_size, multiple, overlap, batch_size)
+    window = gaussian_window(plan.tile_h, plan.tile_w)
+    weight_sum = np.zeros((plan.pad_h, plan.pad_w), np.float32)
+    for y, x in plan.boxes:
+        weight_sum[y:y + plan.tile_h, x:x + plan.tile_w] += window
+    for z0 in range(0, z_size, plan.slices_per_pass):
+        slices = mirror_pad(normalize(stack[z0:z0 + plan.slices_per_pass], low, high), plan.pad_h, plan.pad_w)
+        jobs = [(k, y, x) for k in range(len(slices)) for y, x in plan.boxes]
         sums = np.zeros(slices.shape, np.float32)
-        for b in range(0, len(jobs), batch_size):
-            batch = jobs[b:b + batch_size]
-            tiles = np.stack([slices[k, y:y + tile_h, x:x + tile_w] for k, y, x in batch])[..., None]
+        for b in range(0, len(jobs), plan.batch):
+            batch = jobs[b:b + plan.batch]
+            tiles = np.stack([slices[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in batch])[..., None]
             probs = np.asarray(predict(tiles), np.float32)[..., 0]
             for (k, y, x), p in zip(batch, probs):
-                sums[k, y:y + tile_h, x:x + tile_w] += p * window
+                sums[k, y:y + plan.tile_h, x:x + plan.tile_w] += p * window
         for k in range(len(slices)):
             yield sums[k, :height, :width] / weight_sum[:height, :width]
 

@@ -9,21 +9,24 @@ started again with the same command, continues from its last completed epoch in 
   lock                            held (flock) while a process trains from this folder
   worker-1/ ...                   the same for each other worker of a multi-worker cluster
 ```
-An epoch's folder is written in full before `state.json` names it, and `state.json` is written to a
-temporary name and renamed: a kill at any moment leaves the previous epoch's backup intact.
+An epoch's folder is written in full and flushed to disk before `state.json` names it, and `state.json`
+is written to a temporary name, flushed and renamed: a kill or a power cut at any moment leaves the
+previous epoch's backup intact.
 """
 
 import fcntl
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError
+from emunet.core.errors import InputError
+from emunet.core.files import atomic_write, fsync_path, remove
+from emunet.training.distribute import is_chief
+from emunet.training.state import TrainingState
 
 DEFAULT_ROOT = ".em-unet-checkpoints"
 STATE = "state.json"
@@ -47,21 +50,10 @@ def backup_dir(checkpoint_dir: str, key: str, cluster: dict | None = None) -> Pa
     subfolder (every worker saves, and they must not overwrite each other)."""
     folder = Path(checkpoint_dir) if checkpoint_dir else Path.cwd() / DEFAULT_ROOT / key
     if cluster is not None:
-        from pipeline.distribute import is_chief
-
         if not is_chief(cluster):
             task = cluster["task"]
             folder = folder / f"{task['type']}-{task['index']}"
     return folder
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Backup:
@@ -88,31 +80,34 @@ class Backup:
             self._lock.close()  # closing the file releases the lock; a killed process releases it too
             self._lock = None
 
-    def load(self) -> dict | None:
-        """The last complete backup as `{"state", "weights" (path), "best_weights" (arrays)}`, or None.
+    def load(self) -> tuple[TrainingState, Path] | None:
+        """The last complete backup as `(state, path of the weights and optimizer state)`, or None.
         Raises `InputError` when the folder holds the backup of another training."""
         path = self.folder / STATE
         if not path.is_file():
             return None
-        state = json.loads(path.read_text())
-        if state.get("key") != self.key:
-            raise InputError(f"{self.folder} holds the backup of another training (key {state.get('key')}, this "
+        data = json.loads(path.read_text())
+        if data.get("key") != self.key:
+            raise InputError(f"{self.folder} holds the backup of another training (key {data.get('key')}, this "
                              f"one is {self.key}); delete the folder or pass another checkpoint_dir")
-        epoch_dir = self.folder / state["folder"]
+        epoch_dir = self.folder / data["folder"]
         with np.load(epoch_dir / "best.npz") as best:
             best_weights = [best[f"arr_{i}"] for i in range(len(best.files))]
-        return {"state": state, "weights": epoch_dir / "model.weights.h5", "best_weights": best_weights}
+        return TrainingState.from_json(data, best_weights), epoch_dir / "model.weights.h5"
 
-    def save(self, state: dict, model, best_weights: list) -> None:
-        """Write the backup after an epoch: `model`'s weights and optimizer state, `best_weights`, and
-        `state` (JSON-able: epoch counters, run id, ...). `state["next_epoch"]` names the folder."""
-        name = f"epoch-{state['next_epoch']}"
+    def save(self, state: TrainingState, model) -> None:
+        """Write the backup after an epoch: `model`'s weights and optimizer state, the state's best
+        weights, then `state.json` naming them. Everything is on disk before the pointer moves."""
+        name = f"epoch-{state.next_epoch}"
         epoch_dir = self.folder / name
         shutil.rmtree(epoch_dir, ignore_errors=True)  # a leftover of a kill during an earlier write
         epoch_dir.mkdir(parents=True)
         model.save_weights(epoch_dir / "model.weights.h5")
-        np.savez(epoch_dir / "best.npz", *best_weights)
-        _write_atomic(self.folder / STATE, json.dumps({**state, "key": self.key, "folder": name}, indent=1))
+        np.savez(epoch_dir / "best.npz", *state.best_weights)
+        for path in (epoch_dir / "model.weights.h5", epoch_dir / "best.npz", epoch_dir, self.folder):
+            fsync_path(path)
+        with atomic_write(self.folder / STATE, durable=True) as tmp:
+            tmp.write_text(json.dumps({**state.to_json(), "key": self.key, "folder": name}, indent=1))
         for old in self.folder.glob("epoch-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -120,8 +115,8 @@ class Backup:
     def remove(self) -> None:
         """Delete this process's backup after a successful finish (other workers' subfolders are theirs)."""
         (self.folder / STATE).unlink(missing_ok=True)
-        for old in self.folder.glob("epoch-*"):
-            shutil.rmtree(old, ignore_errors=True)
+        for old in [*self.folder.glob("epoch-*"), *self.folder.glob(f"{STATE}.*.partial")]:
+            remove(old)
         (self.folder / "lock").unlink(missing_ok=True)
         # Empty folders that backups made: this one, the chief's (from a worker's subfolder), and the
         # default root. Only if empty: another worker's backup or another training's stays.

@@ -1,39 +1,41 @@
 """The training loop's callbacks: the learning-rate schedule (warm-up, then cosine) and the per-epoch
 validation on full held-out slices, which keeps the best weights, logs to MLflow and decides when to stop.
 
-`cfg` is a resolved `pipeline.train.TrainConfig`."""
+Both read and update one `TrainingState`, which the resume backup saves after every epoch. `cfg` is a
+resolved `emunet.training.config.TrainConfig`.
 
-from __future__ import annotations
+Why not `keras.optimizers.schedules.CosineDecay`: its progress is the optimizer step, whereas here it
+is the larger of the share of epochs and the share of the time budget spent, so that the decay ends when
+a `max_minutes` run ends; a step-based schedule cannot know when that will be.
+"""
 
 import math
 import time
-from typing import TYPE_CHECKING
 
 import keras
 import mlflow
 import numpy as np
 
-from pipeline.dataset import open_stack
-from pipeline.distribute import agree
-from pipeline.metrics import stack_scores
-from pipeline.model import UNetSpec, multiple_of
-from pipeline.normalize import normalize
-from pipeline.overlay import montage, overlay
-from serving.segmenter import compiled_forward
-from serving.tiling import predict_probabilities
-
-if TYPE_CHECKING:
-    from pipeline.train import TrainConfig
+from emunet.core.dataset import open_stack
+from emunet.core.losses import get_loss
+from emunet.core.metrics import stack_scores
+from emunet.core.model import UNetSpec, multiple_of
+from emunet.core.normalize import normalize
+from emunet.core.overlay import montage, overlay
+from emunet.inference.segmenter import compiled_forward
+from emunet.inference.tiling import predict_probabilities
+from emunet.training.config import TrainConfig
+from emunet.training.distribute import agree
+from emunet.training.state import TrainingState
 
 MIN_LR_RATIO = 0.01  # the cosine ends at 1 % of the peak rate, not 0: the last epochs still learn
 
 
-def bce_dice_numpy(prob: np.ndarray, truth: np.ndarray) -> float:
-    """The training loss on validation probabilities, computed on the host (no second forward pass)."""
-    p = np.clip(prob, 1e-7, 1 - 1e-7)
-    bce = -np.mean(truth * np.log(p) + (1 - truth) * np.log(1 - p))
-    dice = 1 - (2 * np.sum(prob * truth) + 1) / (np.sum(prob) + np.sum(truth) + 1)
-    return float(bce + dice)
+def validation_loss(name: str, prob: np.ndarray, truth: np.ndarray) -> float:
+    """The training loss `name` on the validation probabilities, the whole held-out set as one batch,
+    computed from the probabilities validation already has (no second forward pass)."""
+    loss = get_loss(name)(np.asarray(truth, np.float32)[..., None], np.asarray(prob, np.float32)[..., None])
+    return float(keras.ops.convert_to_numpy(loss))
 
 
 def schedule_rate(peak: float, step: int, warmup_steps: int, progress: float, kind: str) -> float:
@@ -50,62 +52,60 @@ def schedule_rate(peak: float, step: int, warmup_steps: int, progress: float, ki
 class Schedule(keras.callbacks.Callback):
     """Sets the learning rate (see `schedule_rate`). Progress is the larger of the share of `epochs` done
     and the share of the time budget spent, so the decay ends when training ends, whichever limit ends
-    it; all workers of a cluster agree on it (`pipeline.distribute.agree`)."""
+    it; all workers of a cluster agree on it (`emunet.training.distribute.agree`)."""
 
-    def __init__(self, cfg: TrainConfig, peak: float, strategy):
+    def __init__(self, cfg: TrainConfig, peak: float, strategy, state: TrainingState):
         super().__init__()
-        self.cfg, self.peak, self.strategy = cfg, peak, strategy
+        self.cfg, self.peak, self.strategy, self.state = cfg, peak, strategy, state
         self.warmup_steps = cfg.warmup_epochs * cfg.steps_per_epoch
-        self.step, self.progress, self.started = 0, 0.0, time.monotonic()
-        self.spent_before = 0.0  # seconds of completed epochs before a resume: the budget is for the whole run
+        self.progress = 0.0
 
     def _set(self):
-        rate = schedule_rate(self.peak, self.step, self.warmup_steps, self.progress, self.cfg.lr_schedule)
+        rate = schedule_rate(self.peak, self.state.schedule_step, self.warmup_steps, self.progress, self.cfg.lr_schedule)
         self.model.optimizer.learning_rate.assign(rate)
 
-    def on_train_begin(self, logs=None):
-        self.started = time.monotonic() - self.spent_before
-
     def on_epoch_begin(self, epoch, logs=None):
-        spent = (time.monotonic() - self.started) / (self.cfg.max_minutes * 60) if self.cfg.max_minutes else 0.0
+        budget = self.cfg.max_minutes * 60
+        spent = self.state.spent_seconds / budget if budget else 0.0
         warm_epochs = max(0, epoch - self.cfg.warmup_epochs)
         by_epochs = warm_epochs / max(1, self.cfg.epochs - self.cfg.warmup_epochs)
         self.progress = agree(self.strategy, max(by_epochs, spent))
         self._set()
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.step < self.warmup_steps:
+        if self.state.schedule_step < self.warmup_steps:
             self._set()
-        self.step += 1
+        self.state.schedule_step += 1
 
 
 class Validation(keras.callbacks.Callback):
-    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics, loss, learning rate,
-    throughput and an overlay to MLflow (the chief only), keep the best weights by `val_dice`, and stop
-    early after `patience` epochs without progress or when the time budget would overrun.
+    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics, the training loss on
+    them (`val_loss`, the configured `loss`), learning rate, throughput and an overlay to MLflow (the
+    chief only), keep the best weights by `val_dice`, and stop early after `patience` epochs without
+    progress or when the time budget would overrun.
 
     Validation runs on `eval_model`, a plain float32 copy of the network outside any distribution
     strategy, compiled with XLA like the served model: what is measured is what will be served.
 
-    `backup(epoch, metrics, stop, elapsed)` is called after each epoch's decisions and before its metrics
-    are logged: a run killed in between re-logs them from the backup when it resumes, never twice."""
+    `backup(state)` is called after each epoch's decisions and before its metrics are logged: a run
+    killed in between re-logs them from the backup when it resumes, never twice."""
 
     def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int, eval_model,
-                 strategy, chief: bool = True, backup=None):
+                 strategy, state: TrainingState, chief: bool = True, backup=None):
         super().__init__()
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
+        self.state, self.backup = state, backup
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
         self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
         self.multiple = multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale))
-        self.best_dice, self.best_weights, self.best_epoch = -1.0, None, -1
-        self.started = self.epoch_started = time.monotonic()
-        self.backup, self.spent_before, self.epochs_done = backup, 0.0, 0
+        self.began = self.epoch_began = time.monotonic()
+        self.spent_before = 0.0
 
     def on_train_begin(self, logs=None):
-        self.started = time.monotonic() - self.spent_before
+        self.began, self.spent_before = time.monotonic(), self.state.spent_seconds
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_started = time.monotonic()
+        self.epoch_began = time.monotonic()
 
     def weights(self) -> list:
         """The weights to validate and keep: the trained ones, or with `ema` their moving average (the
@@ -125,7 +125,7 @@ class Validation(keras.callbacks.Callback):
             truths.append(np.asarray(mask))
         prob, truth = np.concatenate(probs), np.concatenate(truths)
         scores = stack_scores(prob >= 0.5, truth)
-        scores["loss"] = bce_dice_numpy(prob, truth)
+        scores["loss"] = validation_loss(self.cfg.loss, prob, truth)
         return scores, probs
 
     def picture(self, probs) -> np.ndarray:
@@ -135,26 +135,28 @@ class Validation(keras.callbacks.Callback):
         return montage(tiles, columns=len(tiles))
 
     def on_epoch_end(self, epoch, logs=None):
-        train_seconds = time.monotonic() - self.epoch_started
+        state = self.state
+        train_seconds = time.monotonic() - self.epoch_began
         scores, probs = self.evaluate()
         metrics = {f"val_{k}": v for k, v in scores.items()}
         metrics.update(loss=float(logs["loss"]), images_per_sec=self.images_per_epoch / train_seconds,
                        learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        improved = scores["dice"] > self.best_dice
+        improved = scores["dice"] > state.best_dice
         if improved:
-            self.best_dice, self.best_epoch = scores["dice"], epoch
-            self.best_weights = self.eval_model.get_weights()
+            state.best_dice, state.best_epoch = scores["dice"], epoch
+            state.best_weights = self.eval_model.get_weights()
         if self.chief and improved:
             mlflow.log_image(self.picture(probs), "val_overlay.png")  # rewritten, not doubled, if redone
-        elapsed = time.monotonic() - self.started
-        epoch_seconds = time.monotonic() - self.epoch_started
+        elapsed = self.spent_before + time.monotonic() - self.began
+        epoch_seconds = time.monotonic() - self.epoch_began
         over_budget = bool(self.cfg.max_minutes and elapsed + epoch_seconds > self.cfg.max_minutes * 60)
-        stalled = bool(self.cfg.patience and epoch - self.best_epoch >= self.cfg.patience)
+        stalled = bool(self.cfg.patience and epoch - state.best_epoch >= self.cfg.patience)
         # Every worker must stop after the same epoch, or the others would wait for it forever.
         over_budget, stalled = (agree(self.strategy, float(flag)) > 0 for flag in (over_budget, stalled))
-        self.epochs_done = epoch + 1
+        state.next_epoch, state.spent_seconds, state.stopped = epoch + 1, elapsed, over_budget or stalled
+        state.metrics = metrics
         if self.backup is not None:
-            self.backup(epoch, metrics, over_budget or stalled, elapsed)
+            self.backup(state)
         if self.chief:
             mlflow.log_metrics(metrics, step=epoch)
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
@@ -164,4 +166,4 @@ class Validation(keras.callbacks.Callback):
             print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)
         elif stalled:
             print(f"no better val_dice for {self.cfg.patience} epochs: stopping after epoch {epoch + 1}", flush=True)
-        self.model.stop_training = self.model.stop_training or over_budget or stalled
+        self.model.stop_training = self.model.stop_training or state.stopped

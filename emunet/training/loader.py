@@ -14,8 +14,8 @@ import cv2
 import keras
 import numpy as np
 
-from pipeline.augment import AugmentSpec, foreground_points, random_patch
-from pipeline.dataset import StackInfo, open_stack
+from emunet.training.augment import AugmentSpec, foreground_points, random_patch
+from emunet.core.dataset import StackInfo, open_stack
 
 
 class SharedArray(np.ndarray):
@@ -49,7 +49,7 @@ class PatchDataset(keras.utils.PyDataset):
     `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`.
 
     Stacks are chosen in proportion to their number of slices, so every slice is equally likely;
-    `augment` says how patches are transformed (`pipeline.augment.AugmentSpec`).
+    `augment` says how patches are transformed (`emunet.training.augment.AugmentSpec`).
     """
 
     def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,

@@ -1,0 +1,90 @@
+"""What `predict`, `predict_spark` and the viewer write: output names, the mask and probability TIFFs
+(one page per slice, written as slices come), and the objects table (per slice: count and areas).
+
+Files are written to attempt-unique temporary names and renamed when complete (`emunet.core.files`).
+"""
+
+import contextlib
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from emunet.core.errors import InputError
+from emunet.core.files import atomic_writes
+
+OBJECT_COLUMNS = ["slice", "objects", "total_area", "mean_area", "areas"]
+
+
+def stack_name(path: Path) -> str:
+    """The `<name>` of an input's outputs: a file's name without its suffix, or a folder's name."""
+    return path.stem if path.is_file() else path.name
+
+
+def output_names(paths: list[Path]) -> list[str]:
+    """`<name>` of every input, refused before any work when two inputs would write the same files
+    (`a/cells.tif` and `b/cells.tif` both make `cells_mask.tif`): the second would silently win."""
+    names = [stack_name(p) for p in paths]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        which = ", ".join(str(p) for p in paths if stack_name(p) in clashes)
+        raise InputError(f"several inputs would write the same output name {', '.join(clashes)} ({which}); "
+                         f"rename one, or segment them in separate runs with different output_dir")
+    return names
+
+
+def object_row(z: int, areas: list[int]) -> list:
+    """A row of the objects table: slice, object count, total and mean area, the areas."""
+    return [z, len(areas), sum(areas), round(float(np.mean(areas)), 1) if areas else 0.0, " ".join(map(str, areas))]
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    """Dict rows (all with the keys of the first) as CSV text, header first."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def mask_page(mask: np.ndarray) -> np.ndarray:
+    """A `(H, W)` (or stack) {0, 1} / boolean mask as stored: uint8 0 / 255, which every viewer shows."""
+    return (np.asarray(mask) != 0).astype(np.uint8) * np.uint8(255)
+
+
+def mask_tiff(mask: np.ndarray) -> bytes:
+    """A `(Z, H, W)` mask as multi-page TIFF bytes, uint8 0 / 255, one page per slice (a stack in Fiji)."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, mask_page(mask), photometric="minisblack")
+    return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def result_files(out_dir: Path, name: str, probability: bool = False, objects: bool = True):
+    """Write one input's results slice by slice: yields `add(z, mask, prob=None, areas=None)`.
+
+    Files: `<name>_mask.tif` (uint8 0 / 255), with `probability` `<name>_prob.tif` (float32), with
+    `objects` `<name>_objects.csv` (`OBJECT_COLUMNS`). All are renamed into place together when the
+    block ends without an error; a failure or a kill leaves no file that looks finished."""
+    targets = {"mask": out_dir / f"{name}_mask.tif"}
+    if probability:
+        targets["prob"] = out_dir / f"{name}_prob.tif"
+    if objects:
+        targets["objects"] = out_dir / f"{name}_objects.csv"
+    with atomic_writes(targets) as tmp, contextlib.ExitStack() as files:
+        mask_tif = files.enter_context(tifffile.TiffWriter(tmp["mask"]))
+        prob_tif = files.enter_context(tifffile.TiffWriter(tmp["prob"])) if probability else None
+        table = csv.writer(files.enter_context(open(tmp["objects"], "w", newline=""))) if objects else None
+        if table is not None:
+            table.writerow(OBJECT_COLUMNS)
+
+        def add(z: int, mask: np.ndarray, prob: np.ndarray | None = None, areas: list[int] | None = None) -> None:
+            mask_tif.write(mask_page(mask), contiguous=True, photometric="minisblack")
+            if prob_tif is not None:
+                prob_tif.write(np.asarray(prob, np.float32), contiguous=True, photometric="minisblack")
+            if table is not None:
+                table.writerow(object_row(z, areas))
+
+        yield add
