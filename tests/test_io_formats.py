@@ -14,7 +14,7 @@ import tifffile
 import zarr
 
 from emunet.core.errors import InputError
-from emunet.core.io import open_volume, read_volume
+from emunet.core.io import open_volume, read_mask, read_volume
 
 
 def one_line_error(path, message, **options):
@@ -320,3 +320,11 @@ def test_level_is_refused_where_there_are_no_levels_and_new_suffixes_are_listed(
     (tmp_path / "x.jpg").write_bytes(b"1234")
     message = one_line_error(tmp_path / "x.jpg", "unsupported file type")
     assert all(s in message for s in (".mrc", ".rec", ".st", ".h5", ".zarr folder"))
+
+
+def test_labels_take_the_same_region_as_their_image(tmp_path):
+    labels = np.zeros((6, 10, 10), np.uint8)
+    labels[3, 4, 5] = 7
+    zarr.create_array(tmp_path / "labels.zarr", data=labels)
+    mask = read_mask(tmp_path / "labels.zarr", (2, 5, 5), "image.mrc", region="2:4,2:7,5:10")
+    assert mask.shape == (2, 5, 5) and mask.sum() == 1 and mask[1, 2, 0] == 1

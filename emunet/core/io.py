@@ -677,11 +677,12 @@ def check_same_shape(labels: Volume, image_shape: tuple, image_path: str | Path)
                          f"has {tuple(image_shape)}")
 
 
-def read_mask(path: str | Path, image_shape: tuple, image_path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, image_shape: tuple, image_path: str | Path, **options) -> np.ndarray:
     """Read a label stack for an image of `image_shape` and binarise it: any non-zero value is foreground.
+    `options` are `open_volume`'s (`level`, `region`: give the labels the image's).
 
     Returns `(Z, H, W)` uint8 in {0, 1}. Raises `InputError` if the shapes differ or nothing is foreground."""
-    with open_volume(path) as labels:
+    with open_volume(path, **options) as labels:
         check_same_shape(labels, image_shape, image_path)
         mask = np.stack([np.asarray(labels[z]) != 0 for z in range(labels.shape[0])]).astype(np.uint8)
     if not mask.any():
