@@ -51,6 +51,7 @@ class MainConfig:
     seed: int = TrainConfig.seed
     registered_model: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS
+    champion_metric: str = EvaluateConfig.champion_metric
     experiment: str = DEFAULT_EXPERIMENT
 
 

@@ -4,10 +4,13 @@
     python -m serving.predict --model_uri models:/em-unet/3 --input a.tif,b.tif --labels a_gt.tif,b_gt.tif
 
 For each input `<name>` it writes `<name>_mask.tif` (uint8, 0 / 255), optionally `<name>_prob.tif`
-(float32), and `<name>_objects.csv` (per slice: object count and areas). Results are written slice by
+(float32) and `<name>_labels.tif` (uint32 instance ids: touching cells separated and followed through
+the slices), and `<name>_objects.csv` (per slice: count and areas of those instances). Results are written slice by
 slice to `.partial` files that are renamed only when complete. Images and labels are read one slice at a
 time, so memory does not grow with the stack. Two inputs that would write the same `<name>` are refused
-before any work. With `labels`, the prediction is also scored and the scores are logged to MLflow.
+before any work. With `labels`, the prediction is also scored, on pixels (Dice...) and on objects (object F1...,
+`emunet.core.metrics.ObjectScorer`), the scores are logged to MLflow and printed, with
+`per_slice_scores.csv` (one row per slice) as an artifact of the run.
 """
 
 from dataclasses import dataclass
@@ -21,11 +24,12 @@ from emunet.core.cli import run_entry
 from emunet.core.errors import InputError
 from emunet.core.files import output_folder
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume
-from emunet.core.metrics import per_slice_scores, scores_from_counts
+from emunet.core.metrics import ObjectScorer, per_slice_scores, scores_from_counts
+from emunet.core.objects import sizes, truth_objects
 from emunet.core.normalize import stack_stats
 from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.inference.instances import object_areas
-from emunet.inference.outputs import output_names, result_files
+from emunet.inference.instances import SliceLinker, slice_instances
+from emunet.inference.outputs import output_names, result_files, rows_to_csv
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 
 
@@ -44,14 +48,21 @@ class PredictConfig:
     tta: str = DEFAULT_PARAMS["tta"]  # "flips" or "d4": averaged over 4 or 8 views, 4x or 8x the time
     save_probability: bool = False  # also write <name>_prob.tif (float32, 4x the mask's size)
     min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice; smaller pieces are not objects
+    seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # cores that seed one object each; <= threshold: no split
+    save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
+    label_kind: str = "mask"  # `labels` are a mask (objects: its components) or "instances" (values are ids)
     experiment: str = DEFAULT_EXPERIMENT
 
 
 def options(cfg) -> dict:
     """The segmenter params of a predict-like config, checked (an `InputError` names a bad one)."""
-    params = {k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta", "min_object_size")}
+    params = {k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta", "min_object_size",
+                                            "seed_threshold")}
     resolve_options(params)
     return params
+
+
+LABEL_KINDS = ("mask", "instances")
 
 
 def window(stack, path: Path) -> tuple[float, float]:
@@ -63,21 +74,25 @@ def window(stack, path: Path) -> tuple[float, float]:
 
 
 def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path, truth=None,
-                  low_high: tuple[float, float] | None = None) -> list[dict]:
+                  low_high: tuple[float, float] | None = None, scorer: ObjectScorer | None = None) -> list[dict]:
     """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) slice by slice, writing
-    `<name>_*` files as slices come. `truth` (same shape, any non-zero is foreground) is read one slice
-    at a time too; `low_high` is the stack's intensity window (default: computed here). Returns
-    per-slice score rows (empty without `truth`)."""
+    `<name>_*` files as slices come. `truth` (same shape; a mask, or ids with `label_kind="instances"`)
+    is read one slice at a time too, and its objects are added to `scorer`; `low_high` is the stack's
+    intensity window (default: computed here). Returns per-slice score rows (empty without `truth`)."""
     low, high = low_high or stack_stats(stack)
     probs = segmenter.iter_probabilities(stack, low, high, **options(cfg))
-    rows = []
-    with result_files(out_dir, name, probability=cfg.save_probability) as add:
+    linker, rows = SliceLinker(), []
+    with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels) as add:
         for z, prob in enumerate(tqdm(probs, total=len(stack), desc=name, unit="slice")):
             mask = prob >= cfg.threshold
-            add(z, mask, prob, object_areas(mask, cfg.min_object_size))
+            objects = slice_instances(prob, cfg.threshold, cfg.seed_threshold, cfg.min_object_size)
+            add(z, mask, prob, sizes(objects), linker.ids(objects) if cfg.save_labels else None)
             if truth is not None:
-                rows.append({"stack": name, **per_slice_scores(mask[None], np.asarray(truth[z])[None] != 0)[0],
-                             "slice": z})
+                true = np.asarray(truth[z])
+                found = scorer.add(objects, truth_objects(true, cfg.min_object_size, cfg.label_kind == "instances"))
+                rows.append({"stack": name, **per_slice_scores(mask[None], true[None] != 0)[0], "slice": z,
+                             "objects": found["predicted"], "objects_truth": found["true"],
+                             "objects_matched": found["matched"]})
     return rows
 
 
@@ -91,19 +106,21 @@ def predict(cfg: PredictConfig) -> dict:
     missing = [str(p) for p in [*inputs, *labels] if not p.exists()]
     if missing:
         raise InputError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if cfg.label_kind not in LABEL_KINDS:
+        raise InputError(f"label_kind must be one of {', '.join(LABEL_KINDS)}, got {cfg.label_kind!r}")
     names = output_names(inputs)  # before any work: a second input must not overwrite the first's results
     options(cfg)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
-        rows, written = [], []
+        rows, written, scorer = [], [], ObjectScorer()
         for i, (path, name) in enumerate(zip(inputs, names)):
             with open_volume(path) as stack:
                 if labels:
                     with open_volume(labels[i]) as truth:
                         check_same_shape(truth, stack.shape, path)
-                        rows += predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path))
+                        rows += predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path), scorer)
                 else:
                     predict_stack(segmenter, stack, name, cfg, out_dir, low_high=window(stack, path))
             written.append(name)
@@ -111,8 +128,10 @@ def predict(cfg: PredictConfig) -> dict:
         if rows:
             totals = [sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")]
             metrics = {**scores_from_counts(*totals),
-                       "median_slice_accuracy": float(np.median([r["pixel_accuracy"] for r in rows]))}
+                       "median_slice_accuracy": float(np.median([r["pixel_accuracy"] for r in rows])),
+                       **scorer.scores()}
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
+            mlflow.log_text(rows_to_csv(rows), "per_slice_scores.csv")
             print("scores: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         print(f"wrote {len(written)} segmentation(s) to {out_dir.resolve()}")
         return {"run_id": run.info.run_id, "outputs": sorted(str(p) for p in out_dir.iterdir()), "metrics": metrics}

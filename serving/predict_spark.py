@@ -36,7 +36,8 @@ from emunet.core.files import atomic_write, output_folder
 from emunet.core.io import list_stack_paths, open_volume
 from emunet.core.normalize import stack_stats
 from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.inference.instances import object_areas
+from emunet.core.objects import sizes
+from emunet.inference.instances import slice_instances
 from emunet.inference.outputs import object_row, output_names, result_files
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 from emunet.inference.tiling import plan_tiles
@@ -63,6 +64,7 @@ class PredictSparkConfig:
     batch_size: int = DEFAULT_PARAMS["batch_size"]
     tta: str = DEFAULT_PARAMS["tta"]
     min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice, as in predict
+    seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # as in predict: touching cells counted apart
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT
 
@@ -126,17 +128,18 @@ def stack_facts(frames):
         yield pd.DataFrame(rows, columns=_columns(FACTS))
 
 
-def _segment_range(stack, row, segmenter, options: dict, threshold: float, min_size: int) -> list[tuple]:
+def _segment_range(stack, row, segmenter, options: dict, threshold: float, min_size: int,
+                   seed_threshold: float) -> list[tuple]:
     probs = segmenter.iter_probabilities(SliceRange(stack, row.z_start, row.z_end), row.low, row.high,
                                          threshold=threshold, **options)
     out = []
     for z, prob in enumerate(probs, start=row.z_start):
-        mask = prob >= threshold
-        out.append((row.stack, np.packbits(mask).tobytes(), *object_row(z, object_areas(mask, min_size))))
+        objects = slice_instances(prob, threshold, seed_threshold, min_size)
+        out.append((row.stack, np.packbits(prob >= threshold).tobytes(), *object_row(z, sizes(objects))))
     return out
 
 
-def segment_chunks(frames, options: dict, threshold: float, min_size: int):
+def segment_chunks(frames, options: dict, threshold: float, min_size: int, seed_threshold: float):
     """mapInPandas, rows `(stack, path, z_start, z_end, low, high)` -> one row per slice: the mask as
     packed bits and its objects, computed as `predict` computes them. Why not `mlflow.pyfunc.spark_udf`:
     it hands the pyfunc's `predict` a batch of rows, and `predict` normalises what it is given by that
@@ -146,7 +149,7 @@ def segment_chunks(frames, options: dict, threshold: float, min_size: int):
     for frame in frames:
         for row in frame.itertuples(index=False):
             run = functools.partial(_segment_range, row=row, segmenter=segmenter, options=options,
-                                    threshold=threshold, min_size=min_size)
+                                    threshold=threshold, min_size=min_size, seed_threshold=seed_threshold)
             yield pd.DataFrame(_with_stack(row.path, run), columns=_columns(SLICES))
 
 
@@ -202,7 +205,7 @@ def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
     if missing:
         raise InputError(f"{len(missing)} input(s) not found: {', '.join(missing[:5])}")
     resolve_options({k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta",
-                                                   "min_object_size")})
+                                                   "min_object_size", "seed_threshold")})
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
     return paths, output_names(paths)
@@ -233,8 +236,8 @@ def _segment_on_spark(spark, paths: list[Path], names: list[str], model_dir: Pat
                                    "stack long, path string, z_start long, z_end long, low double, high double")
     shapes = {int(f.stack): (names[f.stack], int(f.slices), int(f.height), int(f.width)) for f in facts.itertuples()}
     options = dict(tile_size=cfg.tile_size, overlap=cfg.overlap, batch_size=cfg.batch_size, tta=cfg.tta)
-    threshold, min_size, target = cfg.threshold, cfg.min_object_size, str(out_dir)
-    segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, options, threshold, min_size), SLICES)
+    threshold, min_size, seeds, target = cfg.threshold, cfg.min_object_size, cfg.seed_threshold, str(out_dir)
+    segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, options, threshold, min_size, seeds), SLICES)
     table = segmented.groupBy("stack").applyInPandas(lambda frame: write_mask_stack(frame, target, shapes), TABLE)
     return table.toPandas(), len(rows)
 

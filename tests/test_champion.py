@@ -109,3 +109,31 @@ def test_the_store_lock_serialises_champion_moves(tmp_path):
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
     with registry_lock("http://mlflow:5000", "m") as locked:
         assert locked is False  # a server: no lock, the settle loop instead
+
+
+def test_the_champion_is_chosen_on_the_champion_metric_and_a_missing_score_is_measured_once(world):
+    """A model with the better Dice that merges touching cells (object F1 0.39) must not stay champion
+    against one that finds the cells (0.85) when the rule is object F1; it does when the rule is Dice. A
+    champion registered before object scores existed has no `test_object_f1`: it is re-scored on this data
+    once, and the score is kept as a tag."""
+    client = MlflowClient()
+    name = "by-metric"
+    old, new = (str(mlflow.register_model(world["trained"]["model_uri"], name).version) for _ in range(2))
+    for version, dice, f1 in ((old, 0.96, 0.39), (new, 0.95, 0.85)):
+        client.set_model_version_tag(name, version, "test_dice", repr(dice))
+        client.set_model_version_tag(name, version, "test_object_f1", repr(f1))
+        client.set_model_version_tag(name, version, "data_fingerprint", "this-data")
+    client.set_registered_model_alias(name, "champion", old)
+    refuse = lambda version: pytest.fail("a champion with a score on this data must not be re-scored")  # noqa: E731
+    assert promote_if_better(client, world["uri"], name, "champion", new, 0.95, "this-data", refuse)[0] is False
+    assert promote_if_better(client, world["uri"], name, "champion", new, 0.85, "this-data", refuse,
+                             metric="test_object_f1")[:3] == (True, old, 0.39)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == new
+    client.delete_model_version_tag(name, new, "test_object_f1")  # as a version from before object scores
+    third = str(mlflow.register_model(world["trained"]["model_uri"], name).version)
+    calls = []
+    for _ in range(2):
+        result = promote_if_better(client, world["uri"], name, "champion", third, 0.5, "this-data",
+                                   lambda version: calls.append(str(version)) or 0.7, metric="test_object_f1")
+        assert result == (False, new, 0.7)
+    assert calls == [new] and client.get_model_version(name, new).tags["test_object_f1.this-data"] == "0.7"

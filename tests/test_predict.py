@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 import tifffile
 
-from emunet.inference.instances import object_areas as objects
+from emunet.core.metrics import ObjectScorer
+from emunet.core.objects import sizes, truth_objects
+from emunet.inference.instances import slice_instances
 from serving.predict import PredictConfig, predict
 from tests.conftest import run_module
-
-
-def test_objects_counts_components_above_the_minimum_size():
-    mask = np.zeros((20, 20), np.uint8)
-    mask[1:4, 1:4] = 1  # 9 px
-    mask[10:15, 10:16] = 1  # 30 px
-    mask[18, 18] = 1  # 1 px: noise
-    assert objects(mask, min_size=5) == [9, 30]
 
 
 def test_two_inputs_with_the_same_name_are_refused_before_any_work(world, tmp_path):
@@ -75,22 +69,41 @@ def test_predict_writes_results_and_scores_with_labels(world, tmp_path):
     tifffile.imwrite(tmp_path / "cells_gt.tif", truth, photometric="minisblack")
     cfg = PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "cells.tif"),
                         labels=str(tmp_path / "cells_gt.tif"), output_dir=str(tmp_path / "out"),
-                        save_probability=True, min_object_size=1)
+                        save_probability=True, save_labels=True, min_object_size=1)
     result = predict(cfg)
     mask = tifffile.imread(tmp_path / "out" / "cells_mask.tif")
     prob = tifffile.imread(tmp_path / "out" / "cells_prob.tif")
     assert mask.shape == prob.shape == (3, 40, 57)
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255} and prob.dtype == np.float32
     np.testing.assert_array_equal(mask == 255, prob >= 0.5)
+    # Instances: the separated objects of each slice, with ids carried through the slices; the objects
+    # table counts them.
+    ids = tifffile.imread(tmp_path / "out" / "cells_labels.tif")
+    assert ids.shape == (3, 40, 57) and ids.dtype == np.uint32
+    np.testing.assert_array_equal(ids > 0, slice_instances_stack(prob, 1) > 0)
     rows = list(csv.DictReader(open(tmp_path / "out" / "cells_objects.csv")))
     assert [int(r["slice"]) for r in rows] == [0, 1, 2]
-    assert int(rows[0]["objects"]) == len(objects(mask[0] > 0, 1))
+    for z, row in enumerate(rows):
+        instances = slice_instances(prob[z], 0.5, 0.9, 1)
+        assert int(row["objects"]) == len(np.unique(ids[z][ids[z] > 0])) == instances.max()
+        assert sorted(map(int, row["areas"].split())) == sorted(sizes(instances))
     assert not list((tmp_path / "out").glob("*.partial"))
+    # Object scores: those of the written instances against the truth's components.
+    scorer = ObjectScorer()
+    for z in range(3):
+        scorer.add(ids[z].astype(np.int64), truth_objects(truth[z], 1))
+    for key, value in scorer.scores().items():
+        assert result["metrics"][key] == pytest.approx(value)
+    assert mlflow.get_run(result["run_id"]).data.metrics["test_object_f1"] == pytest.approx(scorer.scores()["object_f1"])
     # Scores equal those computed from the written mask.
     tp = int(((mask > 0) & (truth > 0)).sum())
     dice = 2 * tp / ((mask > 0).sum() + truth.sum())
     assert result["metrics"]["dice"] == pytest.approx(dice)
     assert mlflow.get_run(result["run_id"]).data.metrics["test_dice"] == pytest.approx(dice)
+
+
+def slice_instances_stack(prob, min_size):
+    return np.stack([slice_instances(p, 0.5, 0.9, min_size) for p in prob])
 
 
 def test_predict_without_input_is_a_clear_error(world, tmp_path):

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from emunet.core.errors import InputError
-from emunet.inference.instances import label_objects, object_areas
+from emunet.core.objects import sizes
+from emunet.inference.instances import label_instances, slice_instances
 from emunet.inference.segmenter import as_stack, signature
 
 
@@ -29,15 +30,15 @@ def test_bad_inputs_are_clear_errors(data, message):
 def test_signature_exposes_inference_params():
     params = {p.name: p.default for p in signature().params}
     assert params == {"output": "mask", "threshold": 0.5, "tile_size": 1024, "overlap": 0.25, "batch_size": 4,
-                      "tta": "none", "min_object_size": 20, "low": None, "high": None}
+                      "tta": "none", "min_object_size": 20, "seed_threshold": 0.9, "low": None, "high": None}
 
 
-def test_label_objects_follows_cells_through_slices_and_drops_specks():
-    mask = np.zeros((3, 10, 10), np.uint8)
+def test_labels_follow_cells_through_slices_and_drop_specks():
+    mask = np.zeros((3, 10, 10), np.float32)
     mask[0:3, 1:4, 1:4] = 1  # one cell through three slices: 9 pixels in each
     mask[1, 7:9, 7:9] = 1  # a second object: 4 pixels
     mask[2, 9, 0] = 1  # a speck: 1 pixel
-    labels = label_objects(mask, min_size=2)
+    labels = label_instances(mask, min_size=2)
     assert labels.dtype == np.int32 and labels.max() == 2
     assert len(np.unique(labels[:, 2, 2])) == 1 and labels[0, 2, 2] > 0  # same id in every slice
     assert labels[2, 9, 0] == 0
@@ -46,17 +47,17 @@ def test_label_objects_follows_cells_through_slices_and_drops_specks():
 def test_min_object_size_means_pixels_in_a_slice_for_labels_and_the_objects_table_alike():
     """A thin object crossing five slices with 10 pixels in each (50 voxels) is a speck in every slice:
     with min_object_size 20 the objects table drops it slice by slice, and so must output=labels (which
-    once kept it, counting its 50 voxels in 3-D). Diagonal neighbours are one object in both."""
-    mask = np.zeros((5, 12, 12), np.uint8)
+    once kept it, counting its 50 voxels in 3-D). A pixel touching an object only at a corner is not part
+    of it (4-connected: cells across a one-pixel diagonal membrane stay apart): a speck too."""
+    mask = np.zeros((5, 12, 12), np.float32)
     mask[:, 1, 1:11] = 1  # 10 pixels a slice, through 5 slices
     mask[:, 5:10, 5:10] = 1  # 25 pixels a slice: an object
-    mask[:, 10, 10] = 1  # touches it diagonally: part of it (8-connected), in the table and the labels
-    labels = label_objects(mask, min_size=20)
+    mask[:, 10, 10] = 1  # touches it diagonally only
+    labels = label_instances(mask, min_size=20)
     assert labels.max() == 1
     for z in range(5):
-        table = object_areas(mask[z], 20)
-        in_labels = sorted(np.bincount(labels[z].ravel())[1:][np.bincount(labels[z].ravel())[1:] > 0].tolist())
-        assert table == in_labels == [26]
+        table = sizes(slice_instances(mask[z], min_size=20))
+        assert table == sizes(labels[z]) == [25]
 
 
 def test_options_default_and_unknown_output():

@@ -111,13 +111,23 @@ def test_panels_show_truth_prediction_and_tp_fp_fn_in_their_colours():
     prob = np.array([[0.9, 0.2], [0.7, 0.1]], np.float32)  # TP, FN / FP, TN at threshold 0.5
     panels = pictures.slice_panels(image, prob, 0.5, truth)
     assert list(panels) == ["Image", "Ground truth", "Prediction", "Overlay", "Probability"]
-    assert panels["Prediction"][..., 0].tolist() == [[255, 0], [255, 0]]
+    assert (panels["Prediction"].max(-1) > 0).tolist() == [[True, False], [True, False]]
     assert panels["Ground truth"][..., 0].tolist() == [[255, 255], [0, 0]]
     over = panels["Overlay"]
     assert np.array_equal(over[0, 0], blend(0.5, TP)) and np.array_equal(over[0, 1], blend(0.5, FN))
     assert np.array_equal(over[1, 0], blend(0.5, FP)) and np.array_equal(over[1, 1], [127, 127, 127])
     # Threshold 0.8: the 0.7 pixel is no longer predicted.
-    assert pictures.slice_panels(image, prob, 0.8, truth)["Prediction"][1, 0, 0] == 0
+    assert pictures.slice_panels(image, prob, 0.8, truth)["Prediction"][1, 0].tolist() == [0, 0, 0]
+
+
+def test_the_prediction_panel_colours_each_object_and_shows_specks_in_gray():
+    objects = np.array([[1, 1, 0, 2], [0, 0, 0, 2], [0, 0, 0, 0]])
+    mask = objects > 0
+    mask[2, 0] = True  # a speck: foreground in no object
+    rgb = pictures.objects_rgb(objects, mask)
+    assert rgb[0, 0].tolist() == rgb[0, 1].tolist() != rgb[0, 3].tolist()  # one colour an object, two objects
+    assert rgb[0, 0].max() > 200 and rgb[0, 3].max() > 200 and rgb[1, 0].tolist() == [0, 0, 0]
+    assert rgb[2, 0].tolist() == list(pictures.SPECK)
 
 
 def test_without_truth_there_is_no_truth_panel_and_the_overlay_shows_the_prediction():

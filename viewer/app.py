@@ -32,8 +32,12 @@ log = logging.getLogger("em-unet-viewer")
 # The tracking stores this server may open: from its command line or environment, never from the page.
 STORES = registry.configured_stores(sys.argv[1:])
 TTA_LABELS = {"none": "none", "flips": "flips (4 views, 4x time)", "d4": "d4 (8 views, 8x time)"}
-SCORE_LABELS = {"dice": "Dice", "iou": "IoU", "pixel_accuracy": "Pixel accuracy",
+SCORE_LABELS = {"object_f1": "Object F1", "dice": "Dice", "iou": "IoU", "pixel_accuracy": "Pixel accuracy",
                 "median_slice_accuracy": "Median slice accuracy", "precision": "Precision", "recall": "Recall"}
+# Object scores shown under the pixel scores (with ground truth), lower is better for the last three.
+OBJECT_LABELS = {"object_precision": "Object precision", "object_recall": "Object recall",
+                 "mean_matched_iou": "Matched IoU", "count_error": "Count error",
+                 "adapted_rand_error": "Adapted Rand error", "vi_merge": "VI merge"}
 
 
 # --- cached work: each runs once per argument set, shared by all sessions of this server -------------
@@ -218,14 +222,17 @@ def show_stack_scores(results: list[dict], truth) -> None:
             cell.metric(f"{label}{tag}", f"{result['summary'][key]:.3f}", delta=delta)
         cells[-1].metric(f"Objects / slice{tag}", f"{result['summary']['objects_per_slice']:.1f}",
                          help=f"in the ground truth: {result['summary']['objects_per_slice_truth']:.1f} "
-                              f"(8-connected, at least {scoring.MIN_OBJECT_SIZE} pixels)")
+                              f"(4-connected, at least {scoring.MIN_OBJECT_SIZE} pixels; touching cells "
+                              f"separated as output=labels does)")
+        st.caption(f"Objects{tag} (matched one to one at IoU ≥ 0.5): " + " · ".join(
+            f"{label} {result['summary'][key]:.3f}" for key, label in OBJECT_LABELS.items()))
 
 
 def slice_caption(z: int, total: int, row: dict) -> str:
     text = f"Slice {z} (0–{total - 1})"
     if "dice" in row:
         text += (f" · Dice {row['dice']:.3f} · IoU {row['iou']:.3f} · accuracy {row['pixel_accuracy']:.3f}"
-                 f" · objects {row['objects']} predicted, {row['objects_truth']} true")
+                 f" · objects {row['objects']} predicted, {row['objects_truth']} true, {row['objects_matched']} found")
     else:
         text += f" · {row['objects']} objects predicted"
     return text
@@ -240,7 +247,8 @@ def show_slices(image: dict, truth, results: list[dict], threshold: float) -> in
     for i, result in enumerate(results):
         row = st.container(key=f"panels_{result['tag']}")
         row.markdown(f"**{result['tag']}: {result['label']}** — {slice_caption(z, total, result['rows'][z])}")
-        panels = pictures.slice_panels(image01, result["prob"][z], threshold, None if truth is None else truth[z])
+        panels = pictures.slice_panels(image01, result["prob"][z], threshold, None if truth is None else truth[z],
+                                       scoring.instances(result["prob"][z], threshold))
         if i > 0:  # the image and the truth are the same for both models
             panels = {k: v for k, v in panels.items() if k not in ("Image", "Ground truth")}
         columns = row.columns(5)[5 - len(panels):]  # B's panels sit under A's of the same kind
@@ -302,10 +310,10 @@ def main() -> None:
     results = []
     for tag, version in zip("AB", [v for v in (info, other) if v is not None]):
         prob = segment(version, image, options, uri)
-        pred = prob >= options["threshold"]
         results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob,
-                        "file_tag": f"v{version.version}", "rows": scoring.slice_rows(pred, truth),
-                        "summary": scoring.summary(pred, truth)})
+                        "file_tag": f"v{version.version}",
+                        "rows": scoring.slice_rows(prob, truth, threshold=options["threshold"]),
+                        "summary": scoring.summary(prob, truth, options["threshold"])})
     with st.container(key="stack_scores"):
         show_stack_scores(results, truth)
     with st.container(key="slices"):

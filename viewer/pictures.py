@@ -1,5 +1,6 @@
-"""The panels of one slice as `(H, W, 3)` uint8 RGB pictures: image, ground truth, prediction, the
-TP / FP / FN overlay of `emunet.core.overlay`, and the probability map in a colour scale."""
+"""The panels of one slice as `(H, W, 3)` uint8 RGB pictures: image, ground truth, the prediction's
+objects in colour, the TP / FP / FN overlay of `emunet.core.overlay`, and the probability map in a
+colour scale."""
 
 import cv2
 import numpy as np
@@ -39,19 +40,37 @@ def probability_rgb(prob: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
 
 
+SPECK = (110, 110, 110)  # foreground too small to be an object: gray
+
+
+def objects_rgb(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """`(H, W)` instance ids to `(H, W, 3)` uint8: each object its own bright colour (hues a golden angle
+    apart, so neighbours differ), background black, and `mask` pixels in no object (specks) gray."""
+    labels = np.asarray(labels).astype(np.int64)
+    ids = np.arange(int(labels.max(initial=0)) + 1)
+    hsv = np.stack([(ids * 0.618034 % 1.0) * 180, np.full(len(ids), 200), np.full(len(ids), 255)], -1).astype(np.uint8)
+    palette = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
+    palette[0] = 0
+    rgb = palette[labels]
+    if mask is not None:
+        rgb[(np.asarray(mask) != 0) & (labels == 0)] = SPECK
+    return rgb
+
+
 def slice_panels(image01: np.ndarray, prob: np.ndarray, threshold: float,
-                 truth: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 truth: np.ndarray | None = None, objects: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The panels of one slice, in display order, keyed by caption.
 
     `image01`: `(H, W)` float in [0, 1] (normalised image); `prob`: `(H, W)` float32 probability;
-    `truth`: optional `(H, W)` {0, 1} mask. The prediction is `prob >= threshold`. Without ground
-    truth there is no ground-truth panel and the overlay shows the prediction in the true-positive colour.
-    """
+    `truth`: optional `(H, W)` {0, 1} mask; `objects`: the prediction's instance ids (`(H, W)`, shown in
+    colour; default: the mask's pixels all one object). The prediction is `prob >= threshold`. Without
+    ground truth there is no ground-truth panel and the overlay shows the prediction in the true-positive
+    colour."""
     pred = np.asarray(prob) >= threshold
     panels = {"Image": to_rgb(image01)}
     if truth is not None:
         panels["Ground truth"] = mask_rgb(truth)
-    panels["Prediction"] = mask_rgb(pred)
+    panels["Prediction"] = objects_rgb(pred if objects is None else objects, pred)
     panels["Overlay"] = overlay(image01, truth, pred) if truth is not None else overlay(image01, pred)
     panels["Probability"] = probability_rgb(prob)
     return panels

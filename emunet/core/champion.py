@@ -7,9 +7,10 @@ store. An `http(s)://` tracking server offers clients no lock, so there the alia
 a pause, and the comparison settles against whatever another run put there meanwhile; the read and the
 set are two calls apart, so a late set by a worse run is caught by the better run's re-read.
 
-Scores are compared on the same evaluation data only (the `data_fingerprint` of the held-out stacks).
-A champion scored on other data is re-scored on this data by the caller's `rescore` and the result is
-kept as its tag `test_dice.<fingerprint>`, so it is not re-scored again.
+Scores are compared on one metric (`metric`, a version tag such as `test_object_f1` or `test_dice`;
+higher is better) and on the same evaluation data only (the `data_fingerprint` of the held-out stacks).
+A champion scored on other data, or without that metric, is re-scored on this data by the caller's
+`rescore` and the result is kept as its tag `<metric>.<fingerprint>`, so it is not re-scored again.
 """
 
 import contextlib
@@ -73,13 +74,14 @@ def _champion(client: MlflowClient, name: str, alias: str):
         return None
 
 
-def score_on(client: MlflowClient, version, fingerprint: str, rescore: Callable[[str], float]) -> float:
-    """`test_dice` of a registered `version` on the evaluation data `fingerprint`: its own tag when it was
+def score_on(client: MlflowClient, version, fingerprint: str, rescore: Callable[[str], float],
+             metric: str = "test_dice") -> float:
+    """`metric` of a registered `version` on the evaluation data `fingerprint`: its own tag when it was
     evaluated there, a kept re-score, or `rescore(version number)` (then kept as a tag)."""
     tags = version.tags or {}
-    if tags.get("data_fingerprint") == fingerprint and "test_dice" in tags:
-        return float(tags["test_dice"])
-    key = f"test_dice.{fingerprint}"
+    if tags.get("data_fingerprint") == fingerprint and metric in tags:
+        return float(tags[metric])
+    key = f"{metric}.{fingerprint}"
     if key in tags:
         return float(tags[key])
     print(f"champion v{version.version} was scored on other data; scoring it on this data", flush=True)
@@ -90,10 +92,11 @@ def score_on(client: MlflowClient, version, fingerprint: str, rescore: Callable[
 
 def promote_if_better(client: MlflowClient, uri: str, name: str, alias: str, version: str, score: float,
                       fingerprint: str, rescore: Callable[[str], float], settle: float = SETTLE_SECONDS,
-                      lock: bool = True) -> tuple[bool, str | None, float | None]:
-    """Move `alias` of `name` to `version` (scored `score` on `fingerprint`) if there is no champion or the
-    champion scores lower on the same data. Returns `(promoted, the champion it was compared with, its
-    score)`. `lock=False` skips the store lock (to exercise the server path on a local store)."""
+                      lock: bool = True, metric: str = "test_dice") -> tuple[bool, str | None, float | None]:
+    """Move `alias` of `name` to `version` (scored `score` of `metric` on `fingerprint`) if there is no
+    champion or the champion scores lower on the same data. Returns `(promoted, the champion it was
+    compared with, its score)`. `lock=False` skips the store lock (to exercise the server path on a local
+    store)."""
     with registry_lock(uri, name) if lock else contextlib.nullcontext(False) as locked:
         compared, best = None, None
         for _ in range(MAX_ROUNDS):
@@ -101,7 +104,7 @@ def promote_if_better(client: MlflowClient, uri: str, name: str, alias: str, ver
             if champion is not None and str(champion.version) == str(version):  # ours (a settle round)
                 return True, compared, best
             if champion is not None:
-                compared, best = str(champion.version), score_on(client, champion, fingerprint, rescore)
+                compared, best = str(champion.version), score_on(client, champion, fingerprint, rescore, metric)
                 if score <= best:
                     return False, compared, best
                 again = _champion(client, name, alias)  # scoring may have taken a while: still that one?

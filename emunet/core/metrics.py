@@ -55,3 +55,110 @@ def stack_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     totals = [sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")]
     return {**scores_from_counts(*totals),
             "median_slice_accuracy": float(np.median([r["pixel_accuracy"] for r in rows]))}
+
+
+# --- objects -------------------------------------------------------------------------------------------
+
+OBJECT_METRIC_NAMES = ("object_precision", "object_recall", "object_f1", "mean_matched_iou", "count_error")
+SEGMENTATION_METRIC_NAMES = ("adapted_rand_error", "vi_split", "vi_merge")
+MATCH_IOU = 0.5  # an object is found when a predicted object covers it with IoU >= 0.5, one to one
+
+
+def match(pred: np.ndarray, truth: np.ndarray, threshold: float = MATCH_IOU) -> dict[str, float]:
+    """One-to-one matches between the objects of two label images of the same shape (0 = background).
+
+    Pairs with IoU >= `threshold` are matched greedily by decreasing IoU (above 0.5 a pair is unique
+    anyway). Returns counts: `matched`, `predicted`, `true` objects and `iou_sum` of the matches."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction has shape {pred.shape} but truth has {truth.shape}")
+    p_ids, p = np.unique(pred, return_inverse=True)
+    t_ids, t = np.unique(truth, return_inverse=True)
+    p, t = p.reshape(-1), t.reshape(-1)
+    counts = {"matched": 0, "predicted": int(np.count_nonzero(p_ids)), "true": int(np.count_nonzero(t_ids)),
+              "iou_sum": 0.0}
+    if not counts["predicted"] or not counts["true"]:
+        return counts
+    both = (pred.reshape(-1) != 0) & (truth.reshape(-1) != 0)
+    pairs, inter = np.unique(t[both].astype(np.int64) * len(p_ids) + p[both], return_counts=True)
+    ti, pi = np.divmod(pairs, len(p_ids))
+    area_t, area_p = np.bincount(t, minlength=len(t_ids)), np.bincount(p, minlength=len(p_ids))
+    iou = inter / (area_t[ti] + area_p[pi] - inter)
+    used_t, used_p = set(), set()
+    for k in np.argsort(-iou, kind="stable"):
+        if iou[k] < threshold:
+            break
+        if ti[k] in used_t or pi[k] in used_p:
+            continue
+        used_t.add(ti[k])
+        used_p.add(pi[k])
+        counts["matched"] += 1
+        counts["iou_sum"] += float(iou[k])
+    return counts
+
+
+def object_scores(counts: dict[str, float]) -> dict[str, float]:
+    """Object precision, recall, F1 (matches at IoU >= 0.5), the mean IoU of the matches and the count
+    error |predicted - true| / true, from `match` counts (summed over slices or stacks). Nothing to find
+    and nothing found scores perfectly."""
+    matched, predicted, true = counts["matched"], counts["predicted"], counts["true"]
+    precision, recall = _ratio(matched, predicted), _ratio(matched, true)
+    return {"object_precision": precision, "object_recall": recall,
+            "object_f1": _ratio(2 * matched, predicted + true),
+            "mean_matched_iou": counts["iou_sum"] / matched if matched else float(predicted == true == 0),
+            "count_error": abs(predicted - true) / max(true, 1)}
+
+
+def add_counts(total: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
+    return {k: total.get(k, 0) + v for k, v in counts.items()}
+
+
+class ObjectScorer:
+    """Object scores of a stack, accumulated slice by slice (so a stack never has to be held): `add`
+    each slice's predicted and true label images, then `scores()`.
+
+    - `object_precision`, `object_recall`, `object_f1`, `mean_matched_iou`, `count_error`: objects of
+      each slice matched one to one at IoU >= 0.5 (`match`), pooled over slices.
+    - `adapted_rand_error`, `vi_split`, `vi_merge`: the ISBI 2012 challenge's measures, restricted to the
+      true foreground (true background pixels are ignored, as the challenge did), pooled over the stack
+      with every slice's objects distinct. `vi_split` is H(pred | truth), over-segmentation; `vi_merge` is
+      H(truth | pred), under-segmentation: touching cells merged. Lower is better; 0 is perfect.
+    """
+
+    def __init__(self):
+        self.counts = {"matched": 0, "predicted": 0, "true": 0, "iou_sum": 0.0}
+        self._pairs: list[np.ndarray] = []  # (true id, predicted id, pixels) of the stack-wide table
+        self._offsets = [0, 0]
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        """Count one slice; returns its own `match` counts."""
+        pred, truth = np.asarray(pred, np.int64), np.asarray(truth, np.int64)
+        counts = match(pred, truth)
+        self.counts = add_counts(self.counts, counts)
+        inside = truth.ravel() > 0
+        t = truth.ravel()[inside] + self._offsets[0]
+        p = pred.ravel()[inside]
+        p = np.where(p > 0, p + self._offsets[1], 0)  # predicted background stays one segment
+        if t.size:
+            width = int(p.max()) + 1
+            pairs, pixels = np.unique(t * width + p, return_counts=True)
+            self._pairs.append(np.stack([pairs // width, pairs % width, pixels]))
+        self._offsets[0] += int(truth.max(initial=0))
+        self._offsets[1] += int(pred.max(initial=0))
+        return counts
+
+    def segmentation_errors(self) -> dict[str, float]:
+        from scipy import sparse
+        from skimage.metrics import adapted_rand_error, variation_of_information
+
+        if not self._pairs:
+            return {"adapted_rand_error": 0.0, "vi_split": 0.0, "vi_merge": 0.0}
+        rows, cols, pixels = np.concatenate(self._pairs, axis=1)
+        table = sparse.csr_array((pixels.astype(np.float64), (rows, cols)))
+        error = adapted_rand_error(table=table)[0]
+        # skimage 0.26 checks the shapes of the images even when given a table: two of the same shape.
+        split, merge = variation_of_information(np.zeros(1), np.zeros(1), table=table / table.sum())
+        return {"adapted_rand_error": float(error), "vi_split": float(split), "vi_merge": float(merge)}
+
+    def scores(self) -> dict[str, float]:
+        return {**object_scores(self.counts), **self.segmentation_errors()}

@@ -1,43 +1,110 @@
-"""Objects from a binary mask: the cells the user counts, one meaning of "object" everywhere.
+"""Instances from probabilities: touching cells separated, then followed through the slices.
 
-An object in one slice is an 8-connected foreground component of at least `min_size` pixels; smaller
-pieces are specks, not cells. `output=labels` links the objects of consecutive slices that touch (share
-a pixel position, face to face in z) into one 3-D object, so a 3-D object seen in one slice is exactly
-the objects the per-slice table lists there: the table and the label image count the same things.
+In a slice, foreground is `prob >= threshold`. Where the membrane between two cells is thin the network's
+foreground runs across it, but its confident cores (`prob >= seed_threshold`) stay apart: each core is
+grown back over the foreground, downhill in probability (a seeded watershed), so the cells meet where
+the probability dips, on the membrane. A foreground piece with no core stays one object. Objects under
+`min_size` pixels are specks and are dropped (`emunet.core.objects`: 4-connected, the one meaning of an
+object everywhere).
+
+Through the slices (anisotropic stacks: sections much thicker than pixels), an object continues the
+object of the slice before that it overlaps most, when that one overlaps it most too and their overlap
+is at least `LINK_OVERLAP` of the smaller: one-to-one links, so ids can be given as slices come and a
+cell that divides or two that meet never fuse into one id.
 """
 
-import cv2
 import numpy as np
-from scipy import ndimage
+from skimage.segmentation import watershed
 
-# In-plane 8-connectivity, and face connectivity across slices.
-LINK_3D = np.zeros((3, 3, 3), bool)
-LINK_3D[1] = True
-LINK_3D[0, 1, 1] = LINK_3D[2, 1, 1] = True
+from emunet.core.metrics import ObjectScorer
+from emunet.core.objects import components, drop_small, truth_objects
 
-
-def slice_objects(mask: np.ndarray, min_size: int) -> tuple[np.ndarray, list[int]]:
-    """Objects of one `(H, W)` mask: `(labels, areas)`, labels int32 with ids 1..N (0 background) for the
-    8-connected components of at least `min_size` pixels, and their areas in pixels."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, np.uint8), connectivity=8,
-                                                               ltype=cv2.CV_32S)
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    keep = np.zeros(count, bool)
-    keep[1:] = areas >= min_size
-    new_ids = np.zeros(count, np.int32)
-    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels], [int(a) for a in areas[keep[1:]]]
+DEFAULT_SEED_THRESHOLD = 0.9  # cores the U-Net is sure of; a quarter of the way from 0.5 to 1 in logits
+LINK_OVERLAP = 0.5  # shared pixels / pixels of the smaller object, for the same cell in the next slice
 
 
-def object_areas(mask: np.ndarray, min_size: int) -> list[int]:
-    """Areas in pixels of the objects of one `(H, W)` mask (see `slice_objects`)."""
-    return slice_objects(mask, min_size)[1]
+def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
+                    min_size: int = 0) -> np.ndarray:
+    """Objects of one `(H, W)` probability map: int32 labels 1..N (0 background), touching cells split by
+    a watershed from their cores (see the module). `seed_threshold <= threshold` turns splitting off:
+    the objects are then the components of the mask."""
+    prob = np.asarray(prob, np.float32)
+    foreground = prob >= threshold
+    if seed_threshold <= threshold or not foreground.any():
+        return components(foreground, min_size)
+    seeds = components(prob >= seed_threshold)
+    grown = watershed(-prob, markers=seeds, mask=foreground, connectivity=1)
+    unseeded = components(foreground & (grown == 0))  # foreground pieces without a core: objects too
+    grown[unseeded > 0] = unseeded[unseeded > 0] + int(seeds.max())
+    return drop_small(grown, min_size)
 
 
-def label_objects(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Instance labels of a `(Z, H, W)` mask: the objects of each slice (`slice_objects`, so pieces under
-    `min_size` pixels in a slice are dropped) linked through consecutive slices into 3-D objects, ids
-    1..N in scan order. Returns `(Z, H, W)` int32."""
-    kept = np.stack([slice_objects(m, min_size)[0] > 0 for m in np.asarray(mask)])
-    labels, _ = ndimage.label(kept, structure=LINK_3D)
-    return labels.astype(np.int32)
+class SliceLinker:
+    """Gives the objects of consecutive slices their 3-D ids as slices come: `ids(labels)` maps a slice's
+    per-slice labels to stack-wide ids, continuing an object of the previous slice where it overlaps one
+    one-to-one (see the module), else starting a new id."""
+
+    def __init__(self):
+        self.previous: np.ndarray | None = None  # the last slice, in 3-D ids
+        self.next_id = 1
+
+    def ids(self, labels: np.ndarray) -> np.ndarray:
+        labels = np.asarray(labels)
+        count = int(labels.max(initial=0))
+        mapping = np.zeros(count + 1, np.int64)
+        if self.previous is not None and count:
+            for new, old in _one_to_one(labels, self.previous).items():
+                mapping[new] = old
+        present = np.bincount(labels.ravel().astype(np.int64), minlength=count + 1) > 0
+        for i in np.flatnonzero(present[1:] & (mapping[1:] == 0)) + 1:
+            mapping[i], self.next_id = self.next_id, self.next_id + 1
+        out = mapping[labels]
+        self.previous = out
+        return out
+
+
+def _one_to_one(labels: np.ndarray, previous: np.ndarray) -> dict[int, int]:
+    """`{id in labels: id in previous}` for pairs that are each other's largest overlap, sharing at least
+    `LINK_OVERLAP` of the smaller one's pixels."""
+    both = (labels > 0) & (previous > 0)
+    if not both.any():
+        return {}
+    a, b = labels[both].astype(np.int64), previous[both].astype(np.int64)
+    width = int(b.max()) + 1
+    pairs, shared = np.unique(a * width + b, return_counts=True)
+    new, old = np.divmod(pairs, width)
+    area_new = np.bincount(labels.ravel().astype(np.int64))
+    area_old = np.bincount(previous.ravel().astype(np.int64))
+    best_for_new, best_for_old = {}, {}
+    for n, o, s in zip(new, old, shared):
+        if s > best_for_new.get(n, (0, 0))[1]:
+            best_for_new[n] = (o, s)
+        if s > best_for_old.get(o, (0, 0))[1]:
+            best_for_old[o] = (n, s)
+    links = {}
+    for n, (o, s) in best_for_new.items():
+        if best_for_old[o][0] == n and s >= LINK_OVERLAP * min(area_new[n], area_old[o]):
+            links[int(n)] = int(o)
+    return links
+
+
+def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
+                    min_size: int = 0) -> np.ndarray:
+    """Instance labels of a `(Z, H, W)` stack of probabilities (or an iterable of `(H, W)` maps): the
+    objects of each slice (`slice_instances`) linked through the slices. Returns `(Z, H, W)` int32 ids
+    1..N, numbered as they first appear."""
+    linker = SliceLinker()
+    return np.stack([linker.ids(slice_instances(p, threshold, seed_threshold, min_size)) for p in probs]).astype(np.int32)
+
+
+def object_scorer(probs, truths, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
+                  min_size: int = 0, scorer: ObjectScorer | None = None, true_ids: bool = False) -> ObjectScorer:
+    """Score the instances of `(Z, H, W)` probabilities (or an iterable of `(H, W)` maps) against ground
+    truth slice by slice: the objects `output="labels"` gives, against the true objects (a mask's
+    components, or with `true_ids` the label image's own ids; both without specks under `min_size`).
+    Adds to `scorer` if given; `.scores()` of the result are the object scores."""
+    scorer = scorer or ObjectScorer()
+    for prob, truth in zip(probs, truths):
+        scorer.add(slice_instances(prob, threshold, seed_threshold, min_size),
+                   truth_objects(np.asarray(truth), min_size, instances=true_ids))
+    return scorer

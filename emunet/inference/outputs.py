@@ -1,5 +1,6 @@
-"""What `predict`, `predict_spark` and the viewer write: output names, the mask and probability TIFFs
-(one page per slice, written as slices come), and the objects table (per slice: count and areas).
+"""What `predict`, `predict_spark` and the viewer write: output names, the mask, probability and instance
+label TIFFs (one page per slice, written as slices come), and the objects table (per slice: count and
+areas of the separated instances).
 
 Files are written to attempt-unique temporary names and renamed when complete (`emunet.core.files`).
 """
@@ -62,28 +63,36 @@ def mask_tiff(mask: np.ndarray) -> bytes:
 
 
 @contextlib.contextmanager
-def result_files(out_dir: Path, name: str, probability: bool = False, objects: bool = True):
-    """Write one input's results slice by slice: yields `add(z, mask, prob=None, areas=None)`.
+def result_files(out_dir: Path, name: str, probability: bool = False, objects: bool = True,
+                 labels: bool = False):
+    """Write one input's results slice by slice: yields `add(z, mask, prob=None, areas=None, ids=None)`.
 
     Files: `<name>_mask.tif` (uint8 0 / 255), with `probability` `<name>_prob.tif` (float32), with
-    `objects` `<name>_objects.csv` (`OBJECT_COLUMNS`). All are renamed into place together when the
-    block ends without an error; a failure or a kill leaves no file that looks finished."""
+    `labels` `<name>_labels.tif` (uint32 instance ids, 0 background, one id per object through the
+    slices), with `objects` `<name>_objects.csv` (`OBJECT_COLUMNS`). All are renamed into place together
+    when the block ends without an error; a failure or a kill leaves no file that looks finished."""
     targets = {"mask": out_dir / f"{name}_mask.tif"}
     if probability:
         targets["prob"] = out_dir / f"{name}_prob.tif"
+    if labels:
+        targets["labels"] = out_dir / f"{name}_labels.tif"
     if objects:
         targets["objects"] = out_dir / f"{name}_objects.csv"
     with atomic_writes(targets) as tmp, contextlib.ExitStack() as files:
         mask_tif = files.enter_context(tifffile.TiffWriter(tmp["mask"]))
         prob_tif = files.enter_context(tifffile.TiffWriter(tmp["prob"])) if probability else None
+        ids_tif = files.enter_context(tifffile.TiffWriter(tmp["labels"])) if labels else None
         table = csv.writer(files.enter_context(open(tmp["objects"], "w", newline=""))) if objects else None
         if table is not None:
             table.writerow(OBJECT_COLUMNS)
 
-        def add(z: int, mask: np.ndarray, prob: np.ndarray | None = None, areas: list[int] | None = None) -> None:
+        def add(z: int, mask: np.ndarray, prob: np.ndarray | None = None, areas: list[int] | None = None,
+                ids: np.ndarray | None = None) -> None:
             mask_tif.write(mask_page(mask), contiguous=True, photometric="minisblack")
             if prob_tif is not None:
                 prob_tif.write(np.asarray(prob, np.float32), contiguous=True, photometric="minisblack")
+            if ids_tif is not None:
+                ids_tif.write(np.asarray(ids, np.uint32), contiguous=True, photometric="minisblack")
             if table is not None:
                 table.writerow(object_row(z, areas))
 

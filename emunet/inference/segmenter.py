@@ -27,7 +27,7 @@ from mlflow.types import ParamSchema, ParamSpec
 
 from emunet.core.errors import InputError
 from emunet.core.normalize import stack_stats
-from emunet.inference.instances import label_objects
+from emunet.inference.instances import DEFAULT_SEED_THRESHOLD, label_instances
 from emunet.inference.tiling import DEFAULT_OVERLAP, TTA_MODES, iter_probabilities, tile_side
 
 DEFAULT_PARAMS = {
@@ -43,18 +43,22 @@ DEFAULT_PARAMS = {
     # Pixels: an object in a slice smaller than this is a speck, not a cell; dropped from "labels" (and
     # from predict's objects table), see emunet.inference.instances.
     "min_object_size": 20,
+    # "labels": cores the network is this sure of seed one object each, grown over the foreground (a
+    # seeded watershed), so touching cells come apart; <= threshold: objects are the mask's components.
+    "seed_threshold": DEFAULT_SEED_THRESHOLD,
     # The whole stack's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
     # None: the input's own. Pass both when sending part of a stack.
     "low": None,
     "high": None,
 }
 PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
-               "batch_size": "long", "tta": "string", "min_object_size": "long", "low": "double", "high": "double"}
+               "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double",
+               "low": "double", "high": "double"}
 OUTPUTS = ("mask", "probability", "labels")
 # What a logged model needs to run (pinned as in requirements.txt); the viewer's and Spark's packages stay
 # out, so `mlflow models serve` does not install a browser UI and a JVM bridge to answer requests.
 MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "tifffile", "opencv-python-headless", "tqdm", "scipy",
-                  "psutil")
+                  "psutil", "scikit-image")
 # The models-from-code file MLflow runs to build the pyfunc when it loads a logged model.
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
@@ -92,7 +96,7 @@ def resolve_options(params: dict) -> dict:
         raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {options['tta']!r}")
     for name in ("tile_size", "batch_size", "min_object_size"):
         options[name] = _number(options, name, int)
-    for name in ("threshold", "overlap"):
+    for name in ("threshold", "overlap", "seed_threshold"):
         options[name] = _number(options, name)
     if options["tile_size"] < 1 or options["batch_size"] < 1 or options["min_object_size"] < 0:
         raise InputError(f"need tile_size >= 1, batch_size >= 1 and min_object_size >= 0, got tile_size "
@@ -100,8 +104,9 @@ def resolve_options(params: dict) -> dict:
                          f"{options['min_object_size']}")
     if not 0 <= options["overlap"] < 1:
         raise InputError(f"need 0 <= overlap < 1, got {options['overlap']}")
-    if not 0 <= options["threshold"] <= 1:
-        raise InputError(f"threshold is a probability between 0 and 1, got {options['threshold']}")
+    for name in ("threshold", "seed_threshold"):
+        if not 0 <= options[name] <= 1:
+            raise InputError(f"{name} is a probability between 0 and 1, got {options[name]}")
     if (options["low"] is None) != (options["high"] is None):
         raise InputError("pass both low and high (the stack's intensity window), or neither")
     if options["low"] is not None:
@@ -175,15 +180,15 @@ class StackSegmenter(mlflow.pyfunc.PythonModel):
 
     def segment(self, stack, low: float | None = None, high: float | None = None, **params) -> np.ndarray:
         """Segment a raw `(Z, H, W)` stack. Returns `(Z, H, W)` uint8 {0, 1} mask, or float32
-        probabilities with `output="probability"`, or int32 object ids with `output="labels"`."""
+        probabilities with `output="probability"`, or int32 object ids with `output="labels"` (touching
+        cells separated, each followed through the slices: `emunet.inference.instances`)."""
         options = resolve_options({**params, "low": low, "high": high})
         probs = self.iter_probabilities(stack, low, high, **params)
         if options["output"] == "probability":
             return np.stack(list(probs))
-        mask = np.stack([(p >= options["threshold"]).astype(np.uint8) for p in probs])
         if options["output"] == "labels":
-            return label_objects(mask, options["min_object_size"])
-        return mask
+            return label_instances(probs, options["threshold"], options["seed_threshold"], options["min_object_size"])
+        return np.stack([(p >= options["threshold"]).astype(np.uint8) for p in probs])
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
         # The hint is np.ndarray (one 2-D or 3-D array; MLflow infers no schema from it and converts

@@ -22,7 +22,8 @@ from emunet.core.metrics import stack_scores
 from emunet.core.model import UNetSpec, multiple_of
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
-from emunet.inference.segmenter import compiled_forward
+from emunet.inference.instances import object_scorer
+from emunet.inference.segmenter import DEFAULT_PARAMS, compiled_forward
 from emunet.inference.tiling import predict_probabilities
 from emunet.training.config import TrainConfig
 from emunet.training.distribute import agree
@@ -79,7 +80,7 @@ class Schedule(keras.callbacks.Callback):
 
 
 class Validation(keras.callbacks.Callback):
-    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics, the training loss on
+    """Each epoch: segment the held-out stacks at full size, log `val_*` metrics (pixels and objects), the training loss on
     them (`val_loss`, the configured `loss`), learning rate, throughput and an overlay to MLflow (the
     chief only), keep the best weights by `val_dice`, and stop early after `patience` epochs without
     progress or when the time budget would overrun.
@@ -126,6 +127,9 @@ class Validation(keras.callbacks.Callback):
         prob, truth = np.concatenate(probs), np.concatenate(truths)
         scores = stack_scores(prob >= 0.5, truth)
         scores["loss"] = validation_loss(self.cfg.loss, prob, truth)
+        # The objects that output="labels" serves, with its defaults, against the true mask's components.
+        scores.update(object_scorer(prob, truth, 0.5, DEFAULT_PARAMS["seed_threshold"],
+                                    DEFAULT_PARAMS["min_object_size"]).scores())
         return scores, probs
 
     def picture(self, probs) -> np.ndarray:
@@ -161,6 +165,7 @@ class Validation(keras.callbacks.Callback):
             mlflow.log_metrics(metrics, step=epoch)
         print(f"epoch {epoch + 1}: loss {metrics['loss']:.4f}  val_dice {scores['dice']:.4f}  "
               f"val_iou {scores['iou']:.4f}  (precision {scores['precision']:.3f}, recall {scores['recall']:.3f})  "
+              f"val_object_f1 {scores['object_f1']:.3f}  "
               f"{metrics['images_per_sec']:.1f} images/s", flush=True)
         if over_budget:
             print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)

@@ -1,0 +1,89 @@
+"""Instances: touching cells separated in a slice and followed through the slices."""
+
+import numpy as np
+
+from emunet.core.metrics import ObjectScorer
+from emunet.inference.instances import SliceLinker, label_instances, object_scorer, slice_instances
+
+
+def touching_discs(size: int = 40, radius: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Two discs that share a one-pixel border (a membrane): `(truth ids, probability)`. The probability is
+    what a U-Net gives there: sure in the middle of each cell, unsure (0.6, still foreground at 0.5) on
+    the thin membrane and near the rim."""
+    yy, xx = np.mgrid[:size, :size]
+    truth = np.zeros((size, size), np.int32)
+    centres = [(size // 2, size // 2 - radius), (size // 2, size // 2 + radius)]
+    distance = np.full((size, size), np.inf)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        d = np.hypot(yy - cy, xx - cx)
+        truth[(d <= radius) & (truth == 0)] = i
+        distance = np.minimum(distance, d)
+    prob = np.where(truth > 0, np.clip(1.0 - 0.05 * distance, 0.6, 0.99), 0.02).astype(np.float32)
+    border = (truth > 0) & (xx == size // 2)  # the shared one-pixel column
+    prob[border] = 0.6
+    return truth, prob
+
+
+def test_two_touching_discs_that_share_a_one_pixel_border_are_two_objects():
+    truth, prob = touching_discs()
+    assert np.all((prob >= 0.5) == (truth > 0))  # the mask alone is one blob
+    assert slice_instances(prob, seed_threshold=0.5).max() == 1  # splitting off: the components, merged
+    labels = slice_instances(prob)
+    assert labels.max() == 2
+    scorer = ObjectScorer()
+    scorer.add(labels, truth)
+    s = scorer.scores()
+    assert s["object_f1"] == 1.0 and s["mean_matched_iou"] > 0.95
+
+
+def test_output_labels_separates_touching_discs_through_the_pyfunc(world):
+    """The same through a logged model's `segment(output="labels")`: the probabilities replaced by the
+    discs' map at the step where the network's output enters, so the labelling is the served one."""
+    from emunet.core.tracking import load_segmenter
+
+    segmenter = load_segmenter(world["trained"]["model_uri"])
+    truth, prob = touching_discs()
+    probs = np.stack([prob, prob])
+    segmenter.iter_probabilities = lambda stack, low, high, **params: iter(probs)
+    labels = segmenter.segment(np.zeros((2, 40, 40), np.uint8), 0.0, 1.0, output="labels")
+    assert labels.dtype == np.int32 and labels.max() == 2  # two cells, each one id through both slices
+    assert np.array_equal(labels[0], labels[1]) and set(np.unique(labels[0][truth == 1])) == {labels[0][20, 10]}
+
+
+def test_a_foreground_piece_without_a_confident_core_is_still_an_object():
+    prob = np.zeros((20, 20), np.float32)
+    prob[2:8, 2:8] = 0.7  # foreground, never above 0.9
+    prob[12:18, 12:18] = 0.95
+    labels = slice_instances(prob, min_size=4)
+    assert labels.max() == 2 and sorted(np.bincount(labels.ravel())[1:].tolist()) == [36, 36]
+
+
+def test_linking_follows_a_cell_and_never_fuses_two():
+    a = np.zeros((10, 10), np.int32)
+    a[1:5, 1:5] = 1
+    a[6:9, 6:9] = 2
+    linker = SliceLinker()
+    first = linker.ids(a)
+    shifted = np.roll(a, 1, axis=1)  # both move by one pixel: overlap 12 / 16 and 6 / 9
+    second = linker.ids(shifted)
+    assert second[2, 3] == first[2, 3] and second[7, 8] == first[7, 7]
+    # Two objects meet in the next slice: the piece continues the one it overlaps most (16 px against 9),
+    # one id for the whole piece; the other cell's id ends there and is never given again.
+    merged = np.zeros((10, 10), np.int32)
+    merged[1:9, 1:9] = 1
+    third = linker.ids(merged)
+    assert np.unique(third[third > 0]).tolist() == [first[2, 3]]
+    # A new cell that overlaps nothing starts a new id.
+    new = np.zeros((10, 10), np.int32)
+    new[0, 9] = 1
+    assert linker.ids(new)[0, 9] == 3
+
+
+def test_label_instances_and_the_scorer_agree_with_the_slice_objects():
+    truth, prob = touching_discs()
+    stack = label_instances(np.stack([prob, prob, np.zeros_like(prob)]))
+    assert stack.shape == (3, 40, 40) and stack[2].max() == 0 and len(np.unique(stack)) == 3
+    s = object_scorer([prob, prob], [truth, truth], true_ids=True).scores()
+    assert s["object_f1"] == 1.0 and s["count_error"] == 0.0
+    merged = object_scorer([prob], [truth], seed_threshold=0.5, true_ids=True).scores()
+    assert merged["object_recall"] <= 0.5 and merged["count_error"] == 0.5 and merged["vi_merge"] > 0.9
