@@ -109,3 +109,15 @@ def test_logged_models_require_only_what_inference_needs():
     names = [line.split("==")[0] for line in model_requirements()]
     assert sorted(names) == sorted(MODEL_PACKAGES)  # every one pinned in requirements.txt
     assert all("==" in line for line in model_requirements())
+
+
+def test_a_coarse_scale_model_segments_slices_of_several_sizes_in_one_process():
+    """`input_scale` 2 (VNC's automatic choice) up-samples bilinearly; with `reduce_retracing` the second
+    slice size was traced at unknown height and width, where Keras 3.15's resize raises
+    OperatorNotAllowedInGraphError: predict, the viewer and Spark failed on the second stack size."""
+    from emunet.core.model import UNetSpec, build_unet
+    from emunet.inference.segmenter import compiled_forward
+
+    forward = compiled_forward(build_unet(UNetSpec(depth=2, base_filters=4, input_scale=2)))
+    for shape in [(1, 32, 32, 1), (1, 48, 64, 1), (2, 64, 32, 1)]:
+        assert forward(np.zeros(shape, np.float32)).shape == shape

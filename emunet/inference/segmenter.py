@@ -144,10 +144,13 @@ def as_stack(data) -> tuple[np.ndarray, bool]:
 
 def compiled_forward(keras_model):
     """The network as a function of a `(n, h, w, 1)` float32 batch, compiled with XLA: 1.2-1.3x the speed
-    of `predict_on_batch` on CPU (bench/inference.py), at one compilation (about 2 s) per batch shape."""
+    of `predict_on_batch` on CPU (bench/inference.py), at one compilation (about 2 s) per batch shape.
+    One trace per shape too (no `reduce_retracing`): a trace at unknown height and width cannot run the
+    bilinear up-sampling of an `input_scale` 2 or 4 model in Keras 3.15, so such a model failed on the
+    second slice size a process saw; XLA compiles each shape anyway."""
     import tensorflow as tf
 
-    graph = tf.function(lambda x: keras_model(x, training=False), jit_compile=True, reduce_retracing=True)
+    graph = tf.function(lambda x: keras_model(x, training=False), jit_compile=True)
     return lambda tiles: graph(tiles).numpy()
 
 
