@@ -1,7 +1,9 @@
-"""Time to quality (issue 3): the default CPU recipe trained for a fixed time on real EM data, scored on
-held-out slices with full-slice inference (the served pyfunc), against the original study's recipe.
+"""Time to quality (issues 3 and 15): the default CPU recipe trained for a fixed time on real EM data, scored
+on held-out slices with full-slice inference (the served pyfunc), against the original study's recipe;
+pixels and objects.
 
     python bench/time_to_quality.py                     # ISBI 2012 and VNC, 10 minutes each
+    python bench/time_to_quality.py --datasets synthetic --minutes 5   # the `mlflow run .` default data
     python bench/time_to_quality.py --minutes 2 --datasets isbi
     python bench/time_to_quality.py --reference         # also train the original recipe, same budget
     python bench/time_to_quality.py --original_only     # only the original recipe
@@ -15,7 +17,17 @@ held-out slices with full-slice inference (the served pyfunc), against the origi
   defines them (slice 18 then counts every mitochondrion found as a false positive: even a perfect model
   scores about 0.86) and on the annotated slices 16, 17 and 19.
 
+- synthetic: the `mlflow run .` default (9 synthetic stacks of 24 x 256 x 256, preprocess's split);
+  held-out = its validation stacks. Cells touch across thin membranes: the object figures matter here.
+
 Every figure is printed without and with test-time augmentation (`tta=d4`, 8 views).
+
+Objects (issue 15): true objects are the 4-connected components of the labels in each slice (ISBI: the
+cell interiors; VNC: mitochondria; synthetic: cells), predicted objects are those `output="labels"` gives,
+both without pieces under 20 px; matched one to one at IoU >= 0.5. Each model is scored twice on the same
+probabilities: `components` (the objects as they were before issue 15: components of the 0.5 mask) and
+`watershed` (today's default: cores above `seed_threshold` 0.9 grown over the mask). Printed: object F1,
+precision, recall, count error, and for ISBI the foreground-restricted adapted Rand error and VI.
 
 Without `--reference`, the reference printed is the original recipe's figure measured on this 2-core
 machine for issue 3 (same data, same 10 minutes); with it, the reference is measured in this run.
@@ -37,7 +49,11 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from emunet.core.dataset import open_stack, read_manifest, stacks_in  # noqa: E402
 from emunet.core.io import read_mask, read_volume  # noqa: E402
+from emunet.core.tracking import local_artifact  # noqa: E402
+from emunet.inference.instances import object_scorer  # noqa: E402
+from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.core.overlay import overlay  # noqa: E402
 from pipeline.preprocess import PreprocessConfig, preprocess, unlabelled_slices  # noqa: E402
@@ -49,7 +65,11 @@ DATASETS = {
                  val_slices="24:30"),
     "vnc": dict(images=SHARED / "vnc" / "stack1-raw.tif", labels=SHARED / "vnc" / "stack1-mitochondria.tif",
                 val_slices="16:20"),
+    "synthetic": dict(),  # preprocess's default: the embedded synthetic data
 }
+INSTANCE_MODES = {"components": 0.5, "watershed": DEFAULT_PARAMS["seed_threshold"]}  # seed_threshold of each
+OBJECT_KEYS = ("object_f1", "object_precision", "object_recall", "count_error", "adapted_rand_error", "vi_split",
+               "vi_merge", "objects", "true_objects")
 # The original study's recipe (zhixuhao/unet): classic U-Net without BatchNorm, BCE, Adam 1e-4 at a
 # constant rate, random rotation and crops of 256, 16 base filters, batch 4.
 ORIGINAL = dict(preset="fast", crop_size=256, base_filters=16, depth=4, batch_size=4, learning_rate=1e-4,
@@ -58,7 +78,7 @@ ORIGINAL = dict(preset="fast", crop_size=256, base_filters=16, depth=4, batch_si
 # Measured for issue 3 on this 2-core machine with the original recipe and a 10-minute budget.
 ISSUE_REFERENCE = {"isbi": {"mean_two_class_dice": 0.852, "cell_dice": 0.947, "membrane_dice": 0.758},
                    "vnc": {"dice": 0.739, "iou": 0.585}}
-TARGETS = {"isbi": ("mean_two_class_dice", 0.89), "vnc": ("dice", 0.85)}
+TARGETS = {"isbi": ("mean_two_class_dice", 0.89), "vnc": ("dice", 0.92), "synthetic": ("object_f1", 0.90)}
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -74,8 +94,49 @@ def scores(name: str, pred: np.ndarray, truth: np.ndarray) -> dict:
             "precision": float(inter / max(1, np.sum(pred))), "recall": float(inter / max(1, np.sum(truth)))}
 
 
+def object_figures(prob: np.ndarray, truth: np.ndarray) -> dict:
+    """Object scores of `(Z, H, W)` probabilities against a `(Z, H, W)` mask, per instance mode."""
+    out = {}
+    for mode, seeds in INSTANCE_MODES.items():
+        scorer = object_scorer(prob, truth, 0.5, seeds, DEFAULT_PARAMS["min_object_size"])
+        found = scorer.scores()
+        out[mode] = {k: found[k] for k in OBJECT_KEYS if k in found}
+        out[mode]["objects"], out[mode]["true_objects"] = scorer.counts["predicted"], scorer.counts["true"]
+    return out
+
+
+def print_objects(prefix: str, figures: dict) -> None:
+    for mode, values in figures.items():
+        print(f"  {prefix} objects [{mode}]: " + "  ".join(
+            f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in values.items()), flush=True)
+
+
+def run_synthetic(minutes: float, recipe: dict, label: str) -> dict:
+    """The `mlflow run .` default data: pixel Dice and object scores on its held-out stacks."""
+    prepared = preprocess(PreprocessConfig())
+    start = time.perf_counter()
+    result = train(TrainConfig(dataset_uri=prepared["dataset_uri"], max_minutes=minutes, **recipe))
+    trained = time.perf_counter() - start
+    segmenter = mlflow.pyfunc.load_model(result["model_uri"]).unwrap_python_model()
+    folder = local_artifact(prepared["dataset_uri"], "dataset")
+    held_out = [(info, *open_stack(folder, info)) for info in stacks_in(read_manifest(folder), "val")]
+    truth = np.concatenate([np.asarray(mask) > 0 for _, _, mask in held_out])
+    print(f"synthetic [{label}]: {result['epochs']} epochs in {trained / 60:.1f} min, best val_dice "
+          f"{result['val_dice']:.4f}; {len(held_out)} held-out stacks, {truth.shape[0]} slices")
+    figures = {}
+    for tta in ("none", "d4"):
+        prob = np.concatenate([segmenter.segment(image, info.low, info.high, output="probability", tta=tta)
+                               for info, image, _ in held_out])
+        figures[tta] = {"all": {"dice": dice(prob >= 0.5, truth), **object_figures(prob, truth)["watershed"]}}
+        print(f"  held-out, tta {tta}: dice {figures[tta]['all']['dice']:.4f}", flush=True)
+        print_objects(f"held-out, tta {tta},", object_figures(prob, truth))
+    return figures
+
+
 def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pictures: str = "",
         training_slices: bool = False) -> dict:
+    if name == "synthetic":
+        return run_synthetic(minutes, recipe, label)
     prepared = preprocess(PreprocessConfig(images=str(dataset["images"]), labels=str(dataset["labels"]),
                                            val_slices=dataset["val_slices"]))
     start = time.perf_counter()
@@ -92,12 +153,17 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
     unlabelled = set(unlabelled_slices(labels))  # slices with no labelled pixel, in the whole stack
     unannotated = sorted(z for z in unlabelled if a <= z < b)
     annotated = [z - a for z in range(a, b) if z not in unannotated]
-    figures = {}
+    figures, objects = {}, {}
     for tta in ("none", "d4"):  # without, then with test-time augmentation (8 views: flips and turns)
-        pred = segmenter.segment(image[a:b], low, high, tta=tta) > 0  # full slices, tiled
+        prob = segmenter.segment(image[a:b], low, high, output="probability", tta=tta)  # full slices, tiled
+        pred = prob >= 0.5
         figures[tta] = {"all": scores(name, pred, truth)}
+        objects[tta] = {"all": object_figures(prob, truth)}
+        figures[tta]["all"].update(objects[tta]["all"]["watershed"])
         if unannotated:
             figures[tta]["annotated"] = scores(name, pred[annotated], truth[annotated])
+            objects[tta]["annotated"] = object_figures(prob[annotated], truth[annotated])
+            figures[tta]["annotated"].update(objects[tta]["annotated"]["watershed"])
         if pictures and tta == "none":  # the first held-out slice: true positives green, false ones magenta/yellow
             picture = Path(pictures) / f"{name}_{label.split()[0]}.png"
             picture.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +178,9 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
         for which, values in both.items():
             slices = f"slices {a}-{b - 1}" if which == "all" else \
                 f"annotated slices only ({', '.join(map(str, unannotated))} left out: no labels)"
-            print(f"  held-out {slices}, tta {tta}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items()),
-                  flush=True)
+            print(f"  held-out {slices}, tta {tta}: " + "  ".join(
+                f"{k} {v:.4f}" for k, v in values.items() if k not in OBJECT_KEYS and v is not None), flush=True)
+            print_objects(f"held-out {slices}, tta {tta},", objects[tta][which])
     return figures
 
 
@@ -134,7 +201,7 @@ def main():
         mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
         mlflow.set_experiment("time-to-quality")
         for name in args.datasets.split(","):
-            if not DATASETS[name]["images"].exists():
+            if "images" in DATASETS[name] and not DATASETS[name]["images"].exists():
                 print(f"{name}: skipped, {DATASETS[name]['images']} is absent")
                 continue
             if args.original_only:
@@ -145,8 +212,10 @@ def main():
                        args.pictures, args.training_slices)
             if args.reference:
                 reference, source = run(name, DATASETS[name], args.minutes, ORIGINAL, "original recipe", args.pictures), "this run"
-            else:
+            elif name in ISSUE_REFERENCE:
                 reference, source = ISSUE_REFERENCE[name], "issue 3, same machine and budget"
+            else:  # synthetic: the reference is the components figure printed above (same model, same run)
+                continue
             key, target = TARGETS[name]
             for tta, both in ours.items():
                 for which, figures in both.items():
