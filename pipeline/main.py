@@ -39,6 +39,7 @@ class MainConfig:
     epochs: int = TrainConfig.epochs
     max_minutes: float = TrainConfig.max_minutes
     loss: str = TrainConfig.loss
+    border_weight: float = TrainConfig.border_weight
     augment: str = TrainConfig.augment
     foreground: float = TrainConfig.foreground
     lr_schedule: str = TrainConfig.lr_schedule

@@ -44,6 +44,7 @@ class TrainConfig:
     epochs: int = 200  # upper bound; `max_minutes` usually ends training first
     max_minutes: float = 5.0  # time budget (keeps `mlflow run .` under 10 min on 2 cores): stops after the epoch that would overrun it; 0 = none
     loss: str = "bce_dice"  # bce, dice, bce_dice, bce_dice_both (Dice of both classes: thin background such as membranes) or focal
+    border_weight: float = 0.0  # w0 of the U-Net paper's border weight map on the cross-entropy: background between two nearby cells weighs up to 1 + w0 (e.g. 10); 0 = off (emunet.training.weights)
     dropout: float = 0.0  # bottleneck dropout
     ema: float = 0.0  # momentum of an exponential moving average of the weights, validated and kept instead of the last ones (e.g. 0.99); 0 = off
     batch_norm: bool = True
@@ -71,6 +72,7 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("ema", 0 <= cfg.ema < 1, "a momentum between 0 (off) and 1, e.g. 0.99"),
         ("foreground", 0 <= cfg.foreground <= 1, "a share of crops, between 0 and 1"),
         ("dropout", 0 <= cfg.dropout < 1, "a rate between 0 and 1"),
+        ("border_weight", 0 <= cfg.border_weight <= 100, "0 (off) or a weight up to 100, e.g. 10"),
         ("learning_rate", cfg.learning_rate >= 0, "positive (0 = the preset's)"),
         ("max_minutes", cfg.max_minutes >= 0, "0 (no budget) or more"),
         ("warmup_epochs", cfg.warmup_epochs >= 0, "0 or more"),

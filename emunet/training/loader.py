@@ -14,8 +14,9 @@ import cv2
 import keras
 import numpy as np
 
-from emunet.training.augment import AugmentSpec, foreground_points, random_patch
 from emunet.core.dataset import StackInfo, open_stack
+from emunet.training.augment import AugmentSpec, foreground_points, random_patch
+from emunet.training.weights import border_weights
 
 
 class SharedArray(np.ndarray):
@@ -46,18 +47,20 @@ def _from_shared(name: str, shape: tuple, dtype: str) -> np.ndarray:
 
 class PatchDataset(keras.utils.PyDataset):
     """`steps` batches per epoch of `(batch_size, crop, crop, 1)` float32 images in [0, 1] and
-    `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`.
+    `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`; with
+    `border_weight`, masks are `(..., 2)`: the mask and its border weight map (`emunet.training.weights`).
 
     Stacks are chosen in proportion to their number of slices, so every slice is equally likely;
     `augment` says how patches are transformed (`emunet.training.augment.AugmentSpec`).
     """
 
     def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,
-                 steps: int, seed: int, workers: int = 1, augment: AugmentSpec = AugmentSpec(), **kwargs):
+                 steps: int, seed: int, workers: int = 1, augment: AugmentSpec = AugmentSpec(),
+                 border_weight: float = 0.0, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, **kwargs)
         self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
         self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
-        self.augment = augment
+        self.augment, self.border_weight = augment, border_weight
         # Where the foreground is: found once here, so each epoch's new worker pool inherits a small
         # array instead of scanning the masks again (Keras starts a fresh pool every epoch).
         self.points = [foreground_points(open_stack(self.dataset_dir, s)[1]) if augment.foreground else None
@@ -90,6 +93,9 @@ class PatchDataset(keras.utils.PyDataset):
         pairs = [self.sample(self.epoch, first + j) for j in range(self.batch_size)]
         images = np.stack([p[0] for p in pairs])[..., None]
         masks = np.stack([p[1] for p in pairs])[..., None].astype(np.float32)
+        if self.border_weight:  # the mask's second channel: the border weight map of each augmented crop
+            weights = np.stack([border_weights(p[1], self.border_weight) for p in pairs])[..., None]
+            masks = np.concatenate([masks, weights], axis=-1)
         return images.view(SharedArray), masks.view(SharedArray)
 
     def on_epoch_end(self):

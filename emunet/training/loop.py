@@ -95,7 +95,8 @@ def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, str
         mlflow.log_param("parameters", model.count_params())
     augment = dataclasses.replace(AUGMENTATIONS[cfg.augment], foreground=cfg.foreground)
     data = PatchDataset(dataset_dir, stacks_in(manifest, "train"), global_batch, cfg.crop_size,
-                        cfg.steps_per_epoch, cfg.seed, workers=cfg.workers, augment=augment)
+                        cfg.steps_per_epoch, cfg.seed, workers=cfg.workers, augment=augment,
+                        border_weight=cfg.border_weight)
     state = resumed[0] if resumed else TrainingState(run_id=run.info.run_id if run else None)
 
     def save(state: TrainingState) -> None:
