@@ -1,6 +1,12 @@
-"""Inference benchmark (issue 4): slices/s of our tiled, batched inference against a naive loop of
-`model.predict` one whole slice at a time, on the same model in the same run; then the peak resident
-memory of the `predict` entry point on a large synthetic stack.
+"""Inference benchmark (issues 4 and 15): slices/s of our tiled, batched inference against a naive loop of
+`model.predict` one whole slice at a time, on the same model in the same run; the time per slice with
+and without the instance step of `output="labels"` (seeded watershed + linking through the slices); then
+the peak resident memory of the `predict` entry point on a large synthetic stack.
+
+The instance step's cost depends on what it is given: a fresh network's probabilities are a haze around
+0.5 with no structure, so it is also timed on probability maps shaped like a trained model's, the
+dataset's own labels blurred (Gaussian, sigma 2 px) so that cells are sure in the middle and unsure at
+their borders.
 
     python bench/inference.py                        # ISBI 30 x 512 x 512, VNC 20 x 1024 x 1024, 200 x 2048 x 2048
     python bench/inference.py --memory_slices 20     # a shorter memory run
@@ -30,11 +36,14 @@ import tifffile  # noqa: E402
 from emunet.core.model import UNetSpec, build_unet  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
+from emunet.inference.instances import label_instances  # noqa: E402
 from emunet.inference.tiling import predict_probabilities  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
 STACKS = {"isbi 30x512x512": SHARED / "isbi2012" / "train-volume.tif",
           "vnc 20x1024x1024": SHARED / "vnc" / "stack1-raw.tif"}
+LABELS = {"isbi 30x512x512": SHARED / "isbi2012" / "train-labels.tif",
+          "vnc 20x1024x1024": SHARED / "vnc" / "stack1-mitochondria.tif"}
 
 
 def naive(model, stack, low, high):
@@ -63,7 +72,18 @@ def speed(model, spec):
         base = timed(lambda: naive(model, stack, low, high))
         n = stack.shape[0]
         print(f"{name}: ours {n / ours:.2f} slices/s, naive model.predict loop {n / base:.2f} slices/s, "
-              f"ratio {base / ours:.2f}x")
+              f"ratio {base / ours:.2f}x", flush=True)
+        probs = predict_probabilities(forward, stack, low, high, multiple=2**spec.depth)
+        maps = {"this model's probabilities": probs}
+        if LABELS[name].exists():
+            import cv2
+            maps["blurred labels"] = np.stack([cv2.GaussianBlur((t > 0).astype(np.float32), (0, 0), 2.0)
+                                               for t in tifffile.imread(LABELS[name])[:n]])
+        for what, prob in maps.items():
+            step = timed(lambda: label_instances(prob, 0.5, 0.9, 20))
+            print(f"{name}: instance step on {what}: {1000 * step / n:.1f} ms a slice against "
+                  f"{1000 * ours / n:.1f} ms of inference: +{100 * step / ours:.1f} % "
+                  f"({int(label_instances(prob, 0.5, 0.9, 20).max())} objects; target: at most +20 %)", flush=True)
 
 
 def memory(model, slices: int):

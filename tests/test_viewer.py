@@ -267,3 +267,26 @@ def test_streamlit_settings_limit_uploads_and_hide_tracebacks():
     assert isinstance(config["server"]["maxUploadSize"], int) and 100 <= config["server"]["maxUploadSize"] <= 4096
     assert config["client"]["showErrorDetails"] == "none"
     assert config["browser"]["gatherUsageStats"] is False
+
+
+# --- model downloads ------------------------------------------------------------------------------------
+
+def test_the_onnx_download_is_the_selected_network():
+    import types
+
+    import onnxruntime
+
+    from emunet.core.model import UNetSpec, build_unet
+    from viewer import exports
+
+    model = build_unet(UNetSpec(depth=2, base_filters=4))
+    segmenter = types.SimpleNamespace(keras_model=model, meta={"multiple_of": 4})
+    data = exports.model_file(segmenter, "onnx", "m v1", "run123")
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 1, 32, 48), np.float32)
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    expected = np.asarray(model(x.transpose(0, 2, 3, 1), training=False)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert session.get_modelmeta().custom_metadata_map["mlflow_run_id"] == "run123"
+    with pytest.raises(ValueError, match="format must be one of"):
+        exports.model_file(segmenter, "pt", "m v1", "run123")

@@ -26,7 +26,7 @@ from emunet.core.tracking import redact  # noqa: E402
 from emunet.inference.outputs import mask_tiff  # noqa: E402
 from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
 from emunet.inference.tiling import TTA_MODES  # noqa: E402
-from viewer import charts, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
+from viewer import charts, exports, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
 
 log = logging.getLogger("em-unet-viewer")
 # The tracking stores this server may open: from its command line or environment, never from the page.
@@ -269,7 +269,7 @@ def show_per_slice(results: list[dict], z: int) -> None:
     st.dataframe(table, hide_index=True, column_config={c: st.column_config.NumberColumn(format="%.3f") for c in SCORE_LABELS})
 
 
-def show_downloads(results: list[dict], name: str, threshold: float) -> None:
+def show_downloads(results: list[dict], name: str, threshold: float, image: dict, truth, uri: str) -> None:
     st.subheader("Download")
     columns = st.columns(len(results) + 1)
     for column, result, key in zip(columns, results, ("download_mask", "download_mask_b")):
@@ -282,6 +282,20 @@ def show_downloads(results: list[dict], name: str, threshold: float) -> None:
                                 file_name=f"{name}_scores.csv", mime="text/csv", key="download_scores",
                                 on_click="ignore", icon=":material/table:")
     st.caption(f"Masks are uint8 0 / 255, one page per slice, at threshold {threshold:.2f}.")
+    version = results[0]["version"]
+    z = image["stack"].shape[0] // 2
+    left, right = st.columns(2)
+    for column, fmt, text in ((left, "bioimageio", "BioImage.IO package (Fiji / deepImageJ, napari, ilastik)"),
+                              (right, "onnx", "ONNX (QuPath, ilastik)")):
+        column.download_button(
+            f"{version.name} v{version.version} · {text}", key=f"export_{fmt}", on_click="ignore",
+            data=lambda fmt=fmt: exports.model_file(
+                loaded_model(uri, version.name, version.version).unwrap_python_model(), fmt,
+                f"{version.name} v{version.version}", version.run_id, np.asarray(image["stack"][z]),
+                None if truth is None else np.asarray(truth[z])),
+            file_name=f"{version.name}-v{version.version}{exports.FORMATS[fmt]}", icon=":material/deployed_code:")
+    st.caption("The model itself, for tools outside this project; the package's test image is slice "
+               f"{z} of this stack. From a shell: `python -m serving.export` (see the README).")
 
 
 def main() -> None:
@@ -310,7 +324,7 @@ def main() -> None:
     results = []
     for tag, version in zip("AB", [v for v in (info, other) if v is not None]):
         prob = segment(version, image, options, uri)
-        results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob,
+        results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob, "version": version,
                         "file_tag": f"v{version.version}",
                         "rows": scoring.slice_rows(prob, truth, threshold=options["threshold"]),
                         "summary": scoring.summary(prob, truth, options["threshold"])})
@@ -321,7 +335,7 @@ def main() -> None:
     with st.container(key="per_slice"):
         show_per_slice(results, z)
     with st.container(key="downloads"):
-        show_downloads(results, name, options["threshold"])
+        show_downloads(results, name, options["threshold"], image, truth, uri)
 
 
 try:
