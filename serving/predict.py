@@ -82,7 +82,8 @@ def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path
     low, high = low_high or stack_stats(stack)
     probs = segmenter.iter_probabilities(stack, low, high, **options(cfg))
     linker, rows = SliceLinker(), []
-    with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels) as add:
+    with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels,
+                      voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None)) as add:
         for z, prob in enumerate(tqdm(probs, total=len(stack), desc=name, unit="slice")):
             mask = prob >= cfg.threshold
             objects = slice_instances(prob, cfg.threshold, cfg.seed_threshold, cfg.min_object_size)

@@ -155,3 +155,31 @@ def test_one_slice_sent_with_the_stacks_window_equals_that_slice_of_the_whole_st
         np.testing.assert_allclose(alone, whole[z], atol=1e-5)
     own_window = model.predict(image[0], params={"output": "probability"})
     assert np.abs(own_window - whole[0]).max() > 1e-3  # without the window it is a different answer
+
+
+def test_results_carry_the_inputs_voxel_size_as_fiji_reads_it(world, tmp_path):
+    """A Fiji stack (ImageJ hyperstack, 4 nm pixels, 50 nm sections) gives masks, probabilities and
+    instance labels that open in Fiji with the same calibration, not as 1-pixel units."""
+    from emunet.core.io import open_volume
+
+    stack = np.random.default_rng(2).integers(0, 255, (3, 32, 48), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "tomo.tif", stack, imagej=True, resolution=(1 / 0.004, 1 / 0.004),
+                     metadata={"spacing": 0.05, "unit": "um", "axes": "ZYX"})
+    predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "tomo.tif"),
+                          output_dir=str(tmp_path / "out"), save_probability=True, save_labels=True))
+    for suffix in ("mask", "prob", "labels"):
+        path = tmp_path / "out" / f"tomo_{suffix}.tif"
+        with tifffile.TiffFile(path) as tif:
+            assert tif.is_imagej and tif.imagej_metadata["slices"] == 3
+            assert tif.imagej_metadata["unit"] == "micron" and tif.imagej_metadata["spacing"] == pytest.approx(0.05)
+            x_resolution = tif.pages[0].tags["XResolution"].value
+            assert x_resolution[1] / x_resolution[0] == pytest.approx(0.004)
+        with open_volume(path) as back:
+            assert back.shape == (3, 32, 48) and back.unit == "µm"
+            assert back.voxel_size == pytest.approx((0.05, 0.004, 0.004))
+    # Without calibration in the input, none is invented.
+    tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="minisblack")
+    predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "plain.tif"),
+                          output_dir=str(tmp_path / "out")))
+    with open_volume(tmp_path / "out" / "plain_mask.tif") as back:
+        assert back.voxel_size is None and back.shape == (3, 32, 48)

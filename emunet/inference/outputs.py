@@ -62,15 +62,39 @@ def mask_tiff(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# ImageJ's spelling of the units `open_volume` reports (its TIFF description is ASCII: no "µ").
+IMAGEJ_UNITS = {"µm": "micron", "nm": "nm", "Å": "A", "mm": "mm"}
+
+
+def imagej_calibration(path: Path, shape: tuple[int, int, int], voxel_size, unit: str | None) -> None:
+    """Make the finished TIFF at `path` (pages written with `page_options`) an ImageJ stack of `shape`
+    (Z, Y, X) with slice spacing `voxel_size[0]` and `unit`, as Fiji reads calibration: the first page's
+    description is rewritten in place (`tifffile.tiffcomment`); X/Y resolution are already on every page."""
+    options = {"axes": "ZYX", "spacing": float(voxel_size[0])}
+    if unit:
+        options["unit"] = IMAGEJ_UNITS.get(unit, unit.encode("ascii", "replace").decode())
+    tifffile.tiffcomment(path, tifffile.imagej_description(shape, **options))
+
+
+def page_options(voxel_size) -> dict:
+    """`TiffWriter.write` options for one page: minisblack, and with a voxel size its X/Y resolution."""
+    options = {"contiguous": True, "photometric": "minisblack"}
+    if voxel_size is not None:
+        options.update(resolution=(1 / float(voxel_size[2]), 1 / float(voxel_size[1])), resolutionunit="NONE")
+    return options
+
+
 @contextlib.contextmanager
 def result_files(out_dir: Path, name: str, probability: bool = False, objects: bool = True,
-                 labels: bool = False):
+                 labels: bool = False, voxel_size=None, unit: str | None = None):
     """Write one input's results slice by slice: yields `add(z, mask, prob=None, areas=None, ids=None)`.
 
     Files: `<name>_mask.tif` (uint8 0 / 255), with `probability` `<name>_prob.tif` (float32), with
     `labels` `<name>_labels.tif` (uint32 instance ids, 0 background, one id per object through the
-    slices), with `objects` `<name>_objects.csv` (`OBJECT_COLUMNS`). All are renamed into place together
-    when the block ends without an error; a failure or a kill leaves no file that looks finished."""
+    slices), with `objects` `<name>_objects.csv` (`OBJECT_COLUMNS`). With the input's `voxel_size`
+    (z, y, x) in `unit`, the TIFFs carry it as Fiji reads it (ImageJ stack: pixel width and height,
+    slice spacing, unit). All are renamed into place together when the block ends without an error; a
+    failure or a kill leaves no file that looks finished."""
     targets = {"mask": out_dir / f"{name}_mask.tif"}
     if probability:
         targets["prob"] = out_dir / f"{name}_prob.tif"
@@ -78,22 +102,28 @@ def result_files(out_dir: Path, name: str, probability: bool = False, objects: b
         targets["labels"] = out_dir / f"{name}_labels.tif"
     if objects:
         targets["objects"] = out_dir / f"{name}_objects.csv"
-    with atomic_writes(targets) as tmp, contextlib.ExitStack() as files:
-        mask_tif = files.enter_context(tifffile.TiffWriter(tmp["mask"]))
-        prob_tif = files.enter_context(tifffile.TiffWriter(tmp["prob"])) if probability else None
-        ids_tif = files.enter_context(tifffile.TiffWriter(tmp["labels"])) if labels else None
-        table = csv.writer(files.enter_context(open(tmp["objects"], "w", newline=""))) if objects else None
-        if table is not None:
-            table.writerow(OBJECT_COLUMNS)
-
-        def add(z: int, mask: np.ndarray, prob: np.ndarray | None = None, areas: list[int] | None = None,
-                ids: np.ndarray | None = None) -> None:
-            mask_tif.write(mask_page(mask), contiguous=True, photometric="minisblack")
-            if prob_tif is not None:
-                prob_tif.write(np.asarray(prob, np.float32), contiguous=True, photometric="minisblack")
-            if ids_tif is not None:
-                ids_tif.write(np.asarray(ids, np.uint32), contiguous=True, photometric="minisblack")
+    tiffs = [k for k in ("mask", "prob", "labels") if k in targets]
+    pages = {"count": 0, "shape": None}
+    with atomic_writes(targets) as tmp:
+        with contextlib.ExitStack() as files:
+            writers = {k: files.enter_context(tifffile.TiffWriter(tmp[k])) for k in tiffs}
+            table = csv.writer(files.enter_context(open(tmp["objects"], "w", newline=""))) if objects else None
             if table is not None:
-                table.writerow(object_row(z, areas))
+                table.writerow(OBJECT_COLUMNS)
+            options = page_options(voxel_size)
 
-        yield add
+            def add(z: int, mask: np.ndarray, prob: np.ndarray | None = None, areas: list[int] | None = None,
+                    ids: np.ndarray | None = None) -> None:
+                first = {"description": "em-unet", "metadata": None} if pages["count"] == 0 else {}
+                page = {"mask": mask_page(mask), "prob": np.asarray(prob, np.float32) if prob is not None else None,
+                        "labels": np.asarray(ids, np.uint32) if ids is not None else None}
+                for key, writer in writers.items():
+                    writer.write(page[key], **options, **first)
+                if table is not None:
+                    table.writerow(object_row(z, areas))
+                pages["count"], pages["shape"] = pages["count"] + 1, np.shape(mask)
+
+            yield add
+        if voxel_size is not None and pages["count"]:
+            for key in tiffs:
+                imagej_calibration(tmp[key], (pages["count"], *pages["shape"]), voxel_size, unit)
