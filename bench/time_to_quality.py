@@ -36,6 +36,7 @@ machine for issue 3 (same data, same 10 minutes); with it, the reference is meas
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -111,6 +112,18 @@ def print_objects(prefix: str, figures: dict) -> None:
             f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in values.items()), flush=True)
 
 
+SAVE = {"folder": ""}  # --save_probabilities: where held-out probabilities and truth go (tta none)
+
+
+def save(name: str, label: str, prob: np.ndarray, truth: np.ndarray) -> None:
+    if SAVE["folder"]:
+        folder = Path(SAVE["folder"])
+        folder.mkdir(parents=True, exist_ok=True)
+        tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{name} {label}").strip("_")[:80]
+        np.save(folder / f"{tag}_prob.npy", prob.astype(np.float16))
+        np.save(folder / f"{tag}_truth.npy", truth)
+
+
 def run_synthetic(minutes: float, recipe: dict, label: str) -> dict:
     """The `mlflow run .` default data: pixel Dice and object scores on its held-out stacks."""
     prepared = preprocess(PreprocessConfig())
@@ -128,6 +141,8 @@ def run_synthetic(minutes: float, recipe: dict, label: str) -> dict:
         prob = np.concatenate([segmenter.segment(image, info.low, info.high, output="probability", tta=tta)
                                for info, image, _ in held_out])
         figures[tta] = {"all": {"dice": dice(prob >= 0.5, truth), **object_figures(prob, truth)["watershed"]}}
+        if tta == "none":
+            save("synthetic", label, prob, truth)
         print(f"  held-out, tta {tta}: dice {figures[tta]['all']['dice']:.4f}", flush=True)
         print_objects(f"held-out, tta {tta},", object_figures(prob, truth))
     return figures
@@ -157,6 +172,8 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
     for tta in ("none", "d4"):  # without, then with test-time augmentation (8 views: flips and turns)
         prob = segmenter.segment(image[a:b], low, high, output="probability", tta=tta)  # full slices, tiled
         pred = prob >= 0.5
+        if tta == "none":
+            save(name, label, prob, truth)
         figures[tta] = {"all": scores(name, pred, truth)}
         objects[tta] = {"all": object_figures(prob, truth)}
         figures[tta]["all"].update(objects[tta]["all"]["watershed"])
@@ -171,7 +188,9 @@ def run(name: str, dataset: dict, minutes: float, recipe: dict, label: str, pict
     print(f"{name} [{label}]: {result['epochs']} epochs in {trained / 60:.1f} min, best val_dice {result['val_dice']:.4f}")
     if training_slices:  # underfitting or overfitting: the same figure on the (annotated) slices it trained on
         seen = [z for z in range(a) if z not in unlabelled]
-        pred = segmenter.segment(image[seen], low, high) > 0
+        prob = segmenter.segment(image[seen], low, high, output="probability")
+        pred = prob >= 0.5
+        save(f"{name}_training", label, prob, labels[seen] > 0)
         print(f"  training slices {seen[0]}-{seen[-1]} ({len(seen)} annotated), tta none: " +
               "  ".join(f"{k} {v:.4f}" for k, v in scores(name, pred, labels[seen] > 0).items()), flush=True)
     for tta, both in figures.items():
@@ -194,7 +213,9 @@ def main():
     parser.add_argument("--training_slices", action="store_true",
                         help="also score the training slices (does the model underfit or overfit?)")
     parser.add_argument("--recipe", default="{}", help='train overrides as JSON, e.g. \'{"crop_size": 256}\'')
+    parser.add_argument("--save_probabilities", default="", help="folder for the held-out probabilities (tta none)")
     args = parser.parse_args()
+    SAVE["folder"] = str(Path(args.save_probabilities).resolve()) if args.save_probabilities else ""
     args.pictures = str(Path(args.pictures).resolve()) if args.pictures else ""  # before the chdir below
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)

@@ -3,7 +3,10 @@
 In a slice, foreground is `prob >= threshold`. Where the membrane between two cells is thin the network's
 foreground runs across it, but its confident cores (`prob >= seed_threshold`) stay apart: each core is
 grown back over the foreground, downhill in probability (a seeded watershed), so the cells meet where
-the probability dips, on the membrane. A foreground piece with no core stays one object. Objects under
+the probability dips, on the membrane. Two neighbouring objects are merged back unless the probability
+between them dips at least `SEED_DEPTH` below the lower of their two peaks (the dynamic of the weaker
+core, as h-maxima measure it): a dip that shallow is texture inside one cell (an organelle, a vesicle),
+not a membrane. A foreground piece with no core stays one object. Objects under
 `min_size` pixels are specks and are dropped (`emunet.core.objects`: 4-connected, the one meaning of an
 object everywhere).
 
@@ -20,11 +23,12 @@ from emunet.core.metrics import ObjectScorer
 from emunet.core.objects import components, drop_small, truth_objects
 
 DEFAULT_SEED_THRESHOLD = 0.9  # cores the U-Net is sure of; a quarter of the way from 0.5 to 1 in logits
+SEED_DEPTH = 0.2  # probability: a shallower dip between two cores is inside one object (see the module)
 LINK_OVERLAP = 0.5  # shared pixels / pixels of the smaller object, for the same cell in the next slice
 
 
 def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
-                    min_size: int = 0) -> np.ndarray:
+                    min_size: int = 0, depth: float = SEED_DEPTH) -> np.ndarray:
     """Objects of one `(H, W)` probability map: int32 labels 1..N (0 background), touching cells split by
     a watershed from their cores (see the module). `seed_threshold <= threshold` turns splitting off:
     the objects are then the components of the mask."""
@@ -34,9 +38,47 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
         return components(foreground, min_size)
     seeds = components(prob >= seed_threshold)
     grown = watershed(-prob, markers=seeds, mask=foreground, connectivity=1)
+    if depth > 0 and seeds.max() > 1:
+        grown = _merge_shallow(grown, prob, depth)
     unseeded = components(foreground & (grown == 0))  # foreground pieces without a core: objects too
     grown[unseeded > 0] = unseeded[unseeded > 0] + int(seeds.max())
     return drop_small(grown, min_size)
+
+
+def _merge_shallow(labels: np.ndarray, prob: np.ndarray, depth: float) -> np.ndarray:
+    """`labels` with neighbouring regions merged while the pass between them (the highest of the lower
+    probabilities of two 4-neighbouring pixels on their border) is less than `depth` below the lower of
+    their peaks; highest passes first, a merged region keeps the higher peak. Ids stay 1..N, gaps allowed."""
+    count = int(labels.max())
+    passes = []
+    for a, b, pa, pb in ((labels[:, :-1], labels[:, 1:], prob[:, :-1], prob[:, 1:]),
+                         (labels[:-1, :], labels[1:, :], prob[:-1, :], prob[1:, :])):
+        border = (a != b) & (a > 0) & (b > 0)
+        low, high = np.minimum(a[border], b[border]), np.maximum(a[border], b[border])
+        passes.append((low.astype(np.int64) * (count + 1) + high, np.minimum(pa[border], pb[border])))
+    keys = np.concatenate([k for k, _ in passes])
+    if not keys.size:
+        return labels
+    heights = np.concatenate([h for _, h in passes])
+    order = np.lexsort((heights, keys))
+    keys, heights = keys[order], heights[order]
+    last = np.r_[keys[1:] != keys[:-1], True]  # sorted by height within a key: the last is its highest pass
+    keys, heights = keys[last], heights[last]
+    peak = np.zeros(count + 1, np.float32)
+    np.maximum.at(peak, labels.ravel(), prob.ravel())
+    root = np.arange(count + 1)
+
+    def find(i: int) -> int:
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    for k in np.argsort(-heights, kind="stable"):
+        a, b = find(int(keys[k] // (count + 1))), find(int(keys[k] % (count + 1)))
+        if a != b and min(peak[a], peak[b]) - heights[k] < depth:
+            root[b], peak[a] = a, max(peak[a], peak[b])
+    return np.array([find(i) for i in range(count + 1)])[labels]
 
 
 class SliceLinker:
@@ -98,13 +140,14 @@ def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAU
 
 
 def object_scorer(probs, truths, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
-                  min_size: int = 0, scorer: ObjectScorer | None = None, true_ids: bool = False) -> ObjectScorer:
+                  min_size: int = 0, scorer: ObjectScorer | None = None, true_ids: bool = False,
+                  depth: float = SEED_DEPTH) -> ObjectScorer:
     """Score the instances of `(Z, H, W)` probabilities (or an iterable of `(H, W)` maps) against ground
     truth slice by slice: the objects `output="labels"` gives, against the true objects (a mask's
     components, or with `true_ids` the label image's own ids; both without specks under `min_size`).
     Adds to `scorer` if given; `.scores()` of the result are the object scores."""
     scorer = scorer or ObjectScorer()
     for prob, truth in zip(probs, truths):
-        scorer.add(slice_instances(prob, threshold, seed_threshold, min_size),
+        scorer.add(slice_instances(prob, threshold, seed_threshold, min_size, depth),
                    truth_objects(np.asarray(truth), min_size, instances=true_ids))
     return scorer
