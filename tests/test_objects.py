@@ -86,3 +86,19 @@ def test_rand_error_ignores_the_true_background_and_slices_stay_apart():
     s = scorer.scores()
     assert s["adapted_rand_error"] == pytest.approx(0.0) and s["vi_split"] == pytest.approx(0.0, abs=1e-12)
     assert scorer.counts["predicted"] == 6 and scorer.counts["true"] == 2 and scorer.counts["matched"] == 2
+
+
+def test_pixels_missed_by_every_object_are_not_a_merge_of_their_cells():
+    """Two cells, each with half its pixels outside any predicted object (a model with thick membranes):
+    nothing is merged. Lumping the missed pixels into one 'background segment' made them one object
+    spanning both cells, a merge error as large as a real merge's."""
+    truth = np.array([[1, 1, 1, 1, 0, 2, 2, 2, 2]])
+    pred = np.array([[1, 1, 0, 0, 0, 2, 2, 0, 0]])
+    scorer = ObjectScorer()
+    scorer.add(pred, truth)
+    s = scorer.scores()
+    assert s["vi_merge"] == pytest.approx(0.0, abs=1e-12)
+    # 8 pixels; each cell: 2 kept together, 2 alone. H(pred | truth) = 1.5 bits per pixel of a cell.
+    assert s["vi_split"] == pytest.approx(1.5)
+    # Same-segment pairs (ordered, i != j): truth 2 * 4 * 3 = 24, pred 2 * 2 * 1 = 4, both 4.
+    assert s["adapted_rand_error"] == pytest.approx(1 - 4 / ((24 + 4) / 2))

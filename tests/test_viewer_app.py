@@ -188,18 +188,21 @@ def test_sample_data_is_segmented_scored_and_browsable(viewer_store, monkeypatch
     at.button(key="sample_data").click().run()
     assert_no_leak(at)
     assert [m.label for m in at.container(key="stack_scores").metric] == [
-        "Dice", "IoU", "Pixel accuracy", "Median slice accuracy", "Precision", "Recall", "Objects / slice"]
-    assert all(0 <= float(m.value) <= 1 for m in at.container(key="stack_scores").metric[:6])
+        "Object F1", "Dice", "IoU", "Pixel accuracy", "Median slice accuracy", "Precision", "Recall", "Objects / slice"]
+    assert all(0 <= float(m.value) <= 1 for m in at.container(key="stack_scores").metric[:7])
+    objects = next(c.value for c in at.container(key="stack_scores").caption if c.value.startswith("Objects"))
+    assert "Object precision" in objects and "Count error" in objects and "VI merge" in objects
     assert [i.captions[0] for i in at.container(key="panels_A").image] == [
         "Image", "Ground truth", "Prediction", "Overlay", "Probability"]
     caption = next(m.value for m in at.markdown if m.value.startswith(f"**A: {MODEL} v1**"))
-    assert "Slice 0 (0–11)" in caption and "Dice" in caption
+    assert "Slice 0 (0–11)" in caption and "Dice" in caption and "found" in caption
     at.slider(key="slice").set_value(7).run()
     moved = next(m.value for m in at.markdown if m.value.startswith(f"**A: {MODEL} v1**"))
     assert "Slice 7 (0–11)" in moved and moved != caption
     table = slice_table(at)
     assert len(table) == 12 and {"dice", "iou", "pixel_accuracy", "objects", "objects_truth"} <= set(table.columns)
     assert at.download_button(key="download_mask") and at.download_button(key="download_scores")
+    assert at.download_button(key="export_onnx") and at.download_button(key="export_bioimageio")
 
 
 def test_uploads_are_segmented_once_and_the_threshold_reuses_the_probabilities(viewer_store, monkeypatch):
@@ -379,7 +382,8 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             expect(page.get_by_text("with ground truth")).to_be_visible()
             expect(page.get_by_text(f"A: {MODEL} v1")).to_be_visible()
             expect(page.get_by_test_id("stImage")).to_have_count(5)
-            expect(page.get_by_test_id("stMetric").first).to_contain_text("Dice")
+            expect(page.get_by_test_id("stMetric").first).to_contain_text("Object F1")
+            expect(page.get_by_test_id("stMetric").nth(1)).to_contain_text("Dice")
             screenshot(page, tmp_path, "1_uploaded")
             before = slice_caption(page)
             sources = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
@@ -406,6 +410,18 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             assert mask.shape == image.shape and mask.dtype == np.uint8
             model = registry.load_pyfunc(viewer_store["uri"], MODEL, "1", [viewer_store["uri"]])
             assert np.array_equal(mask, model.predict(image) * 255)
+
+            # Download the model itself as ONNX: the network of the version on the page, runnable elsewhere.
+            import onnxruntime
+
+            with page.expect_download(timeout=120_000) as download:
+                page.get_by_test_id("stDownloadButton").filter(has_text="ONNX").get_by_role("button").click()
+            assert download.value.suggested_filename == f"{MODEL}-v1.onnx"
+            session = onnxruntime.InferenceSession(download.value.path(), providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(0).random((1, 1, 32, 32), np.float32)
+            keras_model = model.unwrap_python_model().keras_model
+            np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x})[0],
+                                       np.asarray(keras_model(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2), atol=1e-5)
 
             # Compare with the worse version.
             page.get_by_test_id("stSelectbox").filter(has_text="Compare with").click()

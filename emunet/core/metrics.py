@@ -121,8 +121,10 @@ class ObjectScorer:
       each slice matched one to one at IoU >= 0.5 (`match`), pooled over slices.
     - `adapted_rand_error`, `vi_split`, `vi_merge`: the ISBI 2012 challenge's measures, restricted to the
       true foreground (true background pixels are ignored, as the challenge did), pooled over the stack
-      with every slice's objects distinct. `vi_split` is H(pred | truth), over-segmentation; `vi_merge` is
-      H(truth | pred), under-segmentation: touching cells merged. Lower is better; 0 is perfect.
+      with every slice's objects distinct; a true-foreground pixel in no predicted object is a segment of
+      its own (missed pixels are splits, never a merge of the cells they belong to). `vi_split` is
+      H(pred | truth), over-segmentation; `vi_merge` is H(truth | pred), under-segmentation: touching
+      cells merged. Lower is better; 0 is perfect.
     """
 
     def __init__(self):
@@ -138,13 +140,17 @@ class ObjectScorer:
         inside = truth.ravel() > 0
         t = truth.ravel()[inside] + self._offsets[0]
         p = pred.ravel()[inside]
-        p = np.where(p > 0, p + self._offsets[1], 0)  # predicted background stays one segment
+        # A true-foreground pixel outside every predicted object belongs to no object: its own segment (one
+        # segment of them all would count every missed pixel of every cell as one giant merge).
+        lone = np.flatnonzero(p == 0)
+        p = np.where(p > 0, p + self._offsets[1], 0)
+        p[lone] = int(pred.max(initial=0)) + self._offsets[1] + 1 + np.arange(lone.size)
         if t.size:
             width = int(p.max()) + 1
             pairs, pixels = np.unique(t * width + p, return_counts=True)
             self._pairs.append(np.stack([pairs // width, pairs % width, pixels]))
         self._offsets[0] += int(truth.max(initial=0))
-        self._offsets[1] += int(pred.max(initial=0))
+        self._offsets[1] += int(pred.max(initial=0)) + int(lone.size)
         return counts
 
     def segmentation_errors(self) -> dict[str, float]:
