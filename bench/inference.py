@@ -60,7 +60,7 @@ def timed(fn, *args, repeat=2):
     return best
 
 
-def speed(model, spec):
+def speed(model, spec, naive_too: bool = True):
     for name, path in STACKS.items():
         if not path.exists():
             print(f"{name}: skipped, {path} is absent")
@@ -69,10 +69,13 @@ def speed(model, spec):
         low, high = stack_stats(stack)
         forward = compiled_forward(model)  # what the pyfunc segmenter runs
         ours = timed(lambda: predict_probabilities(forward, stack, low, high, multiple=2**spec.depth))
-        base = timed(lambda: naive(model, stack, low, high))
         n = stack.shape[0]
-        print(f"{name}: ours {n / ours:.2f} slices/s, naive model.predict loop {n / base:.2f} slices/s, "
-              f"ratio {base / ours:.2f}x", flush=True)
+        if naive_too:
+            base = timed(lambda: naive(model, stack, low, high))
+            print(f"{name}: ours {n / ours:.2f} slices/s, naive model.predict loop {n / base:.2f} slices/s, "
+                  f"ratio {base / ours:.2f}x", flush=True)
+        else:
+            print(f"{name}: ours {n / ours:.2f} slices/s", flush=True)
         probs = predict_probabilities(forward, stack, low, high, multiple=2**spec.depth)
         maps = {"this model's probabilities": probs}
         if LABELS[name].exists():
@@ -120,6 +123,7 @@ def main():
     parser.add_argument("--model_uri", default="", help="a logged pyfunc segmenter; default: a fresh 8-filter, depth-4 U-Net")
     parser.add_argument("--memory_slices", type=int, default=200, help="0: skip the memory run")
     parser.add_argument("--no_speed", action="store_true", help="skip the speed comparison")
+    parser.add_argument("--no_naive", action="store_true", help="skip the naive loop (instance step and ours only)")
     args = parser.parse_args()
     spec = UNetSpec(depth=4, base_filters=8)
     if args.model_uri:
@@ -129,7 +133,7 @@ def main():
         model = build_unet(spec)
     print(f"model: {model.count_params():,} parameters, depth {spec.depth}, {spec.base_filters} base filters")
     if not args.no_speed:
-        speed(model, spec)
+        speed(model, spec, naive_too=not args.no_naive)
     if args.memory_slices:
         memory(model, args.memory_slices)
 
