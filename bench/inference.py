@@ -123,9 +123,10 @@ def main():
     parser.add_argument("--model_uri", default="", help="a logged pyfunc segmenter; default: a fresh 8-filter, depth-4 U-Net")
     parser.add_argument("--memory_slices", type=int, default=200, help="0: skip the memory run")
     parser.add_argument("--no_speed", action="store_true", help="skip the speed comparison")
+    parser.add_argument("--base_filters", type=int, default=8, help="of the fresh U-Net (16: the `fast` preset's)")
     parser.add_argument("--no_naive", action="store_true", help="skip the naive loop (instance step and ours only)")
     args = parser.parse_args()
-    spec = UNetSpec(depth=4, base_filters=8)
+    spec = UNetSpec(depth=4, base_filters=args.base_filters)
     if args.model_uri:
         segmenter = mlflow.pyfunc.load_model(args.model_uri).unwrap_python_model()
         model, spec = segmenter.keras_model, UNetSpec(**segmenter.meta.get("spec", {}))
