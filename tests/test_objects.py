@@ -102,3 +102,27 @@ def test_pixels_missed_by_every_object_are_not_a_merge_of_their_cells():
     assert s["vi_split"] == pytest.approx(1.5)
     # Same-segment pairs (ordered, i != j): truth 2 * 4 * 3 = 24, pred 2 * 2 * 1 = 4, both 4.
     assert s["adapted_rand_error"] == pytest.approx(1 - 4 / ((24 + 4) / 2))
+
+
+def test_rand_error_and_vi_equal_scikit_images_on_whole_images():
+    """The scorer keeps a table, not pixels; its figures must be scikit-image's own, computed on the
+    pixels, with the true background ignored and every missed pixel given a label of its own."""
+    from skimage.metrics import adapted_rand_error, variation_of_information
+
+    rng = np.random.default_rng(4)
+    truth = rng.integers(0, 6, (3, 20, 20))
+    pred = rng.integers(0, 5, (3, 20, 20))
+    scorer = ObjectScorer()
+    for p, t in zip(pred, truth):
+        scorer.add(p, t)
+    s = scorer.scores()
+    # The same on the pixels: slices' ids made distinct, missed pixels numbered one by one.
+    t_all = np.concatenate([t.ravel() + 10 * z for z, t in enumerate(truth)])
+    p_all = np.concatenate([p.ravel() + 10 * z for z, p in enumerate(pred)])
+    keep = np.concatenate([t.ravel() > 0 for t in truth])
+    missed = np.concatenate([p.ravel() == 0 for p in pred])[keep]
+    t_fg, p_fg = t_all[keep], p_all[keep]
+    p_fg[missed] = 1000 + np.arange(missed.sum())
+    assert s["adapted_rand_error"] == pytest.approx(adapted_rand_error(t_fg, p_fg)[0])
+    split, merge = variation_of_information(t_fg, p_fg)  # H(pred | truth), H(truth | pred), in bits
+    assert s["vi_split"] == pytest.approx(split) and s["vi_merge"] == pytest.approx(merge)

@@ -130,6 +130,7 @@ class ObjectScorer:
     def __init__(self):
         self.counts = {"matched": 0, "predicted": 0, "true": 0, "iou_sum": 0.0}
         self._pairs: list[np.ndarray] = []  # (true id, predicted id, pixels) of the stack-wide table
+        self._lone: list[np.ndarray] = []  # (true id, pixels in no predicted object)
         self._offsets = [0, 0]
 
     def add(self, pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
@@ -139,32 +140,44 @@ class ObjectScorer:
         self.counts = add_counts(self.counts, counts)
         inside = truth.ravel() > 0
         t = truth.ravel()[inside] + self._offsets[0]
-        p = pred.ravel()[inside]
-        # A true-foreground pixel outside every predicted object belongs to no object: its own segment (one
-        # segment of them all would count every missed pixel of every cell as one giant merge).
-        lone = np.flatnonzero(p == 0)
-        p = np.where(p > 0, p + self._offsets[1], 0)
-        p[lone] = int(pred.max(initial=0)) + self._offsets[1] + 1 + np.arange(lone.size)
-        if t.size:
+        p = pred.ravel()[inside] + self._offsets[1]
+        found = pred.ravel()[inside] > 0
+        if found.any():  # the contingency table of (true object, predicted object) pixel counts
             width = int(p.max()) + 1
-            pairs, pixels = np.unique(t * width + p, return_counts=True)
+            pairs, pixels = np.unique(t[found] * width + p[found], return_counts=True)
             self._pairs.append(np.stack([pairs // width, pairs % width, pixels]))
+        if (~found).any():  # missed pixels: counted per true object, each its own segment (see `scores`)
+            ids, pixels = np.unique(t[~found], return_counts=True)
+            self._lone.append(np.stack([ids, pixels]))
         self._offsets[0] += int(truth.max(initial=0))
-        self._offsets[1] += int(pred.max(initial=0)) + int(lone.size)
+        self._offsets[1] += int(pred.max(initial=0))
         return counts
 
     def segmentation_errors(self) -> dict[str, float]:
-        from scipy import sparse
-        from skimage.metrics import adapted_rand_error, variation_of_information
-
-        if not self._pairs:
+        """Adapted Rand error and VI split / merge of everything added (the formulas of scikit-image's
+        `adapted_rand_error` and `variation_of_information`, in bits), computed from the table kept
+        by `add` plus the missed pixels as singletons, so that memory stays with the number of objects,
+        not of pixels."""
+        pairs = np.concatenate(self._pairs, axis=1) if self._pairs else np.zeros((3, 0), np.int64)
+        lone = np.concatenate(self._lone, axis=1) if self._lone else np.zeros((2, 0), np.int64)
+        rows, cols, n = pairs[0], pairs[1], pairs[2].astype(np.float64)
+        lone_ids, lone_n = lone[0], lone[1].astype(np.float64)
+        total = n.sum() + lone_n.sum()
+        if not total:
             return {"adapted_rand_error": 0.0, "vi_split": 0.0, "vi_merge": 0.0}
-        rows, cols, pixels = np.concatenate(self._pairs, axis=1)
-        table = sparse.csr_array((pixels.astype(np.float64), (rows, cols)))
-        error = adapted_rand_error(table=table)[0]
-        # skimage 0.26 checks the shapes of the images even when given a table: two of the same shape.
-        split, merge = variation_of_information(np.zeros(1), np.zeros(1), table=table / table.sum())
-        return {"adapted_rand_error": float(error), "vi_split": float(split), "vi_merge": float(merge)}
+        true_ids, where = np.unique(np.concatenate([rows, lone_ids]), return_inverse=True)
+        a = np.bincount(where, weights=np.concatenate([n, lone_n]), minlength=len(true_ids))
+        a_row, a_lone = a[where[:len(rows)]], a[where[len(rows):]]
+        b = np.bincount(np.unique(cols, return_inverse=True)[1], weights=n) if len(cols) else np.zeros(0)
+        b_col = b[np.unique(cols, return_inverse=True)[1]] if len(cols) else np.zeros(0)
+        same_both = n @ n + lone_n.sum() - total  # ordered pairs of pixels together in truth and prediction
+        same_true, same_pred = a @ a - total, b @ b + lone_n.sum() - total
+        denominator = 0.5 * (same_true + same_pred)
+        error = 1.0 - same_both / denominator if denominator else 0.0
+        split = -(n / total) @ np.log2(n / a_row) + (lone_n / total) @ np.log2(a_lone)
+        merge = -(n / total) @ np.log2(n / b_col) if len(n) else 0.0
+        return {"adapted_rand_error": float(error), "vi_split": float(max(split, 0.0)),
+                "vi_merge": float(max(merge, 0.0))}
 
     def scores(self) -> dict[str, float]:
         return {**object_scores(self.counts), **self.segmentation_errors()}
