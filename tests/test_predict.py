@@ -165,7 +165,8 @@ def test_results_carry_the_inputs_voxel_size_as_fiji_reads_it(world, tmp_path):
     stack = np.random.default_rng(2).integers(0, 255, (3, 32, 48), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "tomo.tif", stack, imagej=True, resolution=(1 / 0.004, 1 / 0.004),
                      metadata={"spacing": 0.05, "unit": "um", "axes": "ZYX"})
-    predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "tomo.tif"),
+    tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="minisblack")
+    predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=f"{tmp_path / 'tomo.tif'},{tmp_path / 'plain.tif'}",
                           output_dir=str(tmp_path / "out"), save_probability=True, save_labels=True))
     for suffix in ("mask", "prob", "labels"):
         path = tmp_path / "out" / f"tomo_{suffix}.tif"
@@ -178,8 +179,5 @@ def test_results_carry_the_inputs_voxel_size_as_fiji_reads_it(world, tmp_path):
             assert back.shape == (3, 32, 48) and back.unit == "µm"
             assert back.voxel_size == pytest.approx((0.05, 0.004, 0.004))
     # Without calibration in the input, none is invented.
-    tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="minisblack")
-    predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "plain.tif"),
-                          output_dir=str(tmp_path / "out")))
     with open_volume(tmp_path / "out" / "plain_mask.tif") as back:
         assert back.voxel_size is None and back.shape == (3, 32, 48)
