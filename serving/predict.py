@@ -3,10 +3,15 @@
     python -m serving.predict --input stack.tif --output_dir predictions
     python -m serving.predict --model_uri models:/em-unet/3 --input a.tif,b.tif --labels a_gt.tif,b_gt.tif
 
-For each input `<name>` it writes `<name>_mask.tif` (uint8, 0 / 255), optionally `<name>_prob.tif`
-(float32) and `<name>_labels.tif` (uint32 instance ids: touching cells separated and followed through
-the slices), and `<name>_objects.csv` (per slice: count and areas of those instances). Results are written slice by
-slice to `.partial` files that are renamed only when complete. Images and labels are read one slice at a
+Inputs are anything `emunet.core.io.open_volume` reads (TIFF, MRC, OME-Zarr, HDF5 as `file.h5:/dataset`,
+.npy, folders of slices), optionally one `level` of a multiscale image and one `region` of it. For each
+input `<name>` it writes `<name>_mask.tif` (uint8, 0 / 255), optionally `<name>_prob.tif` (float32) and
+`<name>_labels.tif` (uint32 instance ids: touching cells separated and followed through the slices),
+with the input's voxel size as Fiji reads it; from a Zarr input (or with `output_format=zarr`) the same
+as `.ome.zarr` images with its scale and chunking. Also `<name>_objects.csv` (per slice: count and areas
+of those instances) and `<name>_instances.csv` (per 3-D object: voxels, centroid, and volume and centroid
+in physical units when calibrated). Results are written slice by slice (OME-Zarr: a row of chunks at a
+time) to `.partial` files that are renamed only when complete. Images and labels are read one slice at a
 time, so memory does not grow with the stack. Two inputs that would write the same `<name>` are refused
 before any work. With `labels`, the prediction is also scored, on pixels (Dice...) and on objects (object F1...,
 `emunet.core.metrics.ObjectScorer`), the scores are logged to MLflow and printed, with
@@ -23,13 +28,13 @@ from tqdm import tqdm
 from emunet.core.cli import run_entry
 from emunet.core.errors import InputError
 from emunet.core.files import output_folder
-from emunet.core.io import check_same_shape, list_stack_paths, open_volume
+from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
 from emunet.core.metrics import ObjectScorer, per_slice_scores, scores_from_counts
 from emunet.core.objects import sizes, truth_objects
 from emunet.core.normalize import stack_stats
 from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
 from emunet.inference.instances import SliceLinker, slice_instances
-from emunet.inference.outputs import output_names, result_files, rows_to_csv
+from emunet.inference.outputs import output_format, output_names, result_files, rows_to_csv
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 
 
@@ -51,6 +56,9 @@ class PredictConfig:
     seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # cores that seed one object each; <= threshold: no split
     save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
     label_kind: str = "mask"  # `labels` are a mask (objects: its components) or "instances" (values are ids)
+    output_format: str = "auto"  # auto: OME-Zarr (<name>_mask.ome.zarr...) for a Zarr input, TIFF otherwise; tif; zarr
+    level: str = ""  # level of an OME-Zarr multiscale input (labels too); "" = 0, full resolution
+    region: str = ""  # z0:z1,y0:y1,x0:x1: segment only this block of every input (and its labels); "" = all
     experiment: str = DEFAULT_EXPERIMENT
 
 
@@ -74,20 +82,23 @@ def window(stack, path: Path) -> tuple[float, float]:
 
 
 def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path, truth=None,
-                  low_high: tuple[float, float] | None = None, scorer: ObjectScorer | None = None) -> list[dict]:
+                  low_high: tuple[float, float] | None = None, scorer: ObjectScorer | None = None,
+                  fmt: str = "tif") -> list[dict]:
     """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) slice by slice, writing
     `<name>_*` files as slices come. `truth` (same shape; a mask, or ids with `label_kind="instances"`)
     is read one slice at a time too, and its objects are added to `scorer`; `low_high` is the stack's
-    intensity window (default: computed here). Returns per-slice score rows (empty without `truth`)."""
+    intensity window (default: computed here); `fmt` "tif" or "zarr" (OME-Zarr images chunked like the
+    stack). Returns per-slice score rows (empty without `truth`)."""
     low, high = low_high or stack_stats(stack)
     probs = segmenter.iter_probabilities(stack, low, high, **options(cfg))
     linker, rows = SliceLinker(), []
     with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels,
-                      voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None)) as add:
+                      voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None),
+                      fmt=fmt, shape=tuple(stack.shape), chunks=getattr(stack, "chunks", None)) as add:
         for z, prob in enumerate(tqdm(probs, total=len(stack), desc=name, unit="slice")):
             mask = prob >= cfg.threshold
             objects = slice_instances(prob, cfg.threshold, cfg.seed_threshold, cfg.min_object_size)
-            add(z, mask, prob, sizes(objects), linker.ids(objects) if cfg.save_labels else None)
+            add(z, mask, prob, sizes(objects), linker.ids(objects))
             if truth is not None:
                 true = np.asarray(truth[z])
                 found = scorer.add(objects, truth_objects(true, cfg.min_object_size, cfg.label_kind == "instances"))
@@ -104,26 +115,29 @@ def predict(cfg: PredictConfig) -> dict:
         raise InputError("no input given: pass input=stack.tif (or several, comma-separated)")
     if labels and len(labels) != len(inputs):
         raise InputError(f"got {len(inputs)} input stacks but {len(labels)} label stacks")
-    missing = [str(p) for p in [*inputs, *labels] if not p.exists()]
+    missing = [str(p) for p in [*inputs, *labels] if not stack_exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: file not found" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     if cfg.label_kind not in LABEL_KINDS:
         raise InputError(f"label_kind must be one of {', '.join(LABEL_KINDS)}, got {cfg.label_kind!r}")
     names = output_names(inputs)  # before any work: a second input must not overwrite the first's results
+    formats = [output_format(cfg.output_format, p) for p in inputs]
     options(cfg)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
         rows, written, scorer = [], [], ObjectScorer()
-        for i, (path, name) in enumerate(zip(inputs, names)):
-            with open_volume(path) as stack:
+        where = {"level": cfg.level, "region": cfg.region}
+        for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):
+            with open_volume(path, **where) as stack:
                 if labels:
-                    with open_volume(labels[i]) as truth:
+                    with open_volume(labels[i], **where) as truth:
                         check_same_shape(truth, stack.shape, path)
-                        rows += predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path), scorer)
+                        rows += predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path), scorer,
+                                              fmt)
                 else:
-                    predict_stack(segmenter, stack, name, cfg, out_dir, low_high=window(stack, path))
+                    predict_stack(segmenter, stack, name, cfg, out_dir, low_high=window(stack, path), fmt=fmt)
             written.append(name)
         metrics = {}
         if rows:

@@ -8,15 +8,22 @@
    `predict` uses (a chunk normalised by its own percentiles would come out differently);
 2. each stack becomes rows `(path, z_start, z_end)` of about `chunk_slices` slices, one task per row,
    segmented by the logged pyfunc with its stack's statistics;
-3. one task per stack writes `<name>_mask.tif` (uint8, 0 / 255, as `predict` writes it) from its chunks;
-   the driver writes one `objects.csv` for all stacks (per slice: object count and areas).
+3. one task per stack writes `<name>_mask.tif` (uint8, 0 / 255, as `predict` writes it, with the input's
+   calibration) from its chunks; the driver writes one `objects.csv` for all stacks (per slice: object
+   count and areas).
+A Zarr input (or any input with `output_format=zarr`) gets `<name>_mask.ome.zarr` instead, with the input's
+scale and chunking: the driver makes the empty image, and in stage 2 each task writes its own slices
+straight into it (its block of slices starts on a chunk boundary, so no two tasks share a chunk and no
+task assembles the volume); the image is renamed into place when the job has succeeded.
 Inputs and `output_dir` must be paths that every executor sees (a shared file system). Executors never
 talk to MLflow: the driver resolves `model_uri` once (an alias cannot move under a running job) and ships
 the model and this project's code to them.
 """
 
+import contextlib
 import csv
 import functools
+import math
 import shutil
 import tempfile
 import time
@@ -33,12 +40,13 @@ from pyspark import SparkFiles
 import emunet
 from emunet.core.errors import InputError
 from emunet.core.files import atomic_write, output_folder
-from emunet.core.io import list_stack_paths, open_volume
+from emunet.core.io import list_stack_paths, open_volume, stack_exists
+from emunet.core.omezarr import SliceWriter, check_replaceable, create_image, open_image
 from emunet.core.normalize import stack_stats
 from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
 from emunet.core.objects import sizes
 from emunet.inference.instances import slice_instances
-from emunet.inference.outputs import object_row, output_names, result_files
+from emunet.inference.outputs import mask_page, object_row, output_format, output_names, result_files, result_targets
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 from emunet.inference.tiling import plan_tiles
 
@@ -65,6 +73,7 @@ class PredictSparkConfig:
     tta: str = DEFAULT_PARAMS["tta"]
     min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice, as in predict
     seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # as in predict: touching cells counted apart
+    output_format: str = "auto"  # as in predict: auto (OME-Zarr for a Zarr input, else TIFF), tif or zarr
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT
 
@@ -82,6 +91,13 @@ def input_paths(spec: str) -> list[Path]:
         folder = paths[0].parent
         paths = [folder / line.strip() for line in paths[0].read_text().splitlines() if line.strip()]
     return [p.absolute() for p in paths]
+
+
+def block_step(slices_per_pass: int, chunk_depth: int | None) -> int:
+    """The multiple every task's block of slices is cut at: the tiler's slices per forward pass (so that
+    chunks batch slices as one pass over the stack does) and, for OME-Zarr output, the chunk depth (so
+    that each task owns whole chunks)."""
+    return math.lcm(slices_per_pass, chunk_depth) if chunk_depth else slices_per_pass
 
 
 def chunk_bounds(slices: int, chunk_slices: int, step: int) -> list[tuple[int, int]]:
@@ -130,18 +146,25 @@ def stack_facts(frames):
 
 def _segment_range(stack, row, segmenter, options: dict, threshold: float, min_size: int,
                    seed_threshold: float) -> list[tuple]:
+    """Rows of SLICES for the block; with a `row.target` (an OME-Zarr image) the masks are written there,
+    not returned."""
     probs = segmenter.iter_probabilities(SliceRange(stack, row.z_start, row.z_end), row.low, row.high,
                                          threshold=threshold, **options)
     out = []
-    for z, prob in enumerate(probs, start=row.z_start):
-        objects = slice_instances(prob, threshold, seed_threshold, min_size)
-        out.append((row.stack, np.packbits(prob >= threshold).tobytes(), *object_row(z, sizes(objects))))
+    with SliceWriter(open_image(row.target), start=row.z_start) if row.target else contextlib.nullcontext() as write:
+        for z, prob in enumerate(probs, start=row.z_start):
+            objects = slice_instances(prob, threshold, seed_threshold, min_size)
+            mask = prob >= threshold
+            if write:
+                write(z, mask_page(mask))
+            out.append((row.stack, b"" if write else np.packbits(mask).tobytes(), *object_row(z, sizes(objects))))
     return out
 
 
 def segment_chunks(frames, options: dict, threshold: float, min_size: int, seed_threshold: float):
-    """mapInPandas, rows `(stack, path, z_start, z_end, low, high)` -> one row per slice: the mask as
-    packed bits and its objects, computed as `predict` computes them. Why not `mlflow.pyfunc.spark_udf`:
+    """mapInPandas, rows `(stack, path, z_start, z_end, low, high, target)` -> one row per slice: the mask as
+    packed bits (or, with a `target`, written into that OME-Zarr image) and its objects, computed as
+    `predict` computes them. Why not `mlflow.pyfunc.spark_udf`:
     it hands the pyfunc's `predict` a batch of rows, and `predict` normalises what it is given by that
     input's own percentiles; here each chunk needs its whole stack's, which only the segmenter's
     `iter_probabilities(stack, low, high)` accepts, and a chunk reads its own pixels from its path."""
@@ -154,16 +177,19 @@ def segment_chunks(frames, options: dict, threshold: float, min_size: int, seed_
 
 
 def write_mask_stack(frame: pd.DataFrame, out_dir: str, shapes: dict) -> pd.DataFrame:
-    """applyInPandas per stack: write `<name>_mask.tif` from its slices and return its rows of the objects
-    table. Each task attempt writes to a temporary name of its own and renames it when complete, so a
-    retried or speculative attempt never writes into another's file."""
+    """applyInPandas per stack: write `<name>_mask.tif` from its slices (unless the stack's masks went
+    to OME-Zarr in stage 2) and return its rows of the objects table. `shapes[stack]` is `(name, slices,
+    height, width, calibration)`. Each task attempt writes to a temporary name of its own and renames it
+    when complete, so a retried or speculative attempt never writes into another's file."""
     frame = frame.sort_values("slice")
-    name, slices, height, width = shapes[int(frame["stack"].iloc[0])]
+    name, slices, height, width, calibration = shapes[int(frame["stack"].iloc[0])]
     if frame["slice"].tolist() != list(range(slices)):
         raise RuntimeError(f"{name}: got slices {frame['slice'].tolist()} of {slices}")
-    with result_files(Path(out_dir), name, objects=False) as add:
-        for z, packed in zip(frame["slice"], frame["mask"]):
-            add(z, np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width))
+    if calibration.get("fmt") != "zarr":
+        with result_files(Path(out_dir), name, objects=False, voxel_size=calibration.get("voxel_size"),
+                          unit=calibration.get("unit")) as add:
+            for z, packed in zip(frame["slice"], frame["mask"]):
+                add(z, np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width))
     return frame.drop(columns="mask")
 
 
@@ -197,33 +223,70 @@ def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
 
 
 def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
-    """Input paths and output names, refused before any Spark work if missing or clashing."""
+    """Input paths and output names, refused before any Spark work if missing, clashing or unreadable."""
     paths = input_paths(cfg.input)
     if not paths:
         raise InputError("no input given: pass input=a.tif,b.tif or input=stacks.txt (one path per line)")
-    missing = [str(p) for p in paths if not p.exists()]
+    missing = [str(p) for p in paths if not stack_exists(p)]
     if missing:
         raise InputError(f"{len(missing)} input(s) not found: {', '.join(missing[:5])}")
     resolve_options({k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta",
                                                    "min_object_size", "seed_threshold")})
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
-    return paths, output_names(paths)
+    names = output_names(paths)
+    for path in paths:
+        output_format(cfg.output_format, path)
+    return paths, names
 
 
-def plan_chunks(facts: pd.DataFrame, paths: list[Path], multiple: int, cfg: PredictSparkConfig) -> list[tuple]:
-    """Rows `(stack, path, z_start, z_end, low, high)` for every stack of `facts` (the first stage's output)."""
-    rows = []
+def calibrations(paths: list[Path], cfg: PredictSparkConfig) -> list[dict]:
+    """Per input, what its results keep of it: `{"fmt", "voxel_size", "unit", "chunks"}` (the driver reads
+    only metadata: every format opens lazily)."""
+    out = []
+    for path in paths:
+        with open_volume(path) as volume:
+            out.append({"fmt": output_format(cfg.output_format, path), "voxel_size": volume.voxel_size,
+                        "unit": volume.unit, "chunks": volume.chunks})
+    return out
+
+
+def zarr_images(stack: contextlib.ExitStack, out_dir: Path, names: list[str], facts: pd.DataFrame,
+                calibration: list[dict]) -> dict[int, str]:
+    """`{stack: temporary OME-Zarr image}` for the stacks whose masks go to OME-Zarr, made empty here (the
+    driver) and renamed onto `<name>_mask.ome.zarr` when `stack` closes without an error."""
+    images = {}
+    for f in facts.itertuples():
+        cal = calibration[f.stack]
+        if cal["fmt"] == "zarr":
+            tmp = stack.enter_context(atomic_write(result_targets(out_dir, names[f.stack], objects=False,
+                                                                  fmt="zarr")["mask"]))
+            create_image(tmp, (int(f.slices), int(f.height), int(f.width)), np.uint8, cal["chunks"],
+                         cal["voxel_size"], cal["unit"], name=f"{names[f.stack]}_mask")
+            images[int(f.stack)] = str(tmp)
+    return images
+
+
+def plan_chunks(facts: pd.DataFrame, paths: list[Path], multiple: int, cfg: PredictSparkConfig,
+                images: dict[int, str] | None = None) -> list[tuple]:
+    """Rows `(stack, path, z_start, z_end, low, high, target)` for every stack of `facts` (the first stage's
+    output); `target` is the stack's OME-Zarr image from `images` (blocks then start on its chunks) or ""."""
+    rows, images = [], images or {}
     for f in facts.sort_values("stack").itertuples():
-        step = plan_tiles(int(f.height), int(f.width), cfg.tile_size, multiple, cfg.overlap, cfg.batch_size).slices_per_pass
-        rows += [(int(f.stack), str(paths[f.stack]), z0, z1, float(f.low), float(f.high))
+        target = images.get(int(f.stack), "")
+        per_pass = plan_tiles(int(f.height), int(f.width), cfg.tile_size, multiple, cfg.overlap,
+                              cfg.batch_size).slices_per_pass
+        step = block_step(per_pass, open_image(target).chunks[0] if target else None)
+        rows += [(int(f.stack), str(paths[f.stack]), z0, z1, float(f.low), float(f.high), target)
                  for z0, z1 in chunk_bounds(int(f.slices), cfg.chunk_slices, step)]
     return rows
 
 
 def _segment_on_spark(spark, paths: list[Path], names: list[str], model_dir: Path, multiple: int,
-                      cfg: PredictSparkConfig, out_dir: Path, tmp: Path) -> tuple[pd.DataFrame, int]:
-    """The three stages; returns the objects table (one row per slice) and the number of chunks."""
+                      cfg: PredictSparkConfig, out_dir: Path, tmp: Path, images: contextlib.ExitStack
+                      ) -> tuple[pd.DataFrame, int]:
+    """The three stages; returns the objects table (one row per slice) and the number of chunks. OME-Zarr
+    results are made in `images` (renamed into place when it closes)."""
     context = spark.sparkContext
     context.addPyFile(_zip_code(tmp))
     context.addArchive(shutil.make_archive(str(tmp / MODEL_ARCHIVE.removesuffix(".zip")), "zip", model_dir))
@@ -231,10 +294,13 @@ def _segment_on_spark(spark, paths: list[Path], names: list[str], model_dir: Pat
     facts = spark.createDataFrame(listed, "stack long, path string").mapInPandas(stack_facts, FACTS).toPandas()
     if (facts["error"] != "").any():
         raise InputError("; ".join(facts.loc[facts["error"] != "", "error"]))
-    rows = plan_chunks(facts, paths, multiple, cfg)
+    calibration = calibrations(paths, cfg)
+    rows = plan_chunks(facts, paths, multiple, cfg, zarr_images(images, out_dir, names, facts, calibration))
     chunks = spark.createDataFrame(context.parallelize(rows, len(rows)),  # one chunk per task, in order
-                                   "stack long, path string, z_start long, z_end long, low double, high double")
-    shapes = {int(f.stack): (names[f.stack], int(f.slices), int(f.height), int(f.width)) for f in facts.itertuples()}
+                                   "stack long, path string, z_start long, z_end long, low double, high double, "
+                                   "target string")
+    shapes = {int(f.stack): (names[f.stack], int(f.slices), int(f.height), int(f.width), calibration[f.stack])
+              for f in facts.itertuples()}
     options = dict(tile_size=cfg.tile_size, overlap=cfg.overlap, batch_size=cfg.batch_size, tta=cfg.tta)
     threshold, min_size, seeds, target = cfg.threshold, cfg.min_object_size, cfg.seed_threshold, str(out_dir)
     segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, options, threshold, min_size, seeds), SLICES)
@@ -249,7 +315,11 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
 
     paths, names = _checked_inputs(cfg)
     out_dir = output_folder(Path(cfg.output_dir).absolute())
-    with step_run("predict_spark", cfg.experiment) as run, tempfile.TemporaryDirectory() as tmp:
+    for path, name in zip(paths, names):
+        if output_format(cfg.output_format, path) == "zarr":
+            check_replaceable(result_targets(out_dir, name, objects=False, fmt="zarr")["mask"])
+    with step_run("predict_spark", cfg.experiment) as run, tempfile.TemporaryDirectory() as tmp, \
+            contextlib.ExitStack() as images:
         log_config(cfg)
         model_dir = _fetch_model(cfg.model_uri, Path(tmp))
         multiple = int(load_segmenter(str(model_dir)).meta["multiple_of"])  # also: refuse a bad model early
@@ -259,7 +329,7 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
         spark = (builder.master(cfg.master) if cfg.master else builder).getOrCreate()
         try:
             start = time.time()
-            table, chunks = _segment_on_spark(spark, paths, names, model_dir, multiple, cfg, out_dir, Path(tmp))
+            table, chunks = _segment_on_spark(spark, paths, names, model_dir, multiple, cfg, out_dir, Path(tmp), images)
             seconds = time.time() - start
         finally:
             if ours:

@@ -14,12 +14,15 @@ import pandas as pd
 import pytest
 import tifffile
 
+from emunet.core.io import open_volume
 from emunet.core.normalize import stack_stats
 from serving.predict import PredictConfig, predict
 from serving.predict_spark import SliceRange, chunk_bounds, input_paths, stack_facts, write_mask_stack
 from emunet.inference.outputs import result_files
 from emunet.inference.tiling import iter_probabilities, plan_tiles
 from tests.conftest import ROOT, run_module
+from tests.test_io_formats import write_ome_zarr
+from tests.test_zarr_output import read_image
 
 
 def forward_passes(stack, bounds, **options) -> list[tuple]:
@@ -90,20 +93,29 @@ def test_spark_masks_equal_single_machine_predict(world, tmp_path):
     version = mlflow.register_model(world["trained"]["model_uri"], "spark-test")
     model_uri = f"models:/spark-test/{version.version}"
     names, paths = stacks(tmp_path)
+    # The deep stack again as a calibrated OME-Zarr image in chunks of 2 slices: its three tasks of 4 slices
+    # write their chunks straight into one <name>_mask.ome.zarr.
+    write_ome_zarr(tmp_path / "zdeep.ome.zarr", tifffile.imread(paths[0]), scale=(0.05, 0.01, 0.01), levels=1,
+                   chunks=(2, 32, 32))
+    names, paths = [*names, "zdeep"], [*paths, tmp_path / "zdeep.ome.zarr"]
     proc = mlflow_run(tmp_path, world["uri"], "-e", "predict_spark", "-P", "master=local[2]",
                       "-P", f"model_uri={model_uri}", "-P", f"input={','.join(map(str, paths))}",
                       "-P", f"output_dir={tmp_path / 'spark'}", "-P", "chunk_slices=4", "-P", "min_object_size=5")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "wrote 3 segmentation(s) (18 slices, 6 chunks)" in proc.stdout  # deep.tif: 3 chunks
+    assert "wrote 4 segmentation(s) (28 slices, 9 chunks)" in proc.stdout  # deep.tif and zdeep: 3 chunks each
+    zarr_mask, scale, units, chunks = read_image(tmp_path / "spark" / "zdeep_mask.ome.zarr")
+    assert scale == pytest.approx([0.05, 0.01, 0.01]) and units == ["micrometer"] * 3 and chunks == (2, 32, 32)
+    assert not list((tmp_path / "spark").glob("*.partial"))
 
-    predict(PredictConfig(model_uri=model_uri, input=",".join(map(str, paths)), output_dir=str(tmp_path / "one"),
+    predict(PredictConfig(model_uri=model_uri, input=",".join(map(str, paths[:3])), output_dir=str(tmp_path / "one"),
                           min_object_size=5))
-    for name in names:
+    for name in names[:3]:
         spark_mask = tifffile.imread(tmp_path / "spark" / f"{name}_mask.tif")
         single = tifffile.imread(tmp_path / "one" / f"{name}_mask.tif")
         assert spark_mask.dtype == single.dtype == np.uint8 and spark_mask.shape == single.shape
         np.testing.assert_array_equal(spark_mask, single, err_msg=name)
     deep = tifffile.imread(tmp_path / "one" / "deep_mask.tif")
+    np.testing.assert_array_equal(zarr_mask, deep)  # the chunks the tasks wrote make predict's volume
     assert 0.05 < (deep == 255).mean() < 0.95  # a real segmentation, not all one value
 
     # Had a chunk been normalised with its own statistics, its mask would differ.
@@ -112,9 +124,9 @@ def test_spark_masks_equal_single_machine_predict(world, tmp_path):
     assert (segmenter.segment(last, *stack_stats(last)) * 255 != deep[8:10]).any()
 
     table = list(csv.DictReader(open(tmp_path / "spark" / "objects.csv")))
-    assert [(r["stack"], int(r["slice"])) for r in table] == [(n, z) for n, z_size in zip(names, (10, 3, 5))
+    assert [(r["stack"], int(r["slice"])) for r in table] == [(n, z) for n, z_size in zip(names, (10, 3, 5, 10))
                                                                for z in range(z_size)]
-    for name in names:
+    for name in names[:3]:
         single_rows = list(csv.DictReader(open(tmp_path / "one" / f"{name}_objects.csv")))
         spark_rows = [{k: v for k, v in r.items() if k != "stack"} for r in table if r["stack"] == name]
         assert spark_rows == single_rows, name
@@ -123,7 +135,7 @@ def test_spark_masks_equal_single_machine_predict(world, tmp_path):
     run = mlflow.search_runs(experiment_names=["em-unet"], filter_string="tags.step = 'predict_spark'",
                              output_format="list")[0]
     assert run.info.status == "FINISHED" and run.data.params["chunk_slices"] == "4"
-    assert run.data.metrics["slices"] == 18 and run.data.tags["model_run_id"] == world["trained"]["run_id"]
+    assert run.data.metrics["slices"] == 28 and run.data.tags["model_run_id"] == world["trained"]["run_id"]
 
 
 def test_predict_spark_refuses_clashing_names_before_starting_spark(tmp_path):
@@ -171,7 +183,10 @@ def test_a_spark_task_writes_its_mask_from_packed_slices(tmp_path):
     masks = np.random.default_rng(0).random((3, 10, 13)) > 0.5
     frame = pd.DataFrame({"stack": [0] * 3, "slice": [2, 0, 1], "mask": [np.packbits(m).tobytes() for m in masks[[2, 0, 1]]],
                           "objects": [0] * 3, "total_area": [0] * 3, "mean_area": [0.0] * 3, "areas": [""] * 3})
-    rows = write_mask_stack(frame, str(tmp_path), {0: ("cells", 3, 10, 13)})
+    calibration = {"fmt": "tif", "voxel_size": (2.0, 0.5, 0.25), "unit": "µm"}
+    rows = write_mask_stack(frame, str(tmp_path), {0: ("cells", 3, 10, 13, calibration)})
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_mask.tif"), masks * 255)
+    with open_volume(tmp_path / "cells_mask.tif") as back:  # the input's calibration, as predict keeps it
+        assert back.voxel_size == pytest.approx((2.0, 0.5, 0.25)) and back.unit == "µm"
     assert list(rows.columns) == ["stack", "slice", "objects", "total_area", "mean_area", "areas"]
     assert [p.name for p in tmp_path.iterdir()] == ["cells_mask.tif"]

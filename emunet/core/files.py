@@ -55,7 +55,13 @@ def atomic_write(target: str | Path, durable: bool = False):
             for path in (tmp.rglob("*") if tmp.is_dir() else ()):
                 fsync_path(path)
             fsync_path(tmp)
-        os.replace(tmp, target)
+        if target.is_dir() and not target.is_symlink():  # an earlier result folder (callers check it is ours)
+            old = partial_path(target)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            remove(old)
+        else:
+            os.replace(tmp, target)
         if durable:
             fsync_path(target.parent)
     except BaseException:

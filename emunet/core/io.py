@@ -111,6 +111,8 @@ class Volume:
     # Formats that can read part of a slice (Zarr, HDF5, MRC, .npy) also give slices [a, b) cropped to
     # rows `ys` and columns `xs` (step 1), so that a region or a tile never decodes whole slices.
     read_block: Callable[[int, int, slice, slice], np.ndarray] | None = None
+    # `(z, y, x)` chunk shape of a chunked store (Zarr, HDF5), which results written as OME-Zarr keep.
+    chunks: tuple[int, int, int] | None = None
 
     @property
     def ndim(self) -> int:
@@ -371,8 +373,11 @@ def _array_volume(path, array, names: list[str] | None = None, copy: bool = Fals
             out = out[None][a:b]
         return np.array(out, dtype) if copy else out.astype(dtype, copy=False)
 
+    stored = getattr(array, "chunks", None)
+    chunks = dict(zip(axes, stored)) if isinstance(stored, tuple) and len(stored) == len(axes) else None
     return Volume(Path(str(path)), shape, dtype, lambda a, b: read_block(a, b), close=close,
-                  read_block=read_block, **calibration)
+                  read_block=read_block, chunks=tuple(chunks.get(n, 1) for n in "zyx") if chunks else None,
+                  **calibration)
 
 
 def _check_mrc_header(path: Path) -> None:
@@ -599,7 +604,13 @@ def crop_volume(volume: Volume, region: str) -> Volume:
 
     shape = (zs.stop - zs.start, ys.stop - ys.start, xs.stop - xs.start)
     return Volume(volume.path, shape, volume.dtype, lambda a, b: read_block(a, b), volume.voxel_size,
-                  volume.unit, volume.close, read_block)
+                  volume.unit, volume.close, read_block, volume.chunks)
+
+
+def stack_exists(path: str | Path) -> bool:
+    """Whether the file or folder behind a stack path (`file.h5:/dataset`: the file) exists."""
+    spec = HDF5_SPEC.fullmatch(str(path))
+    return Path(spec[1] if spec else path).exists()
 
 
 def _check_file(path: Path) -> None:

@@ -46,3 +46,64 @@ def truth_objects(truth: np.ndarray, min_size: int = 0, instances: bool = False)
     if instances:
         return drop_small(truth, min_size)
     return components(np.asarray(truth) != 0, min_size)
+
+
+MEASURE_COLUMNS = ["id", "voxels", "first_slice", "last_slice", "centroid_z", "centroid_y", "centroid_x",
+                   "volume", "z", "y", "x", "unit"]
+
+
+class ObjectMeasures:
+    """Size and centroid of every object of a `(Z, H, W)` instance label volume (ids followed through the
+    slices), added one slice at a time so that the volume never sits in memory: `add(z, ids)` per slice,
+    then `rows()`. With `voxel_size` (z, y, x), rows also give the volume in `unit` cubed and the centroid
+    in `unit` (physical coordinates of voxel centres, from the volume's origin)."""
+
+    def __init__(self, voxel_size=None, unit: str | None = None):
+        self.voxel_size, self.unit = voxel_size, unit
+        self.sums = np.zeros((0, 4))  # per id: voxels, sum of z, y, x
+        self.first = np.zeros(0, np.int64)
+        self.last = np.zeros(0, np.int64)
+
+    def _grow(self, n: int) -> None:
+        if n > len(self.sums):
+            extra = max(n, 2 * len(self.sums)) - len(self.sums)
+            self.sums = np.concatenate([self.sums, np.zeros((extra, 4))])
+            self.first = np.concatenate([self.first, np.full(extra, -1, np.int64)])
+            self.last = np.concatenate([self.last, np.full(extra, -1, np.int64)])
+
+    def add(self, z: int, ids: np.ndarray) -> None:
+        ids = np.asarray(ids)
+        ys, xs = np.nonzero(ids)
+        if not len(ys):
+            return
+        values = ids[ys, xs].astype(np.int64)
+        n = int(values.max()) + 1
+        self._grow(n)
+        voxels = np.bincount(values, minlength=n)
+        present = voxels > 0
+        self.sums[:n, 0] += voxels
+        self.sums[:n, 1] += voxels * z
+        self.sums[:n, 2] += np.bincount(values, ys, minlength=n)
+        self.sums[:n, 3] += np.bincount(values, xs, minlength=n)
+        unseen = present & (self.first[:n] < 0)
+        self.first[:n][unseen] = z
+        self.last[:n][present] = z
+
+    def rows(self) -> list[list]:
+        """`MEASURE_COLUMNS` rows, one per object by id: voxel count, slices, centroid in voxels and, when
+        calibrated, volume and centroid in physical units (else those are empty)."""
+        out = []
+        for i in np.flatnonzero(self.sums[:, 0] > 0):
+            if i == 0:
+                continue
+            voxels = self.sums[i, 0]
+            centre = self.sums[i, 1:] / voxels
+            row = [int(i), int(voxels), int(self.first[i]), int(self.last[i]), *(round(float(c), 2) for c in centre)]
+            if self.voxel_size is not None:
+                size = np.asarray(self.voxel_size, float)
+                row += [float(f"{voxels * np.prod(size):.6g}"), *(float(f"{c:.6g}") for c in centre * size),
+                        self.unit or ""]
+            else:
+                row += ["", "", "", "", ""]
+            out.append(row)
+        return out
