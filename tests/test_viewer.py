@@ -6,15 +6,16 @@ import io
 import tomllib
 
 import cv2
+import mrcfile
 import numpy as np
 import pytest
 import tifffile
 
 from emunet.core.errors import InputError
+from emunet.core.io import open_volume
 from emunet.core.overlay import ALPHA, FN, FP, TP
-from emunet.inference.outputs import mask_tiff
 from tests.conftest import ROOT
-from viewer import charts, inference, messages, pictures, registry, scoring, stacks
+from viewer import charts, downloads, inference, messages, pictures, registry, scoring, stacks
 
 
 def tiff_bytes(array: np.ndarray, **kwargs) -> bytes:
@@ -33,19 +34,19 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 def test_multi_page_tiff_upload_is_read_as_a_stack():
     stack = np.arange(3 * 5 * 4, dtype=np.uint16).reshape(3, 5, 4) * 300
-    out = stacks.read_upload([("stack.tif", tiff_bytes(stack, photometric="minisblack"))])
-    assert out.dtype == np.uint16 and np.array_equal(out, stack)
+    out, calibration = stacks.read_upload([("stack.tif", tiff_bytes(stack, photometric="minisblack"))])
+    assert out.dtype == np.uint16 and np.array_equal(out, stack) and calibration == {}
 
 
 def test_png_slices_are_stacked_in_natural_order():
     slices = {f"z{i}.png": np.full((4, 6), i, np.uint8) for i in (10, 2, 1)}
-    out = stacks.read_upload([(name, png_bytes(a)) for name, a in slices.items()])
+    out, _ = stacks.read_upload([(name, png_bytes(a)) for name, a in slices.items()])
     assert out.shape == (3, 4, 6)
     assert [int(s[0, 0]) for s in out] == [1, 2, 10]  # z2 before z10
 
 
 def test_a_single_2d_image_is_one_slice():
-    out = stacks.read_upload([("one.png", png_bytes(np.eye(5, dtype=np.uint8) * 200))])
+    out, _ = stacks.read_upload([("one.png", png_bytes(np.eye(5, dtype=np.uint8) * 200))])
     assert out.shape == (1, 5, 5)
 
 
@@ -65,6 +66,60 @@ def test_bad_uploads_say_which_file_and_never_show_server_paths(files, message):
     text = str(caught.value)
     assert message in text
     assert "/tmp" not in text and "em-unet-viewer-" not in text
+
+
+def mrc_bytes(tmp_path, data: np.ndarray, voxel_size=None) -> bytes:
+    """An MRC file as a tomography tool writes it; `voxel_size` (x, y, z) in Å, as mrcfile takes it."""
+    path = tmp_path / "written.mrc"
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        if voxel_size is not None:
+            mrc.voxel_size = voxel_size
+    return path.read_bytes()
+
+
+def test_mrc_upload_is_read_with_its_voxel_size(tmp_path):
+    tomo = np.arange(3 * 6 * 7, dtype=np.int16).reshape(3, 6, 7) - 50
+    out, calibration = stacks.read_upload([("tomo.mrc", mrc_bytes(tmp_path, tomo, (11.0, 11.0, 20.0)))])
+    assert out.dtype == np.int16 and np.array_equal(out, tomo)
+    assert calibration["unit"] == "nm" and calibration["voxel_size"] == pytest.approx((2.0, 1.1, 1.1))
+    assert stacks.describe_voxel(**calibration) == "voxel 2.0 × 1.1 × 1.1 nm (z, y, x)"
+    flat, _ = stacks.read_upload([("slice.rec", mrc_bytes(tmp_path, np.ones((6, 7), np.float32), 5.0))])
+    assert flat.shape == (1, 6, 7)  # a 2-D MRC is one slice, as a 2-D TIFF is
+
+
+def test_npy_upload_and_unknown_voxel_size():
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((2, 3, 4), np.float32))
+    out, calibration = stacks.read_upload([("stack.npy", buffer.getvalue())])
+    assert out.shape == (2, 3, 4) and calibration == {}
+    assert stacks.describe_voxel(**calibration) == "voxel size unknown"
+    assert stacks.describe_voxel((0.05, 0.0125, 0.0125), None) == \
+        "voxel 0.05 × 0.0125 × 0.0125 (no unit given) (z, y, x)"
+    assert stacks.with_stats(out)["calibration"] == {}
+
+
+@pytest.mark.parametrize("cut", ["garbage", "header", "data"])
+def test_bad_mrc_uploads_give_one_line_naming_the_file(tmp_path, cut):
+    good = mrc_bytes(tmp_path, np.ones((4, 16, 16), np.float32), 10.0)
+    content = {"garbage": bytes(range(256)) * 12, "header": good[:700], "data": good[:1024 + 100]}[cut]
+    with pytest.raises(InputError) as caught:
+        stacks.read_upload([("tomo.mrc", content)])
+    text = str(caught.value)
+    assert text.startswith("tomo.mrc: not a readable MRC file") and "\n" not in text
+    assert "/tmp" not in text and "em-unet-viewer-" not in text
+
+
+def test_a_reader_failure_of_any_kind_is_one_line_without_server_paths(monkeypatch):
+    def failing(path):
+        raise ValueError(f"unexpected end of {path}/page\nsecond line")
+
+    monkeypatch.setattr(stacks, "open_volume", failing)
+    with pytest.raises(InputError) as caught:
+        stacks.read_upload([("cells.tif", b"II*\x00")])
+    text = str(caught.value)
+    assert text.startswith("cells.tif: cannot be read (ValueError: unexpected end of") and "\n" not in text
+    assert "/tmp" not in text and "em-unet-viewer-" not in text and "second line" not in text
 
 
 def test_uploads_are_named_by_their_file_name_never_by_a_client_path():
@@ -194,9 +249,43 @@ def test_scores_csv_reads_back():
 def test_mask_tiff_is_a_uint8_stack_of_0_and_255():
     mask = np.zeros((3, 4, 5), np.uint8)
     mask[1, 2, 3] = 1
-    back = tifffile.imread(io.BytesIO(mask_tiff(mask)))
+    back = tifffile.imread(io.BytesIO(downloads.mask_tiff(mask)))
     assert back.shape == (3, 4, 5) and back.dtype == np.uint8
     assert back[1, 2, 3] == 255 and back.sum() == 255
+
+
+def imagej_calibration(data: bytes) -> tuple:
+    """`(spacing, unit, pixel width, pixel height, pages)` of TIFF bytes, as Fiji reads them."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        meta, tags = tif.imagej_metadata or {}, tif.pages[0].tags
+        x_res, y_res = (n / d for n, d in (tags["XResolution"].value, tags["YResolution"].value))
+        return meta.get("spacing"), meta.get("unit"), 1 / x_res, 1 / y_res, len(tif.pages)
+
+
+def test_downloads_carry_the_uploaded_stack_calibration(tmp_path):
+    mask = np.zeros((3, 4, 5), bool)
+    mask[1, 2, 3] = True
+    prob, ids = mask.astype(np.float32) * 0.75, mask.astype(np.uint32) * 7
+    files = downloads.result_tiffs(mask, prob, ids, voxel_size=(2.0, 1.1, 1.25), unit="nm")
+    assert set(files) == {"mask", "prob", "labels"}
+    for kind, data in files.items():
+        spacing, unit, width, height, pages = imagej_calibration(data)
+        assert (spacing, unit, pages) == (2.0, "nm", 3), kind
+        assert (width, height) == (pytest.approx(1.25), pytest.approx(1.1)), kind
+    back = tifffile.imread(io.BytesIO(files["mask"]))
+    assert back.dtype == np.uint8 and back[1, 2, 3] == 255 and back.sum() == 255
+    assert tifffile.imread(io.BytesIO(files["prob"]))[1, 2, 3] == 0.75
+    assert tifffile.imread(io.BytesIO(files["labels"]))[1, 2, 3] == 7
+    # and the project's own reader sees the same voxel size again
+    (tmp_path / "mask.tif").write_bytes(downloads.mask_tiff(mask, voxel_size=(2.0, 1.1, 1.25), unit="µm"))
+    with open_volume(tmp_path / "mask.tif") as volume:
+        assert volume.voxel_size == pytest.approx((2.0, 1.1, 1.25)) and volume.unit == "µm"
+
+
+def test_downloads_without_calibration_are_plain_stacks():
+    data = downloads.mask_tiff(np.ones((2, 3, 3), np.uint8))
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        assert not tif.is_imagej and tif.asarray().shape == (2, 3, 3) and tif.asarray().min() == 255
 
 
 # --- caching --------------------------------------------------------------------------------------------

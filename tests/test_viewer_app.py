@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import mrcfile
 import numpy as np
 import pytest
 import tifffile
@@ -75,6 +76,15 @@ def tiff(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, array, photometric="minisblack")
     return buffer.getvalue()
+
+
+def mrc(array: np.ndarray, voxel_size_angstrom: float | tuple) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tomo.mrc"
+        with mrcfile.new(path) as out:
+            out.set_data(array)
+            out.voxel_size = voxel_size_angstrom  # (x, y, z) in Å, as mrcfile takes it
+        return path.read_bytes()
 
 
 # --- registry and inference helpers on the real store ---------------------------------------------------
@@ -222,7 +232,8 @@ def test_uploads_are_segmented_once_and_the_threshold_reuses_the_probabilities(v
     at.run()
     assert_no_leak(at)
     assert calls == [((4, 64, 64), 1024, "none")]
-    assert any("**cells**: 4 slices of 64 x 64, uint8 · with ground truth" == c.value for c in at.caption)
+    assert any("**cells**: 4 slices of 64 x 64, uint8 · voxel size unknown · with ground truth" == c.value
+               for c in at.caption)
     table = slice_table(at)
     objects_at = table["objects"].tolist()
 
@@ -244,7 +255,10 @@ def test_comparing_two_versions_shows_both(viewer_store, monkeypatch):
     at = open_app(monkeypatch, viewer_store["uri"])
     at.selectbox(key="model_name").set_value(MODEL).run()
     assert at.selectbox(key="compare_version").options == ["none", "v2"]  # v1 is the champion itself
-    at.file_uploader(key="image_upload").upload("cells.tif", tiff(image), "image/tiff")
+    calibrated = io.BytesIO()  # an ImageJ stack from Fiji: 0.5 nm pixels, 2 nm slices
+    tifffile.imwrite(calibrated, image, imagej=True, resolution=(2.0, 2.0),
+                     metadata={"axes": "ZYX", "spacing": 2.0, "unit": "nm"})
+    at.file_uploader(key="image_upload").upload("cells.tif", calibrated.getvalue(), "image/tiff")
     at.file_uploader(key="truth_upload").upload("cells_gt.tif", tiff(truth), "image/tiff")
     at.selectbox(key="compare_version").set_value("2").run()
     assert_no_leak(at)
@@ -255,11 +269,13 @@ def test_comparing_two_versions_shows_both(viewer_store, monkeypatch):
     assert any(m.value.startswith(f"**B: {MODEL} v2**") for m in at.markdown)
     assert set(slice_table(at)["model"]) == {f"{MODEL} v1", f"{MODEL} v2"}
     assert at.download_button(key="download_mask_b")
+    assert any("with the stack's calibration as Fiji reads it (voxel 2.0 × 0.5 × 0.5 nm (z, y, x))" in c.value
+               for c in at.container(key="downloads").caption)
 
 
 @pytest.mark.parametrize("image_files, truth_files, message", [
     ([("notes.tif", b"not an image at all")], [], "notes.tif: not a readable TIFF"),
-    ([("notes.txt", b"not an image at all")], [], "notes.txt: not an image stack; upload a multi-page TIFF"),
+    ([("notes.txt", b"not an image at all")], [], "notes.txt: not an image stack; upload one stack (.tif"),
     ([("cells.tif", None)], [("labels.csv", b"1,2,3")], "Ground truth not used: labels.csv: not an image stack"),
     ([("cells.tif", None)], [("cells_gt.tif", "short")],
      "Ground truth not used: cells_gt.tif has shape (3, 64, 64) but cells.tif has (4, 64, 64)"),
@@ -283,6 +299,31 @@ def test_bad_uploads_give_a_message_not_a_traceback(viewer_store, monkeypatch, i
     assert_no_leak(at)
     if truth_files:  # the stack itself is fine: segmented and shown without ground truth
         assert len(at.container(key="panels_A").image) == 4 and any("no ground truth" in c.value for c in at.caption)
+
+
+def test_an_mrc_upload_shows_its_voxel_size(store, monkeypatch):
+    """No model needed: the stack's line (shape, dtype, voxel size) comes before any segmentation."""
+    image, _ = stack_and_truth(4, (3, 32, 32))
+    at = open_app(monkeypatch, store)
+    content = mrc(image.astype(np.int16), (11.0, 11.0, 20.0))  # Å, x y z: 1.1 nm pixels, 2 nm slices
+    at.file_uploader(key="image_upload").upload("tomo.mrc", content, "application/octet-stream")
+    at.run()
+    assert_no_leak(at)
+    assert not at.error, [e.value for e in at.error]
+    assert "**tomo**: 3 slices of 32 x 32, int16 · voxel 2.0 × 1.1 × 1.1 nm (z, y, x) · no ground truth" in \
+        [c.value for c in at.caption]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage"])
+def test_a_broken_mrc_upload_gives_one_error_line(store, monkeypatch, kind):
+    good = mrc(np.ones((4, 32, 32), np.float32), 10.0)
+    at = open_app(monkeypatch, store)
+    content = good[:1024 + 200] if kind == "truncated" else b"\x07garbage" * 300
+    at.file_uploader(key="image_upload").upload("tomo.mrc", content, "application/octet-stream")
+    at.run()
+    assert_no_leak(at)
+    assert len(at.error) == 1 and "\n" not in at.error[0].value
+    assert at.error[0].value.startswith("tomo.mrc: not a readable MRC file")
 
 
 # --- a real browser on a real server ----------------------------------------------------------------------

@@ -21,12 +21,11 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from emunet.core.errors import InputError  # noqa: E402
-from emunet.core.normalize import normalize, stack_stats  # noqa: E402
+from emunet.core.normalize import normalize  # noqa: E402
 from emunet.core.tracking import redact  # noqa: E402
-from emunet.inference.outputs import mask_tiff  # noqa: E402
 from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
 from emunet.inference.tiling import TTA_MODES  # noqa: E402
-from viewer import charts, exports, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
+from viewer import charts, downloads, exports, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
 
 log = logging.getLogger("em-unet-viewer")
 # The tracking stores this server may open: from its command line or environment, never from the page.
@@ -70,17 +69,13 @@ def probability_cache() -> inference.ProbabilityCache:
 @st.cache_resource(max_entries=4, show_spinner="Reading the stack…")
 def uploaded_stack(file_ids: tuple, _files: tuple) -> dict:
     """Keyed by the upload ids (hashing the bytes on every rerun would cost more than reading once)."""
-    return with_stats(stacks.read_upload(list(_files)))
+    return stacks.with_stats(*stacks.read_upload(list(_files)))
 
 
 @st.cache_resource(show_spinner="Making the sample stack…")
 def sample() -> tuple[dict, np.ndarray]:
     image, mask = stacks.sample_data()
-    return with_stats(image), mask
-
-
-def with_stats(stack) -> dict:
-    return {"stack": stack, "digest": stacks.digest(stack), "stats": stack_stats(stack)}
+    return stacks.with_stats(image), mask
 
 
 # --- page sections -------------------------------------------------------------------------------------
@@ -129,6 +124,8 @@ def show_version(info: registry.VersionInfo, uri: str) -> None:
                       hide_index=True, column_config={"value": st.column_config.NumberColumn(format="%.3f")})
     else:
         box.caption("No test scores logged for this version.")
+    if info.lineage:
+        box.caption(f"Fine-tuned from {info.lineage}")
     shown = {k: info.params[k] for k in registry.KEY_PARAMS if k in info.params}
     if shown:
         box.caption("Training: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
@@ -159,9 +156,8 @@ def pick_data():
     left, middle, right = st.columns([5, 5, 2])
     # No `type=` filter: Streamlit would refuse other files with an exception of its own; read_upload
     # refuses them with a message that says what to upload instead.
-    files = left.file_uploader("Image stack (multi-page TIFF, or PNG/TIFF slices)", accept_multiple_files=True,
-                               key="image_upload", help="one multi-page TIFF, or several 2-D PNG/TIFF slices "
-                                                        "(ordered by name: z2 before z10)")
+    files = left.file_uploader(stacks.UPLOAD_LABEL, accept_multiple_files=True, key="image_upload",
+                               help=stacks.UPLOAD_HELP)
     truth_files = middle.file_uploader("Ground truth (optional, same shape)", accept_multiple_files=True,
                                        key="truth_upload",
                                        help="labels of the same shape; any non-zero value is foreground")
@@ -228,16 +224,6 @@ def show_stack_scores(results: list[dict], truth) -> None:
             f"{label} {result['summary'][key]:.3f}" for key, label in OBJECT_LABELS.items()))
 
 
-def slice_caption(z: int, total: int, row: dict) -> str:
-    text = f"Slice {z} (0–{total - 1})"
-    if "dice" in row:
-        text += (f" · Dice {row['dice']:.3f} · IoU {row['iou']:.3f} · accuracy {row['pixel_accuracy']:.3f}"
-                 f" · objects {row['objects']} predicted, {row['objects_truth']} true, {row['objects_matched']} found")
-    else:
-        text += f" · {row['objects']} objects predicted"
-    return text
-
-
 def show_slices(image: dict, truth, results: list[dict], threshold: float) -> int:
     st.subheader("Slices")
     stack = image["stack"]
@@ -246,7 +232,8 @@ def show_slices(image: dict, truth, results: list[dict], threshold: float) -> in
     image01 = normalize(stack[z], *image["stats"])
     for i, result in enumerate(results):
         row = st.container(key=f"panels_{result['tag']}")
-        row.markdown(f"**{result['tag']}: {result['label']}** — {slice_caption(z, total, result['rows'][z])}")
+        row.markdown(f"**{result['tag']}: {result['label']}** — "
+                     f"{scoring.slice_caption(z, total, result['rows'][z])}")
         panels = pictures.slice_panels(image01, result["prob"][z], threshold, None if truth is None else truth[z],
                                        scoring.instances(result["prob"][z], threshold))
         if i > 0:  # the image and the truth are the same for both models
@@ -274,14 +261,16 @@ def show_downloads(results: list[dict], name: str, threshold: float, image: dict
     columns = st.columns(len(results) + 1)
     for column, result, key in zip(columns, results, ("download_mask", "download_mask_b")):
         pred = result["prob"] >= threshold
-        column.download_button(f"Mask stack · {result['label']} (TIFF)", data=lambda p=pred: mask_tiff(p),
+        column.download_button(f"Mask stack · {result['label']} (TIFF)",
+                               data=lambda p=pred: downloads.mask_tiff(p, **image["calibration"]),
                                file_name=f"{name}_{result['file_tag']}_mask.tif", mime="image/tiff",
                                key=key, on_click="ignore", icon=":material/download:")
     rows = [{"model": r["label"], **row} for r in results for row in r["rows"]]
     columns[-1].download_button("Per-slice scores (CSV)", data=lambda: scoring.scores_csv(rows),
                                 file_name=f"{name}_scores.csv", mime="text/csv", key="download_scores",
                                 on_click="ignore", icon=":material/table:")
-    st.caption(f"Masks are uint8 0 / 255, one page per slice, at threshold {threshold:.2f}.")
+    st.caption(f"Masks are uint8 0 / 255, one page per slice, at threshold {threshold:.2f}, with the stack's "
+               f"calibration as Fiji reads it ({stacks.describe_voxel(**image['calibration'])}).")
     version = results[0]["version"]
     z = image["stack"].shape[0] // 2
     left, right = st.columns(2)
@@ -316,7 +305,7 @@ def main() -> None:
         st.info("Upload an image stack (and its ground truth), or press **Load sample data**.")
         return
     image, truth, name = data
-    st.caption(f"**{name}**: {stacks.describe_stack(image['stack'])}"
+    st.caption(f"**{name}**: {stacks.describe_stack(image['stack'])} · {stacks.describe_voxel(**image['calibration'])}"
                + (" · with ground truth" if truth is not None else " · no ground truth"))
     if info is None:
         return

@@ -126,6 +126,7 @@ class VersionInfo:
     run_link: str
     test_metrics: dict = field(default_factory=dict)  # test_* metrics of the evaluate run, if any
     params: dict = field(default_factory=dict)  # the training run's params
+    lineage: str = ""  # the model it was fine-tuned from ("em-unet v3", or a runs:/ URI); "" = trained from scratch
 
     @property
     def label(self) -> str:
@@ -134,12 +135,15 @@ class VersionInfo:
 
 def describe(client: MlflowClient, tracking_uri: str, name: str, choice: str) -> VersionInfo:
     """Everything about the version `choice` names: its training params (from the run that logged the
-    model) and its `test_*` metrics (from the evaluate run that registered it, tag `eval_run_id`)."""
+    model), its `test_*` metrics (from the evaluate run that registered it, tag `eval_run_id`) and the
+    model it was fine-tuned from (tag `init_model`)."""
     version = resolve_version(client, name, choice)
     params, link, metrics = {}, "", {}
+    lineage = (version.tags or {}).get("init_model", "")
     if version.run_id:
         run = client.get_run(version.run_id)
         params = dict(run.data.params)
+        lineage = lineage or run.data.tags.get("init_model", "")  # registered by hand, not by evaluate
         link = run_link(tracking_uri, run.info.experiment_id, version.run_id)
     eval_run_id = (version.tags or {}).get("eval_run_id")
     if eval_run_id:
@@ -150,7 +154,8 @@ def describe(client: MlflowClient, tracking_uri: str, name: str, choice: str) ->
     if not metrics and "test_dice" in (version.tags or {}):
         metrics = {"test_dice": float(version.tags["test_dice"])}
     return VersionInfo(name=name, version=str(version.version), aliases=tuple(version.aliases or ()),
-                       run_id=version.run_id or "", run_link=link, test_metrics=metrics, params=params)
+                       run_id=version.run_id or "", run_link=link, test_metrics=metrics, params=params,
+                       lineage=lineage)
 
 
 def load_pyfunc(tracking_uri: str, name: str, version: str, stores: list[str]):

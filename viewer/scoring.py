@@ -65,6 +65,17 @@ def summary(prob: np.ndarray, truth: np.ndarray | None = None, threshold: float 
     return out
 
 
+def slice_caption(z: int, total: int, row: dict) -> str:
+    """The line above a slice's panels: `Slice 3 (0–11) · Dice …` from its row of `slice_rows`."""
+    text = f"Slice {z} (0–{total - 1})"
+    if "dice" in row:
+        text += (f" · Dice {row['dice']:.3f} · IoU {row['iou']:.3f} · accuracy {row['pixel_accuracy']:.3f}"
+                 f" · objects {row['objects']} predicted, {row['objects_truth']} true, {row['objects_matched']} found")
+    else:
+        text += f" · {row['objects']} objects predicted"
+    return text
+
+
 def scores_csv(rows: list[dict]) -> bytes:
     """The per-slice rows as CSV bytes (UTF-8), header first."""
     return rows_to_csv(rows).encode()

@@ -1,6 +1,7 @@
-"""Stacks from the browser: uploaded files (one multi-page TIFF, or several 2-D PNG/TIFF slices) read
-with `emunet.core.io`, the same reader and the same checks as the pipeline, with its messages rewritten to
-name the uploaded files instead of the server's temporary paths."""
+"""Stacks from the browser: uploaded files (one stack in any single-file format `emunet.core.io` reads:
+TIFF, MRC, .npy, HDF5, PNG; or several 2-D PNG/TIFF slices) opened with `open_volume`, the same reader and
+the same checks as the pipeline, with its messages rewritten to name the uploaded files instead of the
+server's temporary paths. The stack keeps the voxel size the file declares, for the page and the downloads."""
 
 import hashlib
 import re
@@ -10,10 +11,17 @@ from pathlib import Path
 import numpy as np
 
 from emunet.core.errors import InputError
-from emunet.core.io import read_volume
+from emunet.core.io import SLICE_SUFFIXES, STACK_SUFFIXES, open_volume
+from emunet.core.normalize import stack_stats
 from emunet.core.synthetic import synthetic_stack
+from viewer.messages import short_error
 
-UPLOAD_TYPES = ("tif", "tiff", "png")
+# One file: anything `open_volume` reads from a single file; several files: 2-D slices, as in a folder.
+UPLOAD_TYPES = tuple(s.lstrip(".") for s in STACK_SUFFIXES)
+SLICE_TYPES = tuple(s.lstrip(".") for s in SLICE_SUFFIXES)
+UPLOAD_LABEL = "Image stack (TIFF, MRC, .npy, HDF5, or PNG/TIFF slices)"
+UPLOAD_HELP = ("one stack (multi-page or OME-TIFF, MRC/.rec/.st, .npy, HDF5 with one dataset), or several 2-D "
+               "PNG/TIFF slices (ordered by name: z2 before z10); the voxel size is read from the file")
 # The "sample data" button: one synthetic sample, small enough to segment in seconds on a laptop CPU.
 SAMPLE_SHAPE = (12, 192, 192)
 SAMPLE_SEED, SAMPLE_INDEX = 0, 0
@@ -32,20 +40,30 @@ def _scrub(message: str, folder: Path) -> str:
         .replace(str(folder) + "/", "").replace(str(folder), "the upload")
 
 
-def read_upload(files: list[tuple[str, bytes]]) -> np.ndarray:
+def _read(target: Path) -> tuple[np.ndarray, dict]:
+    with open_volume(target) as volume:
+        calibration = {"voxel_size": volume.voxel_size, "unit": volume.unit}
+        return np.asarray(volume), calibration if volume.voxel_size is not None else {}
+
+
+def read_upload(files: list[tuple[str, bytes]]) -> tuple[np.ndarray, dict]:
     """Read uploaded `(name, content)` files as one stack.
 
-    One file: a multi-page TIFF, or a single 2-D TIFF/PNG (one slice). Several files: 2-D slices of the
-    same size, ordered by natural sort of their names (`z2` before `z10`). Returns the raw `(Z, H, W)`
-    array in its own dtype. Raises `InputError` with a message naming the uploaded file.
+    One file: any stack `open_volume` reads from one file (a 2-D image is one slice). Several files: 2-D
+    PNG/TIFF slices of the same size, ordered by natural sort of their names (`z2` before `z10`). Returns
+    the raw `(Z, H, W)` array in its own dtype and its calibration, `{"voxel_size": (z, y, x), "unit": u}`
+    or `{}` when the file declares none (the keywords `result_files` takes). Raises `InputError` with a
+    one-line message naming the uploaded file, for whatever the reader refuses or fails on.
     """
     if not files:
         raise InputError("no file uploaded")
     names = [safe_name(name) for name, _ in files]
+    types = UPLOAD_TYPES if len(files) == 1 else SLICE_TYPES
     for name in names:
-        if Path(name).suffix.lower().lstrip(".") not in UPLOAD_TYPES:
-            raise InputError(f"{name}: not an image stack; upload a multi-page TIFF or PNG/TIFF slices "
-                             f"({', '.join('.' + t for t in UPLOAD_TYPES)})")
+        if Path(name).suffix.lower().lstrip(".") not in types:
+            what = "not an image stack" if len(files) == 1 else "not a 2-D slice"
+            raise InputError(f"{name}: {what}; upload one stack ({', '.join('.' + t for t in UPLOAD_TYPES)}) "
+                             f"or several PNG/TIFF slices")
     if len(set(names)) != len(names):
         raise InputError(f"two uploaded slices have the same name: {sorted(n for n in names if names.count(n) > 1)[0]}")
     with tempfile.TemporaryDirectory(prefix="em-unet-viewer-") as tmp:
@@ -57,9 +75,12 @@ def read_upload(files: list[tuple[str, bytes]]) -> np.ndarray:
         for name, (_, content) in zip(names, files):
             (target / name if len(files) > 1 else target).write_bytes(content)
         try:
-            return read_volume(target)
+            return _read(target)
         except InputError as exc:
-            raise InputError(_scrub(str(exc), folder)) from None
+            message = str(exc)
+        except Exception as exc:  # a reader's own error on a file it half understood: still one line
+            message = f"{names[0] if len(files) == 1 else 'the uploaded slices'}: cannot be read ({short_error(exc)})"
+        raise InputError(" ".join(_scrub(message, folder).split()))
 
 
 def upload_name(names) -> str:
@@ -83,11 +104,29 @@ def describe_stack(stack: np.ndarray) -> str:
     return f"{z} slice{'s' if z != 1 else ''} of {h} x {w}, {stack.dtype}"
 
 
+def _size(value: float) -> str:
+    text = f"{value:.4g}"
+    return text if any(c in text for c in ".e") else text + ".0"
+
+
+def describe_voxel(voxel_size=None, unit: str | None = None) -> str:
+    """`voxel 2.0 × 1.1 × 1.1 nm (z, y, x)`, or `voxel size unknown` when the file declares none."""
+    if voxel_size is None:
+        return "voxel size unknown"
+    return f"voxel {' × '.join(_size(float(v)) for v in voxel_size)} {unit or '(no unit given)'} (z, y, x)"
+
+
 def digest(stack: np.ndarray) -> str:
     """A short content hash of a stack (values, shape and dtype): the stack's part of the cache key."""
     h = hashlib.sha256(f"{stack.shape}{stack.dtype}".encode())
     h.update(np.ascontiguousarray(stack).view(np.uint8).reshape(-1))
     return h.hexdigest()[:16]
+
+
+def with_stats(stack: np.ndarray, calibration: dict | None = None) -> dict:
+    """What the page keeps of a stack: the array, its cache digest, its normalisation window and its
+    calibration (`{}` when unknown)."""
+    return {"stack": stack, "digest": digest(stack), "stats": stack_stats(stack), "calibration": calibration or {}}
 
 
 def sample_data() -> tuple[np.ndarray, np.ndarray]:

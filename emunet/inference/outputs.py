@@ -68,13 +68,6 @@ def mask_page(mask: np.ndarray) -> np.ndarray:
     return (np.asarray(mask) != 0).astype(np.uint8) * np.uint8(255)
 
 
-def mask_tiff(mask: np.ndarray) -> bytes:
-    """A `(Z, H, W)` mask as multi-page TIFF bytes, uint8 0 / 255, one page per slice (a stack in Fiji)."""
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, mask_page(mask), photometric="minisblack")
-    return buffer.getvalue()
-
-
 # ImageJ's spelling of the units `open_volume` reports (its TIFF description is ASCII: no "µ").
 IMAGEJ_UNITS = {"µm": "micron", "nm": "nm", "Å": "A", "mm": "mm"}
 
