@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from emunet.core.champion import promote_if_better
 from emunet.core.cli import run_entry
-from emunet.core.dataset import open_stack, read_manifest, stacks_in
+from emunet.core.dataset import fully_annotated, is_sparse, mask_parts, open_stack, read_manifest, stacks_in
 from emunet.core.errors import InputError
-from emunet.core.metrics import ObjectScorer, per_slice_scores, stack_scores
+from emunet.core.metrics import (UNMEASURED_OBJECTS, ObjectScorer, median_slice_accuracy, per_slice_scores,
+                                 scores_from_counts)
 from emunet.core.objects import truth_objects
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
@@ -31,6 +32,8 @@ DEFAULT_ALIAS = "champion"
 # Higher is better for each. object_f1 by default: users count and measure cells, and a model can keep a
 # pixel Dice of 0.96 while it merges touching cells (issue 15: Dice 0.957, object F1 0.39).
 CHAMPION_METRICS = ("object_f1", "dice", "iou", "mean_matched_iou", "pixel_accuracy")
+PIXEL_CHAMPION_METRICS = ("dice", "iou", "pixel_accuracy")  # measurable on sparse labels too
+LINEAGE_TAGS = ("init_model", "init_run_id")  # train run tags of a fine-tuned model, copied to its version
 
 
 @dataclass(frozen=True)
@@ -53,29 +56,51 @@ class EvaluateConfig:
 def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = True):
     """Segment every validation stack. Returns `(metrics, per-slice rows, overlay images by name)`:
     pixel scores pooled over all voxels and object scores pooled over all slices (the instances that
-    `output="labels"` gives, against the components of the true mask)."""
+    `output="labels"` gives, against the components of the true mask).
+
+    Sparse labels (the dataset's `ignore_label`): pixel scores count only annotated voxels; objects are
+    scored on the fully annotated slices only (a slice annotated in part cannot say whether an object in
+    its unannotated part is right; its row has empty object columns), NaN when there are none."""
     manifest = read_manifest(dataset_dir)
-    rows, preds, truths, pictures, scorer = [], [], [], {}, ObjectScorer()
+    rows, totals, pictures, scorer, scored = [], [0, 0, 0, 0], {}, ObjectScorer(), 0
     stacks = stacks_in(manifest, "val")
     for info in tqdm(stacks, desc="evaluate", unit="stack", disable=not progress):
-        image, mask = open_stack(dataset_dir, info)
+        image, stored = open_stack(dataset_dir, info)
         prob = segmenter.segment(image, info.low, info.high, output="probability", tile_size=cfg.tile_size)
         pred = prob >= cfg.threshold
-        mask = np.asarray(mask, bool)
-        for row, p, t in zip(per_slice_scores(pred, mask), prob, mask):
-            found = scorer.add(slice_instances(p, cfg.threshold, cfg.seed_threshold, cfg.min_object_size),
-                               truth_objects(t, cfg.min_object_size))
+        mask, annotated = mask_parts(stored)
+        full = set(fully_annotated(annotated, mask.shape[0]))
+        for z, (row, p, t) in enumerate(zip(per_slice_scores(pred, mask, annotated), prob, mask)):
+            found = dict.fromkeys(("predicted", "true", "matched"))
+            if z in full:
+                found = scorer.add(slice_instances(p, cfg.threshold, cfg.seed_threshold, cfg.min_object_size),
+                                   truth_objects(t, cfg.min_object_size))
+                scored += 1
             rows.append({"stack": info.name, **row, "objects": found["predicted"], "objects_truth": found["true"],
                          "objects_matched": found["matched"]})
-        preds.append(pred.reshape(-1))
-        truths.append(mask.reshape(-1))
+            totals = [a + row[k] for a, k in zip(totals, ("tp", "fp", "fn", "tn"))]
         zs = np.linspace(0, image.shape[0] - 1, min(4, image.shape[0])).astype(int)
         pictures[info.name] = montage([overlay(normalize(image[z], info.low, info.high), mask[z], pred[z]) for z in zs],
                                       columns=len(zs))
-    pooled = stack_scores(np.concatenate(preds)[None], np.concatenate(truths)[None])
-    pooled["median_slice_accuracy"] = float(np.median([r["pixel_accuracy"] for r in rows]))
-    pooled.update(scorer.scores())
+    pooled = scores_from_counts(*totals)
+    pooled["median_slice_accuracy"] = median_slice_accuracy(rows)
+    pooled.update(scorer.scores() if scored else UNMEASURED_OBJECTS)
     return pooled, rows, pictures, manifest
+
+
+def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
+    """Object metrics are scored on fully annotated held-out slices only (sparse labels): refuse, before
+    any work, to register by one when the dataset has no such slice."""
+    manifest = read_manifest(dataset_dir)
+    if not cfg.register or cfg.champion_metric in PIXEL_CHAMPION_METRICS or not is_sparse(manifest):
+        return
+    for info in stacks_in(manifest, "val"):
+        annotated = mask_parts(open_stack(dataset_dir, info)[1])[1]
+        if fully_annotated(annotated, info.shape[0]):
+            return
+    raise InputError(f"champion_metric {cfg.champion_metric} cannot be measured on this dataset: objects are scored "
+                     f"on fully annotated held-out slices only, and every held-out slice has voxels of the "
+                     f"ignore_label; pass champion_metric=dice (or annotate one held-out slice in full)")
 
 
 def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: dict[str, float]) -> dict:
@@ -87,6 +112,9 @@ def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: 
     tag = f"test_{cfg.champion_metric}"
     # Full precision in the tags (repr round-trips): a rounded tag made the same model look better than itself.
     tags = {f"test_{k}": repr(float(metrics[k])) for k in ("dice", "object_f1", cfg.champion_metric)}
+    # Lineage of a fine-tuned model (`init_model`: "em-unet v3"), as its train run recorded it.
+    trained = client.get_run(version.run_id).data.tags if version.run_id else {}
+    tags.update({k: trained[k] for k in LINEAGE_TAGS if trained.get(k)})
     for key, value in {**tags, "data_fingerprint": fingerprint, "champion_metric": tag,
                        "eval_run_id": mlflow.active_run().info.run_id}.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
@@ -114,6 +142,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.model_uri:
         raise InputError("no model given: pass model_uri=runs:/<train run id>/model or models:/em-unet/<version>")
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
+    check_champion_measurable(dataset_dir, cfg)
     with step_run("evaluate", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)

@@ -26,6 +26,9 @@ class MainConfig:
     dataset: str = PreprocessConfig.dataset
     val_slices: str = PreprocessConfig.val_slices
     unlabelled: str = PreprocessConfig.unlabelled
+    ignore_label: int = PreprocessConfig.ignore_label
+    level: str = PreprocessConfig.level
+    region: str = PreprocessConfig.region
     synthetic_stacks: int = PreprocessConfig.synthetic_stacks
     synthetic_shape: str = PreprocessConfig.synthetic_shape
     preset: str = TrainConfig.preset
@@ -50,6 +53,8 @@ class MainConfig:
     workers: int = TrainConfig.workers
     gpus: str = TrainConfig.gpus
     seed: int = TrainConfig.seed
+    init_model: str = TrainConfig.init_model
+    freeze_encoder_epochs: int = TrainConfig.freeze_encoder_epochs
     registered_model: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS
     champion_metric: str = EvaluateConfig.champion_metric

@@ -3,6 +3,13 @@ artifact out (see `emunet.core.dataset`), logged to MLflow with its provenance.
 
     python -m pipeline.preprocess --images a.tif,b.tif --labels a_labels.tif,b_labels.tif
     python -m pipeline.preprocess --images stack.tif --labels labels.tif --val_slices 24:30
+    python -m pipeline.preprocess --images stack.tif --labels sparse.tif --ignore_label 255
+
+Sparse labels (`ignore_label`, as nnU-Net's "ignore" label): voxels labelled with that value were not
+annotated. They are stored as `MASK_IGNORE` in the artifact and the value is recorded in its manifest, so
+train (loss, patch sampling, validation) and evaluate leave them out without being told again. An
+unannotated slice is the special case of a slice all `ignore_label`; with `ignore_label` set, the
+`unlabelled=skip` guess marks the slices it finds as not annotated instead of dropping them.
 """
 
 import tempfile
@@ -16,13 +23,15 @@ import numpy as np
 from tqdm import tqdm
 
 from emunet.core.cli import run_entry
-from emunet.core.dataset import check_output_dir, safe_name, write_dataset
+from emunet.core.dataset import (MASK_IGNORE, NO_IGNORE, check_output_dir, encode_labels, mask_parts, safe_name,
+                                 write_dataset)
 from emunet.core.errors import InputError
-from emunet.core.io import list_stack_paths, read_mask, read_volume
+from emunet.core.io import check_same_shape, list_stack_paths, open_volume, read_mask
 from emunet.core.normalize import normalize, stack_stats
 from emunet.core.overlay import montage, overlay
 from emunet.core.synthetic import synthetic_dataset
 from emunet.core.tracking import DEFAULT_EXPERIMENT, log_config, step_run
+from emunet.inference.outputs import stack_name
 
 DATASETS = ("synthetic",)
 UNLABELLED = ("skip", "keep")
@@ -33,7 +42,7 @@ def unlabelled_slices(mask: np.ndarray) -> list[int]:
     those were left unannotated (VNC's stack1 mitochondria labels miss slices 1, 7 and 18, whose images
     are full of mitochondria). Training on them teaches "no object here"; scoring on them counts every
     right answer as a false positive. A stack that is mostly empty keeps its empty slices."""
-    labelled = np.array([bool(np.any(m)) for m in mask])
+    labelled = np.array([bool(np.any((m != 0) & (m != MASK_IGNORE))) for m in mask])
     if len(labelled) < 3 or labelled.mean() < 0.5:
         return []
     return [int(z) for z in np.flatnonzero(~labelled)]
@@ -54,10 +63,13 @@ class PreprocessConfig:
     """Turn image stacks and label stacks into the dataset artifact."""
 
     images: str = ""  # comma-separated stacks (TIFF, PNG, .npy, or folders of slices); empty: `dataset`
-    labels: str = ""  # label stacks in the same order; any non-zero value is foreground
+    labels: str = ""  # label stacks in the same order; any non-zero value is foreground (but ignore_label)
     dataset: str = "synthetic"  # used when `images` is empty: the embedded synthetic EM samples
     val_slices: str = ""  # single stack only: held-out block "start:stop"; empty = the last 20 %
-    unlabelled: str = "skip"  # skip: leave out slices with no labelled pixel in a stack where most slices have some (annotation missing, not empty tissue); keep
+    unlabelled: str = "skip"  # skip: leave out slices with no labelled pixel in a stack where most slices have some (annotation missing, not empty tissue), or with ignore_label mark them not annotated; keep
+    ignore_label: int = NO_IGNORE  # label value meaning "not annotated" (e.g. 255 or the highest value, as nnU-Net): those voxels count in neither loss nor metrics; -1 (any negative) = none, every voxel is annotated (a 0/255 mask keeps 255 as foreground)
+    level: str = ""  # level of OME-Zarr multiscale images (labels too); "" = 0, full resolution
+    region: str = ""  # z0:z1,y0:y1,x0:x1: train on this block of every stack (and its labels), read alone; "" = all
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
@@ -95,6 +107,25 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
     return [b for b in blocks if b["image"].shape[0]]
 
 
+def read_labels(path: Path, image_shape: tuple, image_path: Path, ignore_label: int, **where) -> np.ndarray:
+    """The stored mask of a label stack (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE`
+    where the label is `ignore_label` (>= 0); `where` are `open_volume`'s `level` and `region`. Raises
+    `InputError` for a shape that is not the image's, or when no annotated voxel is foreground."""
+    if ignore_label < 0:
+        return read_mask(path, image_shape, image_path, **where)
+    with open_volume(path, **where) as labels:
+        check_same_shape(labels, image_shape, image_path)
+        mask = np.stack([encode_labels(labels[z], ignore_label) for z in range(labels.shape[0])])
+    foreground, annotated = mask_parts(mask)
+    if not foreground.any():
+        raise InputError(f"{path}: no annotated voxel is foreground (every label is 0 or the ignore_label "
+                         f"{ignore_label})")
+    if annotated is None:
+        print(f"preprocess: {path.name}: no voxel has the ignore_label {ignore_label}: every voxel is annotated",
+              flush=True)
+    return mask
+
+
 def load_files(cfg: PreprocessConfig) -> list[dict]:
     """Read the user's stacks and labels and split them by stack (last one held out)."""
     if cfg.unlabelled not in UNLABELLED:
@@ -107,18 +138,28 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
     stacks, names = [], set()
     pairs = list(zip(images, labels))
     for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
-        image = read_volume(image_path)
-        mask = read_mask(label_path, image.shape, image_path)
+        where = {"level": cfg.level, "region": cfg.region}
+        with open_volume(image_path, **where) as volume:
+            image = np.asarray(volume)
+            calibration = {"voxel_size": list(volume.voxel_size), "unit": volume.unit} if volume.voxel_size else {}
+        mask = read_labels(label_path, image.shape, image_path, cfg.ignore_label, **where)
         try:
             low, high = stack_stats(image)
         except InputError as exc:
             raise InputError(f"{image_path}: {exc}") from None
-        name = safe_name(image_path.stem if image_path.is_file() else image_path.name)
+        name = safe_name(stack_name(image_path))
         name = name if name not in names else f"{name}_{i}"
         names.add(name)
         source = {"images": image_path.name, "labels": label_path.name, "dtype": str(image.dtype),
-                  "shape": list(image.shape)}
+                  "shape": list(image.shape), **calibration,
+                  **{k: v for k, v in where.items() if str(v).strip()}}
         unlabelled = unlabelled_slices(mask) if cfg.unlabelled == "skip" else []
+        if unlabelled and cfg.ignore_label >= 0:  # kept in place, counted nowhere: the stack keeps its depth
+            mask[unlabelled] = MASK_IGNORE
+            print(f"preprocess: {name}: slice(s) {', '.join(map(str, unlabelled))} have no labelled pixel while "
+                  f"most slices do: marked not annotated (ignore_label; unlabelled=keep keeps them as background)",
+                  flush=True)
+            unlabelled = []
         if unlabelled:
             print(f"preprocess: {name}: slice(s) {', '.join(map(str, unlabelled))} have no labelled pixel while "
                   f"{image.shape[0] - len(unlabelled)} of {image.shape[0]} slices do: left out as unannotated "
@@ -163,7 +204,7 @@ def preview(stacks: list[dict], per_stack: int = 3) -> np.ndarray:
             scale = 256 / max(image.shape)
             size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
             image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            mask = cv2.resize(s["mask"][z], size, interpolation=cv2.INTER_NEAREST)
+            mask = cv2.resize(mask_parts(s["mask"][z])[0].astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
             row_images.append(overlay(image))
             row_masks.append(overlay(image, mask))
         tiles += row_images + row_masks
@@ -173,6 +214,9 @@ def preview(stacks: list[dict], per_stack: int = 3) -> np.ndarray:
 
 def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the step: returns `{"run_id", "dataset_uri", "manifest"}`."""
+    if cfg.ignore_label == 0:
+        raise InputError("ignore_label 0 would mark the background as not annotated; pass the value your labels "
+                         "use for unannotated voxels (e.g. 255), or -1 for none")
     if cfg.output_dir:
         check_output_dir(cfg.output_dir)  # before any work: never replace a folder of the user's
     with step_run("preprocess", cfg.experiment) as run:
@@ -182,7 +226,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             raise InputError("need at least one training and one validation stack")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(cfg.output_dir) if cfg.output_dir else Path(tmp) / "dataset"
-            manifest = write_dataset(out, stacks, montage=preview(stacks))
+            manifest = write_dataset(out, stacks, montage=preview(stacks), ignore_label=cfg.ignore_label)
             mlflow.log_artifacts(str(out), artifact_path="dataset")
         with warnings.catch_warnings():  # MLflow cannot tell which local source class to use; either is right
             warnings.simplefilter("ignore", UserWarning)

@@ -23,6 +23,7 @@ from emunet.inference.segmenter import log_segmenter, model_requirements
 from emunet.training.checkpoint import Backup, backup_dir, checkpoint_key
 from emunet.training.config import PRESETS, TrainConfig, batch_sizes, resolve, resolve_precision
 from emunet.training.distribute import cluster_config, is_chief, make_strategy
+from emunet.training.finetune import adopt_spec, load_init_model
 from emunet.training.loop import fit, train_run
 from emunet.training.plan import make_plan
 
@@ -44,7 +45,9 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     counts the completed epochs of all attempts. The backup is deleted when the run has finished.
     """
     crop_from_preset = not cfg.crop_size
-    cfg = resolve(cfg)
+    # Fine-tuning: the model's architecture fills the fields left at their defaults before the preset does.
+    source = load_init_model(cfg.init_model) if cfg.init_model else None
+    cfg = resolve(adopt_spec(cfg, source.spec) if source else cfg)
     cluster = cluster_config()  # before anything else: a TF_CONFIG that does not parse fails here
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     manifest = read_manifest(dataset_dir)
@@ -60,7 +63,9 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     # rate for one replica's batch; the warm-up is what makes large multiples stable.
     peak_rate = cfg.learning_rate * global_batch / cfg.batch_size
     keras.utils.set_random_seed(cfg.seed)
-    key = checkpoint_key(asdict(cfg), manifest.get("content_hash", ""), replicas)
+    # The pinned source (models:/em-unet/3, not @champion): if the alias moves, it is another training.
+    key = checkpoint_key({**asdict(cfg), "init_model": source.pinned if source else ""},
+                         manifest.get("content_hash", ""), replicas)
     with Backup(backup_dir(cfg.checkpoint_dir, key, cluster), key) as backup, \
             train_run(cfg, backup, chief, strategy, cluster) as (run, resumed):
         if chief:
@@ -71,8 +76,10 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
                        recipe=json.dumps({k: getattr(cfg, k) for k in (*PRESETS[cfg.preset], "input_scale")}))
             mlflow.log_dict(plan, "plan.json")
             mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
+            if source is not None:  # the lineage: evaluate copies it onto the registered version
+                mlflow.set_tags({"init_model": source.lineage, "init_run_id": source.run_id})
         eval_model, fit_model, state = fit(cfg, spec, dataset_dir, manifest, strategy, (per_replica, global_batch),
-                                           peak_rate, policy, backup, run, resumed, chief, cluster)
+                                           peak_rate, policy, backup, run, resumed, chief, cluster, source)
         result = {"run_id": None, "model_uri": None, "val_dice": state.best_dice, "epochs": state.next_epoch,
                   "model": eval_model, "fit_model": fit_model}
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +90,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
                 mlflow.log_metrics({"best_val_dice": state.best_dice, "best_epoch": state.best_epoch,
                                     "epochs_trained": state.next_epoch})
                 meta = {"multiple_of": plan["multiple_of"], "spec": asdict(spec), "crop_size": cfg.crop_size,
-                        "data_fingerprint": manifest["eval_fingerprint"]}
+                        "data_fingerprint": manifest["eval_fingerprint"],
+                        **({"init_model": source.lineage} if source else {})}
                 log_segmenter(keras_path, meta, name="model")
                 mlflow.keras.log_model(eval_model, name="keras_model", pip_requirements=model_requirements())
                 result.update(run_id=run.info.run_id, model_uri=f"runs:/{run.info.run_id}/model")

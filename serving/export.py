@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from emunet.core.cli import run_entry
-from emunet.core.dataset import read_manifest, stacks_in
+from emunet.core.dataset import mask_parts, read_manifest, stacks_in
 from emunet.core.errors import InputError
 from emunet.core.files import atomic_write
 from emunet.core.io import NM_PER_UNIT, open_volume
@@ -98,7 +98,8 @@ def training_slice(params: dict) -> dict:
                          f"sample=<a stack file> for the package's test image") from None
     z = image.shape[0] // 2
     source = info.source
-    return {"image": np.array(image[z]), "truth": np.array(truth[z]), "stack": f"{info.name}, slice {z}",
+    foreground, _ = mask_parts(truth[z])  # a sparse dataset's not-annotated voxels are not cells
+    return {"image": np.array(image[z]), "truth": foreground.astype(np.uint8), "stack": f"{info.name}, slice {z}",
             "source": source, "voxel_nm": nanometres(source.get("voxel_size"), source.get("unit")),
             "stacks": [f"{s.name} ({s.split}, {' x '.join(map(str, s.shape))})" for s in manifest["stacks"]]}
 

@@ -150,3 +150,38 @@ def test_hdf5_dataset_through_predict(world, tmp_path, rng):
                           output_dir=str(tmp_path / "out")))
     with open_volume(tmp_path / "out" / "vol_raw_mask.tif") as mask:
         assert mask.shape == data.shape and mask.voxel_size == pytest.approx((0.04, 0.01, 0.01))
+
+
+def test_preprocess_cuts_a_training_block_out_of_an_ome_zarr_level_and_an_hdf5_file(store, tmp_path, rng):
+    """`region` and `level` take a block of a big volume (labels alike) without the rest; the artifact
+    records where it came from and its voxel size."""
+    import h5py
+    import mlflow
+
+    from emunet.core.dataset import read_manifest
+    from pipeline.preprocess import PreprocessConfig, preprocess
+
+    data = (rng.random((8, 64, 64)) * 255).astype(np.uint8)
+    labels = (data > 128).astype(np.uint8) * 255  # 0 / 255: ome-zarr's down-sampling keeps it a mask
+    write_ome_zarr(tmp_path / "em.ome.zarr", data, scale=(0.03, 0.004, 0.004), levels=2, chunks=(2, 16, 16))
+    write_ome_zarr(tmp_path / "em_gt.ome.zarr", labels, scale=(0.03, 0.004, 0.004), levels=2, chunks=(2, 16, 16))
+    result = preprocess(PreprocessConfig(images=str(tmp_path / "em.ome.zarr"), labels=str(tmp_path / "em_gt.ome.zarr"),
+                                         level="1", region="2:8,0:32,", val_slices="4:6"))
+    folder = mlflow.artifacts.download_artifacts(result["dataset_uri"])
+    manifest = read_manifest(folder)
+    assert [(s.name, s.shape) for s in manifest["stacks"]] == [("em_z0-4", (4, 32, 32)), ("em_z4-6", (2, 32, 32))]
+    with open_volume(tmp_path / "em.ome.zarr", level=1, region="2:8,0:32,") as block:
+        np.testing.assert_array_equal(np.load(f"{folder}/em_z0-4/image.npy"), block[0:4])
+    source = manifest["stacks"][0].source
+    assert source["voxel_size"] == pytest.approx([0.03, 0.008, 0.008]) and source["unit"] == "µm"
+    assert (source["level"], source["region"]) == ("1", "2:8,0:32,")
+
+    with h5py.File(tmp_path / "vol.h5", "w") as f:  # image and labels in one file, as ilastik keeps them
+        f["raw"], f["labels"] = data, labels
+    result = preprocess(PreprocessConfig(images=f"{tmp_path / 'vol.h5'}:/raw", labels=f"{tmp_path / 'vol.h5'}:/labels",
+                                         region=",16:48,16:48"))
+    manifest = read_manifest(mlflow.artifacts.download_artifacts(result["dataset_uri"]))
+    assert {s.shape[1:] for s in manifest["stacks"]} == {(32, 32)} and manifest["stacks"][0].name.startswith("vol_raw")
+    with pytest.raises(InputError, match="region"):
+        preprocess(PreprocessConfig(images=str(tmp_path / "em.ome.zarr"), labels=str(tmp_path / "em_gt.ome.zarr"),
+                                    region="0:99,,"))

@@ -4,11 +4,16 @@
 dataset/
   manifest.json             stacks, their split, shape, dtype, normalisation stats, provenance
   <stack name>/image.npy    raw (Z, H, W) values, memory-mappable by worker processes
-  <stack name>/mask.npy     (Z, H, W) uint8 in {0, 1}
+  <stack name>/mask.npy     (Z, H, W) uint8 in {0, 1, 255}: background, foreground, not annotated
   montage.png               a look at the data
 ```
 Raw values are stored (not normalised floats) so the artifact stays small and normalisation stays the
 one function in `emunet.core.normalize`, applied with the per-stack `low` / `high` recorded here.
+
+Sparse labels (nnU-Net's "ignore" label): voxels whose label is the user's `ignore_label` are stored as
+`MASK_IGNORE` (255, whatever the user's value was, so readers need no parameter) and count in neither the
+loss nor the metrics; the manifest records the user's `ignore_label` (-1: every voxel is annotated, and
+then no mask holds 255). Readers split a stored mask with `mask_parts`.
 """
 
 import hashlib
@@ -30,6 +35,8 @@ MONTAGE = "montage.png"
 STACK_FILES = {"image.npy", "mask.npy"}
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+MASK_IGNORE = 255  # stored value of a voxel that is not annotated (uint8's highest, as nnU-Net's ignore is the highest)
+NO_IGNORE = -1  # `ignore_label` when every voxel is annotated
 # Stack names become folder names: keep them to a safe alphabet so a manifest cannot point outside
 # the dataset folder.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -50,6 +57,34 @@ def safe_name(text: str) -> str:
     """Turn a file name into a stack name that is safe as a folder name."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._") or "stack"
     return name[:100]
+
+
+def encode_labels(labels: np.ndarray, ignore_label: int = NO_IGNORE) -> np.ndarray:
+    """The stored mask of a label array of any shape and integer (or float) dtype: 0 stays background,
+    `ignore_label` becomes `MASK_IGNORE`, any other value is foreground (1). uint8, same shape."""
+    labels = np.asarray(labels)
+    mask = (labels != 0).astype(np.uint8)
+    if ignore_label >= 0:
+        mask[labels == ignore_label] = MASK_IGNORE
+    return mask
+
+
+def mask_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """`(foreground, annotated)` bool arrays of a stored mask; `annotated` is None when every voxel is
+    (the common case: callers then skip the masking)."""
+    mask = np.asarray(mask)
+    ignored = mask == MASK_IGNORE
+    if not ignored.any():
+        return mask != 0, None
+    return (mask != 0) & ~ignored, ~ignored
+
+
+def fully_annotated(annotated: np.ndarray | None, depth: int) -> list[int]:
+    """Slices of a `(Z, H, W)` `annotated` map (None: all) with every voxel annotated: the only ones whose
+    objects can be scored (a predicted object where nobody looked is neither right nor wrong)."""
+    if annotated is None:
+        return list(range(depth))
+    return [z for z in range(depth) if annotated[z].all()]
 
 
 def content_hash(*arrays: np.ndarray) -> str:
@@ -89,10 +124,12 @@ def check_output_dir(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray | None = None) -> dict:
+def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray | None = None,
+                  ignore_label: int = NO_IGNORE) -> dict:
     """Write the artifact from `stacks`: dicts with `name`, `split`, `image` `(Z, H, W)`, `mask`
-    `(Z, H, W)` {0, 1} and optional `source`, `low`, `high` (default: stats of `image`); `montage` is an
-    `(H, W, 3)` uint8 RGB picture of the data.
+    `(Z, H, W)` {0, 1} (and `MASK_IGNORE` where not annotated, see `encode_labels`) and optional `source`,
+    `low`, `high` (default: stats of `image`); `montage` is an `(H, W, 3)` uint8 RGB picture of the data;
+    `ignore_label` the user's value for "not annotated", recorded in the manifest.
 
     Written to a temporary sibling folder and renamed into place, so a killed run leaves no folder that
     looks finished. `out_dir` must be new, empty or a previous artifact (`check_output_dir`): a previous
@@ -102,7 +139,7 @@ def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray |
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir) as tmp:
         tmp.mkdir()
-        manifest = _write_contents(tmp, stacks)
+        manifest = _write_contents(tmp, stacks, ignore_label)
         if montage is not None:
             cv2.imwrite(str(tmp / MONTAGE), cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
         old = None
@@ -114,7 +151,7 @@ def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray |
     return manifest
 
 
-def _write_contents(folder: Path, stacks: list[dict]) -> dict:
+def _write_contents(folder: Path, stacks: list[dict], ignore_label: int = NO_IGNORE) -> dict:
     infos, hashes = [], {}
     for s in stacks:
         if not SAFE_NAME.fullmatch(s["name"]):
@@ -135,6 +172,8 @@ def _write_contents(folder: Path, stacks: list[dict]) -> dict:
         # Identifies the evaluation data: model versions are compared only on equal fingerprints.
         "eval_fingerprint": hashlib.sha256("".join(val).encode()).hexdigest()[:16],
         "content_hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest()[:16],
+        # The user's "not annotated" value (stored as MASK_IGNORE): train and evaluate read it from here.
+        "ignore_label": int(ignore_label),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -174,6 +213,12 @@ def open_stack(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> t
     folder = Path(dataset_dir) / info.name
     mode = "r" if mmap else None
     return np.load(folder / "image.npy", mmap_mode=mode), np.load(folder / "mask.npy", mmap_mode=mode)
+
+
+def is_sparse(manifest: dict) -> bool:
+    """Whether the artifact's masks may hold `MASK_IGNORE` (preprocess was given an `ignore_label`;
+    artifacts written before sparse labels have no such key)."""
+    return int(manifest.get("ignore_label", NO_IGNORE)) >= 0
 
 
 def stacks_in(manifest: dict, split: str) -> list[StackInfo]:

@@ -1,9 +1,11 @@
 """Segmentation losses on foreground probabilities `(batch, H, W, 1)` in [0, 1].
 
-`y_true` is `(batch, H, W, 1)` {0, 1}, or `(batch, H, W, 2)`: the mask and per-pixel weights (the border
-weight map of `emunet.training.weights`), which weight the cross-entropy terms (BCE, focal); the soft
-Dice terms use the mask only. Registered with Keras so that a saved, compiled model (the `keras_model`
-artifact) loads with its loss once this module is imported."""
+`y_true` is `(batch, H, W, 1)` {0, 1}, or `(batch, H, W, 2)`: the mask and per-pixel weights. Weights
+scale the cross-entropy terms (BCE, focal): the border weight map of `emunet.training.weights`, and 0 for
+a pixel that is not annotated (sparse labels, `ignore_label`), whose mask value is then meaningless. The
+soft Dice terms are unweighted but count only pixels of non-zero weight: an ignored pixel adds to neither
+the intersection nor the sums, whatever the network predicts there. Registered with Keras so that a
+saved, compiled model (the `keras_model` artifact) loads with its loss once this module is imported."""
 
 import keras
 from keras import ops
@@ -27,14 +29,22 @@ def _weighted_mean(values, weights):
     return ops.sum(values * weights) / ops.maximum(ops.sum(weights), 1e-6)
 
 
+def _soft_dice(mask, y_pred, weights):
+    """1 - soft Dice of `mask` and `y_pred` over the pixels whose weight is not 0 (all without weights)."""
+    if weights is not None:
+        counted = ops.cast(weights > 0, y_pred.dtype)
+        mask, y_pred = mask * counted, y_pred * counted
+    intersection = ops.sum(mask * y_pred)
+    total = ops.sum(mask) + ops.sum(y_pred)
+    return 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
+
+
 @keras.saving.register_keras_serializable(package="em_unet")
 def soft_dice_loss(y_true, y_pred):
     """1 - soft Dice over the whole batch (one ratio, not a mean of per-image ratios: crops with no
-    foreground would otherwise dominate)."""
-    y_true = split_weights(y_true, y_pred.dtype)[0]
-    intersection = ops.sum(y_true * y_pred)
-    total = ops.sum(y_true) + ops.sum(y_pred)
-    return 1.0 - (2.0 * intersection + SMOOTH) / (total + SMOOTH)
+    foreground would otherwise dominate), over the annotated pixels."""
+    mask, weights = split_weights(y_true, y_pred.dtype)
+    return _soft_dice(mask, y_pred, weights)
 
 
 @keras.saving.register_keras_serializable(package="em_unet")
@@ -53,9 +63,9 @@ def bce_dice_loss(y_true, y_pred):
 def bce_dice_both_loss(y_true, y_pred):
     """BCE plus the mean soft Dice of both classes: when the thin structure is the background (ISBI's
     membranes between cell interiors), its overlap is optimised too, not only the foreground's."""
-    mask = split_weights(y_true, y_pred.dtype)[0]
-    background = soft_dice_loss(1.0 - mask, 1.0 - y_pred)
-    return bce_loss(y_true, y_pred) + 0.5 * (soft_dice_loss(mask, y_pred) + background)
+    mask, weights = split_weights(y_true, y_pred.dtype)
+    background = _soft_dice(1.0 - mask, 1.0 - y_pred, weights)
+    return bce_loss(y_true, y_pred) + 0.5 * (_soft_dice(mask, y_pred, weights) + background)
 
 
 FOCAL_GAMMA = 2.0  # Lin et al. 2017: down-weights the easy pixels (most of an EM slice) by (1 - p_t)**2

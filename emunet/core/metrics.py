@@ -3,6 +3,10 @@
 Conventions for empty cases (so that a slice with nothing to find, and nothing found, scores perfectly):
 Dice and IoU are 1 when both masks are empty; precision is 1 when nothing is predicted; recall is 1
 when there is nothing to find.
+
+Sparse labels: pixel scores take an optional `annotated` mask of the same shape; pixels outside it are
+not counted at all (neither right nor wrong), and a slice without any annotated pixel is left out of
+`median_slice_accuracy`.
 """
 
 import numpy as np
@@ -10,15 +14,20 @@ import numpy as np
 METRIC_NAMES = ("dice", "iou", "pixel_accuracy", "median_slice_accuracy", "precision", "recall")
 
 
-def confusion(pred: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
-    """`(tp, fp, fn, tn)` pixel counts of two boolean (or 0/1) masks of the same shape."""
+def confusion(pred: np.ndarray, truth: np.ndarray, annotated: np.ndarray | None = None) -> tuple[int, int, int, int]:
+    """`(tp, fp, fn, tn)` pixel counts of two boolean (or 0/1) masks of the same shape, over the
+    `annotated` pixels only if given (a boolean mask of that shape)."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if pred.shape != truth.shape:
         raise ValueError(f"prediction has shape {pred.shape} but truth has {truth.shape}")
+    size = pred.size
+    if annotated is not None:
+        annotated = np.asarray(annotated, bool)
+        pred, truth, size = pred & annotated, truth & annotated, int(np.count_nonzero(annotated))
     tp = int(np.count_nonzero(pred & truth))
     fp = int(np.count_nonzero(pred)) - tp
     fn = int(np.count_nonzero(truth)) - tp
-    return tp, fp, fn, pred.size - tp - fp - fn
+    return tp, fp, fn, size - tp - fp - fn
 
 
 def _ratio(num: float, den: float) -> float:
@@ -36,25 +45,34 @@ def scores_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
     }
 
 
-def per_slice_scores(pred: np.ndarray, truth: np.ndarray) -> list[dict[str, float]]:
-    """Scores of each slice of `(Z, H, W)` masks, each with its counts (`tp`, `fp`, `fn`, `tn`)."""
+def per_slice_scores(pred: np.ndarray, truth: np.ndarray,
+                     annotated: np.ndarray | None = None) -> list[dict[str, float]]:
+    """Scores of each slice of `(Z, H, W)` masks, each with its counts (`tp`, `fp`, `fn`, `tn`; over the
+    `annotated` pixels if given: a slice with none has all four 0)."""
     rows = []
     for z in range(truth.shape[0]):
-        counts = confusion(pred[z], truth[z])
+        counts = confusion(pred[z], truth[z], None if annotated is None else annotated[z])
         rows.append({"slice": z, **scores_from_counts(*counts), **dict(zip(("tp", "fp", "fn", "tn"), counts))})
     return rows
 
 
-def stack_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Scores of `(Z, H, W)` (or `(H, W)`) masks pooled over all pixels, plus `median_slice_accuracy`,
-    the median over slices of per-slice pixel accuracy (the original study's headline figure)."""
+def median_slice_accuracy(rows: list[dict[str, float]]) -> float:
+    """Median pixel accuracy of `per_slice_scores` rows, over the slices with an annotated pixel (1 if none)."""
+    counted = [r["pixel_accuracy"] for r in rows if r["tp"] + r["fp"] + r["fn"] + r["tn"]]
+    return float(np.median(counted)) if counted else 1.0
+
+
+def stack_scores(pred: np.ndarray, truth: np.ndarray, annotated: np.ndarray | None = None) -> dict[str, float]:
+    """Scores of `(Z, H, W)` (or `(H, W)`) masks pooled over all pixels (the `annotated` ones if given),
+    plus `median_slice_accuracy`, the median over slices of per-slice pixel accuracy (the original
+    study's headline figure)."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     if truth.ndim == 2:
         pred, truth = pred[None], truth[None]
-    rows = per_slice_scores(pred, truth)
+        annotated = None if annotated is None else np.asarray(annotated)[None]
+    rows = per_slice_scores(pred, truth, annotated)
     totals = [sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")]
-    return {**scores_from_counts(*totals),
-            "median_slice_accuracy": float(np.median([r["pixel_accuracy"] for r in rows]))}
+    return {**scores_from_counts(*totals), "median_slice_accuracy": median_slice_accuracy(rows)}
 
 
 # --- objects -------------------------------------------------------------------------------------------
@@ -62,6 +80,9 @@ def stack_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 OBJECT_METRIC_NAMES = ("object_precision", "object_recall", "object_f1", "mean_matched_iou", "count_error")
 SEGMENTATION_METRIC_NAMES = ("adapted_rand_error", "vi_split", "vi_merge")
 MATCH_IOU = 0.5  # an object is found when a predicted object covers it with IoU >= 0.5, one to one
+# Object scores of a set with no fully annotated slice: not measured (objects are scored only on slices
+# annotated in full, see `emunet.core.dataset.fully_annotated`), rather than a perfect score for nothing.
+UNMEASURED_OBJECTS = {name: float("nan") for name in (*OBJECT_METRIC_NAMES, *SEGMENTATION_METRIC_NAMES)}
 
 
 def match(pred: np.ndarray, truth: np.ndarray, threshold: float = MATCH_IOU) -> dict[str, float]:

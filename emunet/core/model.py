@@ -51,6 +51,24 @@ def multiple_of(spec: UNetSpec) -> int:
     return 2**spec.depth * spec.input_scale
 
 
+def spec_of(model: keras.Model) -> UNetSpec:
+    """The `UNetSpec` a model made by `build_unet` was built from, read from its layers (their names are
+    deterministic), not from metadata: what a saved model holds is what fine-tuning must rebuild.
+    `sync_batch_norm` is left at its default: it depends on the devices, not on the weights. Raises
+    `ValueError` for a model that is not such a U-Net."""
+    layers_by_name = {layer.name: layer for layer in model.layers}
+    if "enc1_conv1" not in layers_by_name:
+        raise ValueError(f"model {model.name!r} is not an em-unet U-Net (it has no layer enc1_conv1)")
+    depth = sum(1 for n in layers_by_name if n.startswith("enc") and n.endswith("_pool"))
+    bn = layers_by_name.get("enc1_bn1")
+    dropout = layers_by_name.get("bottleneck_dropout")
+    downscale = layers_by_name.get("downscale")
+    return UNetSpec(depth=depth, base_filters=int(layers_by_name["enc1_conv1"].filters), batch_norm=bn is not None,
+                    dropout=float(dropout.rate) if dropout is not None else 0.0,
+                    bn_momentum=float(bn.momentum) if bn is not None else UNetSpec.bn_momentum,
+                    input_scale=int(downscale.pool_size[0]) if downscale is not None else 1)
+
+
 def build_unet(spec: UNetSpec = UNetSpec(), name: str = "unet") -> keras.Model:
     """U-Net mapping `(batch, H, W, 1)` float32 in [0, 1] to `(batch, H, W, 1)` foreground probability.
 

@@ -15,7 +15,6 @@ Lambda layer, which safe loading refuses), so such models ship without Keras wei
 """
 
 import json
-import shutil
 import tempfile
 import zipfile
 from pathlib import Path

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from emunet.core.dataset import MASK_IGNORE
 from emunet.core.normalize import normalize
 
 # dtypes that OpenCV remaps directly; others are converted to float32 first.
@@ -92,21 +93,27 @@ def intensity_jitter(rng: np.random.Generator, patch: np.ndarray, spec: AugmentS
 
 def random_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int,
                  low: float, high: float, spec: AugmentSpec = AugmentSpec(),
-                 foreground_points: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented patch from a `(Z, H, W)` stack and its `(Z, H, W)` {0, 1} mask.
+                 foreground_points: np.ndarray | None = None, slices: np.ndarray | None = None,
+                 at: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One augmented patch from a `(Z, H, W)` stack and its `(Z, H, W)` mask ({0, 1}, and `MASK_IGNORE`
+    where not annotated).
 
     Returns `(crop, crop)` float32 image in [0, 1] (normalised with the stack's `low`, `high`) and
     `(crop, crop)` uint8 mask. `foreground_points`: `(N, 3)` (z, y, x) foreground voxels; a share
-    `spec.foreground` of crops is centred on one of them. Pixels mapped from outside the slice are
-    mirrored, never black.
+    `spec.foreground` of crops is centred on one of them. Other crops come from a random slice, one of
+    `slices` if given (sparse labels: the annotated ones), or are centred on voxel `at` (z, y, x) if given.
+    Pixels mapped from outside the slice are mirrored, never black.
     """
     z_size, h, w = image.shape
-    if spec.foreground and foreground_points is not None and len(foreground_points) and \
+    if at is not None:
+        z, centre = int(at[0]), (float(at[1]), float(at[2]))
+    elif spec.foreground and foreground_points is not None and len(foreground_points) and \
             rng.random() < spec.foreground:
         z, y, x = foreground_points[rng.integers(len(foreground_points))]
         z, centre = int(z), (float(y), float(x))
     else:
-        z, centre = int(rng.integers(z_size)), (rng.uniform(0, h), rng.uniform(0, w))
+        z = int(rng.integers(z_size)) if slices is None else int(slices[rng.integers(len(slices))])
+        centre = (rng.uniform(0, h), rng.uniform(0, w))
     map_x, map_y = sample_maps(rng, centre, crop, spec)
     source = image[z]
     if source.dtype not in WARPABLE:
@@ -125,7 +132,22 @@ def foreground_points(mask: np.ndarray, limit: int = 100_000) -> np.ndarray:
     per_slice = max(1, limit // max(1, mask.shape[0]))
     points = []
     for z in range(mask.shape[0]):
-        ys, xs = np.nonzero(mask[z])
+        m = np.asarray(mask[z])
+        ys, xs = np.nonzero((m != 0) & (m != MASK_IGNORE))
         step = max(1, len(ys) // per_slice)
         points.append(np.stack([np.full(len(ys[::step]), z), ys[::step], xs[::step]], axis=1))
     return np.concatenate(points).astype(np.int32) if points else np.zeros((0, 3), np.int32)
+
+
+def annotated_slices(mask: np.ndarray) -> np.ndarray:
+    """Indices (int32) of the slices of a `(Z, H, W)` mask with at least one annotated voxel (not
+    `MASK_IGNORE`), read slice by slice (the mask may be memory-mapped)."""
+    return np.array([z for z in range(mask.shape[0]) if np.any(np.asarray(mask[z]) != MASK_IGNORE)], np.int32)
+
+
+def annotated_voxel(rng: np.random.Generator, mask: np.ndarray, slices: np.ndarray) -> tuple[int, int, int]:
+    """A random annotated voxel `(z, y, x)` of one of `slices` (which must have one, `annotated_slices`)."""
+    z = int(slices[rng.integers(len(slices))])
+    ys, xs = np.nonzero(np.asarray(mask[z]) != MASK_IGNORE)
+    i = rng.integers(len(ys))
+    return z, int(ys[i]), int(xs[i])

@@ -16,9 +16,9 @@ import keras
 import mlflow
 import numpy as np
 
-from emunet.core.dataset import open_stack
+from emunet.core.dataset import fully_annotated, mask_parts, open_stack
 from emunet.core.losses import get_loss
-from emunet.core.metrics import stack_scores
+from emunet.core.metrics import UNMEASURED_OBJECTS, stack_scores
 from emunet.core.model import UNetSpec, multiple_of
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
@@ -32,11 +32,29 @@ from emunet.training.state import TrainingState
 MIN_LR_RATIO = 0.01  # the cosine ends at 1 % of the peak rate, not 0: the last epochs still learn
 
 
-def validation_loss(name: str, prob: np.ndarray, truth: np.ndarray) -> float:
+def validation_loss(name: str, prob: np.ndarray, truth: np.ndarray, annotated: np.ndarray | None = None) -> float:
     """The training loss `name` on the validation probabilities, the whole held-out set as one batch,
-    computed from the probabilities validation already has (no second forward pass)."""
-    loss = get_loss(name)(np.asarray(truth, np.float32)[..., None], np.asarray(prob, np.float32)[..., None])
+    computed from the probabilities validation already has (no second forward pass); over the
+    `annotated` voxels only if given (weight 0 elsewhere, as in training)."""
+    y_true = np.asarray(truth, np.float32)[..., None]
+    if annotated is not None:
+        y_true = np.concatenate([y_true, np.asarray(annotated, np.float32)[..., None]], axis=-1)
+    loss = get_loss(name)(y_true, np.asarray(prob, np.float32)[..., None])
     return float(keras.ops.convert_to_numpy(loss))
+
+
+def validation_scores(prob: np.ndarray, truth: np.ndarray, annotated: np.ndarray | None, loss: str) -> dict:
+    """Pixel scores, `loss` and object scores of `(Z, H, W)` probabilities against the true mask, leaving
+    out voxels that are not `annotated` (None: all are). Objects are scored on the fully annotated
+    slices only (`emunet.core.dataset.fully_annotated`): a slice annotated in part cannot say whether an
+    object found in its unannotated part is right; with no such slice they are NaN (not measured)."""
+    scores = stack_scores(prob >= 0.5, truth, annotated)
+    scores["loss"] = validation_loss(loss, prob, truth, annotated)
+    full = fully_annotated(annotated, truth.shape[0])
+    # The objects that output="labels" serves, with its defaults, against the true mask's components.
+    scores.update(object_scorer(prob[full], truth[full], 0.5, DEFAULT_PARAMS["seed_threshold"],
+                                DEFAULT_PARAMS["min_object_size"]).scores() if full else UNMEASURED_OBJECTS)
+    return scores
 
 
 def schedule_rate(peak: float, step: int, warmup_steps: int, progress: float, kind: str) -> float:
@@ -119,23 +137,19 @@ class Validation(keras.callbacks.Callback):
 
     def evaluate(self) -> tuple[dict, list]:
         self.eval_model.set_weights(self.weights())
-        probs, truths = [], []
+        probs, masks = [], []
         for info, image, mask in self.val:
             probs.append(predict_probabilities(self.forward, image, info.low, info.high,
                                                multiple=self.multiple))
-            truths.append(np.asarray(mask))
-        prob, truth = np.concatenate(probs), np.concatenate(truths)
-        scores = stack_scores(prob >= 0.5, truth)
-        scores["loss"] = validation_loss(self.cfg.loss, prob, truth)
-        # The objects that output="labels" serves, with its defaults, against the true mask's components.
-        scores.update(object_scorer(prob, truth, 0.5, DEFAULT_PARAMS["seed_threshold"],
-                                    DEFAULT_PARAMS["min_object_size"]).scores())
-        return scores, probs
+            masks.append(np.asarray(mask))
+        truth, annotated = mask_parts(np.concatenate(masks))
+        return validation_scores(np.concatenate(probs), truth, annotated, self.cfg.loss), probs
 
     def picture(self, probs) -> np.ndarray:
         info, image, mask = self.val[0]
         zs = np.linspace(0, image.shape[0] - 1, min(3, image.shape[0])).astype(int)
-        tiles = [overlay(normalize(image[z], info.low, info.high), mask[z], probs[0][z] >= 0.5) for z in zs]
+        tiles = [overlay(normalize(image[z], info.low, info.high), mask_parts(mask[z])[0], probs[0][z] >= 0.5)
+                 for z in zs]
         return montage(tiles, columns=len(tiles))
 
     def on_epoch_end(self, epoch, logs=None):

@@ -61,6 +61,8 @@ class TrainConfig:
     gpus: str = ""  # GPU indices to use, e.g. 0,1; empty = all visible
     seed: int = 0
     checkpoint_dir: str = ""  # resume backup written every epoch; "" = .em-unet-checkpoints/<hash of config and data> here, so the same command resumes
+    init_model: str = ""  # start from this model's weights (models:/em-unet@champion, runs:/<id>/model): a few annotated slices of a new sample then need minutes, not hours; its architecture is taken, contradicting fields are refused; "" = random initialisation
+    freeze_encoder_epochs: int = 0  # with init_model: the encoder (contracting path and bottleneck) stays fixed for this many first epochs, so a few new slices adapt the decoder without wrecking the features learnt on the large data; 0 = everything trains from the start
     experiment: str = DEFAULT_EXPERIMENT
 
 
@@ -78,10 +80,14 @@ def _check_ranges(cfg: TrainConfig) -> None:
         ("warmup_epochs", cfg.warmup_epochs >= 0, "0 or more"),
         ("patience", cfg.patience >= 0, "0 (never stop early) or more"),
         ("global_batch", cfg.global_batch >= 0, "0 (batch_size x replicas) or more"),
+        ("freeze_encoder_epochs", cfg.freeze_encoder_epochs >= 0, "0 (off) or a number of epochs"),
     ]
     for name, ok, expected in rules:
         if not ok:
             raise InputError(f"{name} must be {expected}; got {getattr(cfg, name)}")
+    if cfg.freeze_encoder_epochs and not cfg.init_model:
+        raise InputError(f"freeze_encoder_epochs={cfg.freeze_encoder_epochs} needs init_model: freezing a randomly "
+                         f"initialised encoder would only stop it from learning")
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:

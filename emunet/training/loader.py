@@ -14,9 +14,14 @@ import cv2
 import keras
 import numpy as np
 
-from emunet.core.dataset import StackInfo, open_stack
-from emunet.training.augment import AugmentSpec, foreground_points, random_patch
+from emunet.core.dataset import MASK_IGNORE, StackInfo, open_stack
+from emunet.core.errors import InputError
+from emunet.training.augment import AugmentSpec, annotated_slices, annotated_voxel, foreground_points, random_patch
 from emunet.training.weights import border_weights
+
+# Sparse labels: draws of a crop before giving up on finding an annotated voxel in it. Every other draw
+# is centred on an annotated voxel, so only the elastic field's few pixels can still miss: never in practice.
+ANNOTATED_TRIES = 32
 
 
 class SharedArray(np.ndarray):
@@ -48,25 +53,33 @@ def _from_shared(name: str, shape: tuple, dtype: str) -> np.ndarray:
 class PatchDataset(keras.utils.PyDataset):
     """`steps` batches per epoch of `(batch_size, crop, crop, 1)` float32 images in [0, 1] and
     `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`; with
-    `border_weight`, masks are `(..., 2)`: the mask and its border weight map (`emunet.training.weights`).
+    `border_weight` or `sparse`, masks are `(..., 2)`: the mask and per-pixel weights for the loss
+    (`emunet.core.losses`): the border weight map (`emunet.training.weights`, else 1), times 0 where the
+    voxel is not annotated.
 
     Stacks are chosen in proportion to their number of slices, so every slice is equally likely;
-    `augment` says how patches are transformed (`emunet.training.augment.AugmentSpec`).
+    `augment` says how patches are transformed (`emunet.training.augment.AugmentSpec`). With `sparse`
+    (the dataset has an `ignore_label`), only slices with an annotated voxel count and are drawn, and a
+    crop without any annotated voxel is drawn again: it would teach nothing.
     """
 
     def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,
                  steps: int, seed: int, workers: int = 1, augment: AugmentSpec = AugmentSpec(),
-                 border_weight: float = 0.0, **kwargs):
+                 border_weight: float = 0.0, sparse: bool = False, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, **kwargs)
         self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
         self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
-        self.augment, self.border_weight = augment, border_weight
-        # Where the foreground is: found once here, so each epoch's new worker pool inherits a small
-        # array instead of scanning the masks again (Keras starts a fresh pool every epoch).
+        self.augment, self.border_weight, self.sparse = augment, border_weight, sparse
+        # Where the foreground (and, sparse, the annotation) is: found once here, so each epoch's new worker
+        # pool inherits small arrays instead of scanning the masks again (Keras starts a fresh pool every epoch).
         self.points = [foreground_points(open_stack(self.dataset_dir, s)[1]) if augment.foreground else None
                        for s in self.stacks]
+        self.annotated = [annotated_slices(open_stack(self.dataset_dir, s)[1]) for s in self.stacks] if sparse else None
         self.epoch = 0
-        slices = np.array([s.shape[0] for s in self.stacks], float)
+        slices = np.array([len(a) for a in self.annotated] if sparse else [s.shape[0] for s in self.stacks], float)
+        if not slices.sum():
+            raise InputError(f"no training slice has an annotated voxel (every label is the ignore_label) in "
+                             f"stacks {', '.join(s.name for s in self.stacks)}")
         self.weights = slices / slices.sum()
         self._arrays = None  # opened lazily, once per process
         resource_tracker.ensure_running()  # here, before any worker starts, so that they share it (SharedArray)
@@ -85,17 +98,28 @@ class PatchDataset(keras.utils.PyDataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         k = int(rng.choice(len(self.stacks), p=self.weights))
         image, mask = self._open()[k]
-        return random_patch(rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high,
-                            self.augment, self.points[k])
+        args = (rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high, self.augment, self.points[k])
+        if not self.sparse:
+            return random_patch(*args)
+        slices = self.annotated[k]
+        for attempt in range(ANNOTATED_TRIES):
+            at = annotated_voxel(rng, mask, slices) if attempt % 2 else None
+            patch, target = random_patch(*args, slices=slices, at=at)
+            if np.any(target != MASK_IGNORE):
+                return patch, target
+        raise RuntimeError(f"no crop of stack {self.stacks[k].name} with an annotated voxel in {ANNOTATED_TRIES} draws")
 
     def __getitem__(self, batch: int):
         first = batch * self.batch_size
         pairs = [self.sample(self.epoch, first + j) for j in range(self.batch_size)]
         images = np.stack([p[0] for p in pairs])[..., None]
-        masks = np.stack([p[1] for p in pairs])[..., None].astype(np.float32)
-        if self.border_weight:  # the mask's second channel: the border weight map of each augmented crop
-            weights = np.stack([border_weights(p[1], self.border_weight) for p in pairs])[..., None]
-            masks = np.concatenate([masks, weights], axis=-1)
+        targets = np.stack([p[1] for p in pairs])
+        masks = (targets == 1)[..., None].astype(np.float32)
+        if self.border_weight or self.sparse:  # the mask's second channel: per-pixel weights of each crop
+            weights = np.stack([border_weights(t == 1, self.border_weight) for t in targets]) if self.border_weight \
+                else np.ones(targets.shape, np.float32)
+            weights[targets == MASK_IGNORE] = 0.0
+            masks = np.concatenate([masks, weights[..., None]], axis=-1)
         return images.view(SharedArray), masks.view(SharedArray)
 
     def on_epoch_end(self):

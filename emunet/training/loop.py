@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from emunet.core.dataset import stacks_in
+from emunet.core.dataset import is_sparse, stacks_in
 from emunet.core.losses import get_loss
 from emunet.core.model import UNetSpec, build_unet
 from emunet.core.tracking import run_exists, step_run
@@ -22,6 +22,7 @@ from emunet.training.callbacks import Schedule, Validation
 from emunet.training.checkpoint import Backup
 from emunet.training.config import JIT_CHOICES, TrainConfig, dtype_policy
 from emunet.training.distribute import agree
+from emunet.training.finetune import FreezeEncoder, InitModel, load_weights
 from emunet.training.loader import PatchDataset
 from emunet.training.state import TrainingState
 
@@ -79,10 +80,12 @@ def restore(state: TrainingState, weights: Path, model, strategy, run) -> None:
 
 
 def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, strategy, batches: tuple[int, int],
-        peak_rate: float, policy: str, backup: Backup, run, resumed, chief: bool, cluster) -> tuple[keras.Model, keras.Model, TrainingState]:
+        peak_rate: float, policy: str, backup: Backup, run, resumed, chief: bool, cluster,
+        source: InitModel | None = None) -> tuple[keras.Model, keras.Model, TrainingState]:
     """Train `spec` on the dataset's training stacks, validating on its held-out ones every epoch.
 
-    `batches` is `(per-replica, global)` batch size; `resumed` a loaded backup or None. Returns
+    `batches` is `(per-replica, global)` batch size; `resumed` a loaded backup or None; `source` the model
+    to start from (`emunet.training.finetune`; a resumed run starts from its backup instead). Returns
     `(eval_model, fit_model, state)`: the float32 model holding the best weights, the model trained
     under the strategy with the last weights, and the final training state."""
     per_replica, global_batch = batches
@@ -90,13 +93,18 @@ def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, str
         model = build_unet(spec)
         optimizer = keras.optimizers.Adam(peak_rate, use_ema=cfg.ema > 0, ema_momentum=cfg.ema or 0.99)
         model.compile(optimizer, get_loss(cfg.loss), jit_compile=JIT_CHOICES[cfg.jit_compile])
+        if source is not None and not resumed:
+            load_weights(model, source)
+        if cfg.freeze_encoder_epochs:
+            # Adam's moments for every variable before the encoder is frozen, so unfreezing finds them.
+            model.optimizer.build(model.trainable_variables)
     eval_model = build_unet(spec, name="unet")  # float32, outside the strategy: validated and logged
     if chief:
         mlflow.log_param("parameters", model.count_params())
     augment = dataclasses.replace(AUGMENTATIONS[cfg.augment], foreground=cfg.foreground)
     data = PatchDataset(dataset_dir, stacks_in(manifest, "train"), global_batch, cfg.crop_size,
                         cfg.steps_per_epoch, cfg.seed, workers=cfg.workers, augment=augment,
-                        border_weight=cfg.border_weight)
+                        border_weight=cfg.border_weight, sparse=is_sparse(manifest))
     state = resumed[0] if resumed else TrainingState(run_id=run.info.run_id if run else None)
 
     def save(state: TrainingState) -> None:
@@ -107,6 +115,8 @@ def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, str
     validation = Validation(dataset_dir, cfg, stacks_in(manifest, "val"), cfg.steps_per_epoch * global_batch,
                             eval_model, strategy, state, chief, backup=save)
     callbacks = [schedule, validation]
+    if cfg.freeze_encoder_epochs:
+        callbacks.insert(0, FreezeEncoder(cfg.freeze_encoder_epochs))
     if cluster is not None:
         build_before_fit(model, strategy, tuple(a[:per_replica] for a in data[0]))
     if resumed:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from emunet.core.dataset import open_stack, stacks_in
+from emunet.core.dataset import mask_parts, open_stack, stacks_in
 from emunet.core.errors import InputError
 from emunet.core.model import INPUT_SCALES, UNetSpec, multiple_of
 from emunet.training.config import TrainConfig
@@ -39,10 +39,10 @@ def thinnest_structure(masks: list[np.ndarray]) -> float:
     fg, bg = [], []
     for i in picked:
         m, z = slices[i]
-        s = np.asarray(m[z]) > 0
+        s, annotated = mask_parts(m[z])
         if s.any():  # a slice with nothing labelled has no structure: its background is not a membrane
             fg.append(thickness(s))
-            bg.append(thickness(~s))
+            bg.append(thickness(~s if annotated is None else annotated & ~s))  # unannotated voxels are neither
     measured = [np.nanmedian(v) for v in (fg, bg) if v and not np.all(np.isnan(v))]
     return float(min(measured)) if measured else float("nan")
 
