@@ -439,6 +439,8 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             page.wait_for_function(SETTLED)
             after = slice_caption(page)
             assert before.split("Dice")[1] != after.split("Dice")[1]
+            # While Streamlit swaps the panels (slow on a loaded machine) the old ones may still be there.
+            expect(page.get_by_test_id("stImage")).to_have_count(5)
             moved = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
             assert len(moved) == 5 and all(a != b for a, b in zip(sources, moved))
             screenshot(page, tmp_path, "2_slice3")
