@@ -157,6 +157,19 @@ def test_stack_facts_are_whole_stack_statistics_or_a_named_error(tmp_path):
     good, cut = facts.iloc[0], facts.iloc[1]
     assert (good.slices, good.height, good.width) == (6, 20, 30) and good.error == ""
     assert (good.low, good.high) == stack_stats(stack)
+    # Executors open every format the way predict does: an MRC tomogram, an HDF5 dataset, OME-Zarr.
+    import h5py
+
+    from tests.test_io_formats import write_mrc
+
+    write_mrc(tmp_path / "tomo.mrc", stack.astype(np.int16))
+    with h5py.File(tmp_path / "vol.h5", "w") as f:
+        f["raw"] = stack
+    write_ome_zarr(tmp_path / "vol.ome.zarr", stack, levels=1)
+    others = [str(tmp_path / "tomo.mrc"), f"{tmp_path / 'vol.h5'}:/raw", str(tmp_path / "vol.ome.zarr")]
+    facts = pd.concat(stack_facts(iter([pd.DataFrame({"stack": [0, 1, 2], "path": others})])))
+    assert (facts["error"] == "").all() and (facts["slices"] == 6).all()
+    assert all((f.low, f.high) == stack_stats(stack) for f in facts.itertuples())
     assert cut.error.startswith(f"{tmp_path / 'cut.tif'}: ") and "truncated or corrupt" in cut.error
 
 

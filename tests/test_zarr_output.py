@@ -139,17 +139,24 @@ def test_level_region_and_zarr_output_from_a_tiff(world, tmp_path, cells_zarr):
         predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=str(path), output_format="n5"))
 
 
-def test_hdf5_dataset_through_predict(world, tmp_path, rng):
+def test_hdf5_dataset_and_mrc_tomogram_through_predict(world, tmp_path, rng):
     import h5py
+
+    from tests.test_io_formats import write_mrc
 
     data = (rng.random((3, 32, 40)) * 255).astype(np.uint8)
     with h5py.File(tmp_path / "vol.h5", "w") as f:
         f.create_dataset("volumes/raw", data=data, chunks=(1, 32, 40))
         f["volumes/raw"].attrs["element_size_um"] = (0.04, 0.01, 0.01)
-    predict(PredictConfig(model_uri=world["trained"]["model_uri"], input=f"{tmp_path / 'vol.h5'}:/volumes/raw",
-                          output_dir=str(tmp_path / "out")))
+    write_mrc(tmp_path / "tomo.rec", data.astype(np.int16) - 128, voxel_size=(6.8, 6.8, 13.6))  # x, y, z in Å
+    predict(PredictConfig(model_uri=world["trained"]["model_uri"], output_dir=str(tmp_path / "out"),
+                          input=f"{tmp_path / 'vol.h5'}:/volumes/raw,{tmp_path / 'tomo.rec'}"))
     with open_volume(tmp_path / "out" / "vol_raw_mask.tif") as mask:
         assert mask.shape == data.shape and mask.voxel_size == pytest.approx((0.04, 0.01, 0.01))
+    with open_volume(tmp_path / "out" / "tomo_mask.tif") as mask:  # the MRC header's Å, as nm
+        assert mask.shape == data.shape and mask.voxel_size == pytest.approx((1.36, 0.68, 0.68)) and mask.unit == "nm"
+    rows = list(csv.DictReader(open(tmp_path / "out" / "tomo_instances.csv")))
+    assert all(row["unit"] == "nm" for row in rows)
 
 
 def test_preprocess_cuts_a_training_block_out_of_an_ome_zarr_level_and_an_hdf5_file(store, tmp_path, rng):
