@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass
 import mlflow
 
 from emunet.core.cli import run_entry
-from pipeline.evaluate import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, EvaluateConfig, evaluate
+from pipeline.evaluate import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, EvaluateConfig, check_champion_measurable, evaluate
 from pipeline.preprocess import PreprocessConfig, preprocess
-from emunet.core.tracking import DEFAULT_EXPERIMENT, log_config, step_run
+from emunet.core.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
 from pipeline.train import TrainConfig, train
 
 
@@ -88,6 +88,8 @@ def main(cfg: MainConfig) -> dict:
     with step_run("main", cfg.experiment):
         log_config(cfg)
         data = preprocess(pick(PreprocessConfig, cfg))
+        # Sparse labels with no fully annotated held-out slice cannot rank by objects: say so before training.
+        check_champion_measurable(local_artifact(data["dataset_uri"], "dataset"), pick(EvaluateConfig, cfg))
         trained = train(pick(TrainConfig, cfg, dataset_uri=data["dataset_uri"]))
         result = evaluate(pick(EvaluateConfig, cfg, model_uri=trained["model_uri"], dataset_uri=data["dataset_uri"]))
         mlflow.log_metrics({f"test_{k}": v for k, v in result["metrics"].items()})

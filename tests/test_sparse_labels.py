@@ -207,3 +207,23 @@ def test_tiny_run_trains_and_evaluates_on_sparse_labels(store, tmp_path):
     result = evaluate(EvaluateConfig(model_uri=trained["model_uri"], dataset_uri=str(tmp_path / "ds"),
                                      champion_metric="dice"))
     assert 0 <= result["metrics"]["dice"] <= 1 and result["version"] == 1
+
+
+def test_main_refuses_an_object_champion_metric_on_sparse_labels_before_training(store, tmp_path):
+    """`mlflow run . -P ignore_label=...` with no fully annotated held-out slice used to train for minutes
+    and only then fail in evaluate."""
+    from pipeline.main import MainConfig, main
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (6, 32, 32), np.uint8)
+    labels = np.full((6, 32, 32), 9, np.uint8)  # 9: not annotated
+    labels[:, 8:16, 8:16] = 1
+    labels[:, 20:28, 20:28] = 0
+    tifffile.imwrite(tmp_path / "im.tif", image, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "lab.tif", labels, photometric="minisblack")
+    cfg = MainConfig(images=str(tmp_path / "im.tif"), labels=str(tmp_path / "lab.tif"), ignore_label=9,
+                     val_slices="5:6", max_minutes=0.1)
+    with pytest.raises(InputError, match="champion_metric object_f1 cannot be measured"):
+        main(cfg)
+    steps = [r.data.tags.get("step") for r in mlflow.search_runs(experiment_names=["em-unet"], output_format="list")]
+    assert "preprocess" in steps and "train" not in steps
