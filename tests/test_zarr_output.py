@@ -192,3 +192,11 @@ def test_preprocess_cuts_a_training_block_out_of_an_ome_zarr_level_and_an_hdf5_f
     with pytest.raises(InputError, match="region"):
         preprocess(PreprocessConfig(images=str(tmp_path / "em.ome.zarr"), labels=str(tmp_path / "em_gt.ome.zarr"),
                                     region="0:99,,"))
+
+    from tests.test_io_formats import write_mrc  # a tomogram and its segmentation as MRC, as IMOD / Amira keep them
+
+    write_mrc(tmp_path / "tomo.rec", data.astype(np.float32), voxel_size=(10.0, 10.0, 20.0))
+    write_mrc(tmp_path / "tomo_seg.mrc", (labels > 0).astype(np.int8))
+    result = preprocess(PreprocessConfig(images=str(tmp_path / "tomo.rec"), labels=str(tmp_path / "tomo_seg.mrc")))
+    source = read_manifest(mlflow.artifacts.download_artifacts(result["dataset_uri"]))["stacks"][0].source
+    assert source["voxel_size"] == pytest.approx([2.0, 1.0, 1.0]) and source["unit"] == "nm"
