@@ -67,19 +67,22 @@ def test_training_killed_mid_epoch_resumes_in_the_same_run(store, tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     output = "".join(lines)
-    assert "epoch 3:" not in output, output  # the kill came before epoch 3 was complete
     (backup,) = (tmp_path / DEFAULT_ROOT).iterdir()
     state = json.loads((backup / "state.json").read_text())
-    assert state["next_epoch"] == 2
+    # The last completed epoch: usually 2, but on a loaded machine the output is read late and epoch 3 may
+    # have finished (its backup written, its line not yet printed) before the kill landed.
+    done = state["next_epoch"]
+    assert 2 <= done < 6 and f"epoch {done + 1}:" not in output, output  # killed before the end
     killed_run = state["run_id"]
     assert mlflow.get_run(killed_run).info.status == "RUNNING"  # SIGKILL: nobody closed it
-    assert [s for s, _ in history(killed_run, "val_dice")] == [0, 1]
+    assert [s for s, _ in history(killed_run, "val_dice")] == list(range(done))
 
     proc, lines = start_train(args, tmp_path, store)
     assert proc.wait(600) == 0, "".join(lines)
     output = "".join(lines)
-    assert "resuming from the backup of epoch 2" in output, output
-    assert "epoch 1:" not in output and "epoch 2:" not in output and "epoch 3:" in output and "epoch 6:" in output
+    assert f"resuming from the backup of epoch {done}" in output, output
+    assert not any(f"epoch {e}:" in output for e in range(1, done + 1)), output  # completed epochs are not redone
+    assert f"epoch {done + 1}:" in output and "epoch 6:" in output
 
     runs = mlflow.search_runs(experiment_names=["em-unet"], output_format="list")
     assert [r.info.run_id for r in runs] == [killed_run]
