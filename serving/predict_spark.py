@@ -41,12 +41,13 @@ import emunet
 from emunet.core.errors import InputError
 from emunet.core.files import atomic_write, output_folder
 from emunet.core.io import list_stack_paths, open_volume, stack_exists
-from emunet.core.omezarr import SliceWriter, check_replaceable, create_image, open_image
+from emunet.core.omezarr import SliceWriter, create_image, open_image
 from emunet.core.normalize import stack_stats
 from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
 from emunet.core.objects import sizes
 from emunet.inference.instances import slice_instances
-from emunet.inference.outputs import mask_page, object_row, output_format, output_names, result_files, result_targets
+from emunet.inference.outputs import (check_targets, mask_page, object_row, output_format, output_names, result_files,
+                                     result_targets)
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
 from emunet.inference.tiling import plan_tiles
 
@@ -222,8 +223,9 @@ def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
                              row.mean_area if row.objects else 0, row.areas])
 
 
-def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
-    """Input paths and output names, refused before any Spark work if missing, clashing or unreadable."""
+def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], list[str]]:
+    """Input paths, output names and formats ("tif", "zarr"), refused before any Spark work if missing or
+    clashing."""
     paths = input_paths(cfg.input)
     if not paths:
         raise InputError("no input given: pass input=a.tif,b.tif or input=stacks.txt (one path per line)")
@@ -235,19 +237,16 @@ def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str]]:
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
     names = output_names(paths)
-    for path in paths:
-        output_format(cfg.output_format, path)
-    return paths, names
+    return paths, names, [output_format(cfg.output_format, p) for p in paths]
 
 
-def calibrations(paths: list[Path], cfg: PredictSparkConfig) -> list[dict]:
+def calibrations(paths: list[Path], formats: list[str]) -> list[dict]:
     """Per input, what its results keep of it: `{"fmt", "voxel_size", "unit", "chunks"}` (the driver reads
     only metadata: every format opens lazily)."""
     out = []
-    for path in paths:
+    for path, fmt in zip(paths, formats):
         with open_volume(path) as volume:
-            out.append({"fmt": output_format(cfg.output_format, path), "voxel_size": volume.voxel_size,
-                        "unit": volume.unit, "chunks": volume.chunks})
+            out.append({"fmt": fmt, "voxel_size": volume.voxel_size, "unit": volume.unit, "chunks": volume.chunks})
     return out
 
 
@@ -282,8 +281,8 @@ def plan_chunks(facts: pd.DataFrame, paths: list[Path], multiple: int, cfg: Pred
     return rows
 
 
-def _segment_on_spark(spark, paths: list[Path], names: list[str], model_dir: Path, multiple: int,
-                      cfg: PredictSparkConfig, out_dir: Path, tmp: Path, images: contextlib.ExitStack
+def _segment_on_spark(spark, paths: list[Path], names: list[str], formats: list[str], model_dir: Path,
+                      multiple: int, cfg: PredictSparkConfig, out_dir: Path, tmp: Path, images: contextlib.ExitStack
                       ) -> tuple[pd.DataFrame, int]:
     """The three stages; returns the objects table (one row per slice) and the number of chunks. OME-Zarr
     results are made in `images` (renamed into place when it closes)."""
@@ -294,7 +293,7 @@ def _segment_on_spark(spark, paths: list[Path], names: list[str], model_dir: Pat
     facts = spark.createDataFrame(listed, "stack long, path string").mapInPandas(stack_facts, FACTS).toPandas()
     if (facts["error"] != "").any():
         raise InputError("; ".join(facts.loc[facts["error"] != "", "error"]))
-    calibration = calibrations(paths, cfg)
+    calibration = calibrations(paths, formats)
     rows = plan_chunks(facts, paths, multiple, cfg, zarr_images(images, out_dir, names, facts, calibration))
     chunks = spark.createDataFrame(context.parallelize(rows, len(rows)),  # one chunk per task, in order
                                    "stack long, path string, z_start long, z_end long, low double, high double, "
@@ -313,11 +312,11 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
     `objects.csv` (columns stack, slice, objects, total_area, mean_area, areas) into `output_dir`."""
     from pyspark.sql import SparkSession
 
-    paths, names = _checked_inputs(cfg)
+    paths, names, formats = _checked_inputs(cfg)
     out_dir = output_folder(Path(cfg.output_dir).absolute())
-    for path, name in zip(paths, names):
-        if output_format(cfg.output_format, path) == "zarr":
-            check_replaceable(result_targets(out_dir, name, objects=False, fmt="zarr")["mask"])
+    for name, fmt in zip(names, formats):
+        check_targets(result_targets(out_dir, name, objects=False, fmt=fmt), fmt)
+    check_targets({"table": out_dir / "objects.csv"}, "tif")
     with step_run("predict_spark", cfg.experiment) as run, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as images:
         log_config(cfg)
@@ -329,7 +328,8 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
         spark = (builder.master(cfg.master) if cfg.master else builder).getOrCreate()
         try:
             start = time.time()
-            table, chunks = _segment_on_spark(spark, paths, names, model_dir, multiple, cfg, out_dir, Path(tmp), images)
+            table, chunks = _segment_on_spark(spark, paths, names, formats, model_dir, multiple, cfg, out_dir, Path(tmp),
+                                              images)
             seconds = time.time() - start
         finally:
             if ours:

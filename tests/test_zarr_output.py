@@ -119,6 +119,16 @@ def test_a_folder_not_written_by_us_is_never_replaced(world, tmp_path, cells_zar
     with pytest.raises(InputError, match="not written by em-unet"):
         predict(cfg)
     assert (out / "cells_mask.ome.zarr" / "notes.txt").read_text() == "mine"
+    # Nor is a folder where a result file would go (a TIFF, a table): refused before any work, kept.
+    for folder in ("cells_mask.tif", "cells_instances.csv"):
+        (out / "tif" / folder).mkdir(parents=True)
+        (out / "tif" / folder / "notes.txt").write_text("mine")
+        with pytest.raises(InputError, match="is a folder"):
+            predict(PredictConfig(**{**cfg.__dict__, "output_dir": str(out / "tif"), "output_format": "tif"}))
+        assert (out / "tif" / folder / "notes.txt").read_text() == "mine"
+        (out / "tif" / folder / "notes.txt").unlink()
+        (out / "tif" / folder).rmdir()
+    assert not list((out / "tif").iterdir())  # nothing written, not even a .partial
 
 
 def test_level_region_and_zarr_output_from_a_tiff(world, tmp_path, cells_zarr):
@@ -200,3 +210,24 @@ def test_preprocess_cuts_a_training_block_out_of_an_ome_zarr_level_and_an_hdf5_f
     result = preprocess(PreprocessConfig(images=str(tmp_path / "tomo.rec"), labels=str(tmp_path / "tomo_seg.mrc")))
     source = read_manifest(mlflow.artifacts.download_artifacts(result["dataset_uri"]))["stacks"][0].source
     assert source["voxel_size"] == pytest.approx([2.0, 1.0, 1.0]) and source["unit"] == "nm"
+
+
+def test_a_result_file_never_replaces_a_folder_and_a_result_folder_replaces_only_a_folder(tmp_path):
+    """`atomic_write`, under every writer: a file written to a path that is a user's folder is refused (the
+    folder stays); a folder result replaces the earlier folder at its path whole."""
+    from emunet.core.files import atomic_write
+
+    (tmp_path / "cells_mask.tif").mkdir()
+    (tmp_path / "cells_mask.tif" / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="never replaces a folder"):
+        with atomic_write(tmp_path / "cells_mask.tif") as tmp:
+            tmp.write_bytes(b"result")
+    assert (tmp_path / "cells_mask.tif" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells_mask.tif"]  # no .partial left behind
+    (tmp_path / "old.ome.zarr").mkdir()
+    (tmp_path / "old.ome.zarr" / "stale").write_text("old")
+    with atomic_write(tmp_path / "old.ome.zarr") as tmp:
+        tmp.mkdir()
+        (tmp / "0").write_text("new")
+    assert sorted(p.name for p in (tmp_path / "old.ome.zarr").iterdir()) == ["0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells_mask.tif", "old.ome.zarr"]

@@ -18,7 +18,6 @@ then no mask holds 255). Readers split a stored mask with `mask_parts`.
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ import cv2
 import numpy as np
 
 from emunet.core.errors import InputError
-from emunet.core.files import atomic_write, partial_path, remove
+from emunet.core.files import atomic_write
 from emunet.core.normalize import stack_stats
 
 MANIFEST = "manifest.json"
@@ -142,12 +141,6 @@ def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray |
         manifest = _write_contents(tmp, stacks, ignore_label)
         if montage is not None:
             cv2.imwrite(str(tmp / MONTAGE), cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
-        old = None
-        if out_dir.is_dir() and any(out_dir.iterdir()):  # a previous artifact: out of the way, then gone
-            old = partial_path(out_dir)
-            os.replace(out_dir, old)
-    if old is not None:
-        remove(old)
     return manifest
 
 

@@ -46,7 +46,9 @@ def remove(path: Path) -> None:
 def atomic_write(target: str | Path, durable: bool = False):
     """Yield a fresh temporary path beside `target` (nothing exists there yet: write a file or make a
     folder). When the block ends without an error it is renamed onto `target`; on an error it is removed
-    and `target` is left as it was. `durable` fsyncs the data and the rename."""
+    and `target` is left as it was. A folder written so replaces a folder at `target` (its caller checks
+    first that it may: an earlier result of ours); a file never replaces a folder. `durable` fsyncs the
+    data and the rename."""
     target = Path(target)
     tmp = partial_path(target)
     try:
@@ -55,8 +57,10 @@ def atomic_write(target: str | Path, durable: bool = False):
             for path in (tmp.rglob("*") if tmp.is_dir() else ()):
                 fsync_path(path)
             fsync_path(tmp)
-        if target.is_dir() and not target.is_symlink():  # an earlier result folder (callers check it is ours)
-            old = partial_path(target)
+        if target.is_dir() and not target.is_symlink():
+            if not tmp.is_dir():
+                raise InputError(f"{target} is a folder; a result file never replaces a folder (move it away)")
+            old = partial_path(target)  # an earlier result folder (its caller checked it may go): aside, then gone
             os.replace(target, old)
             os.replace(tmp, target)
             remove(old)

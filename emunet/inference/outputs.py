@@ -119,6 +119,17 @@ def result_targets(out_dir: Path, name: str, probability: bool = False, objects:
     return targets
 
 
+def check_targets(targets: dict[str, Path], fmt: str) -> None:
+    """Before any work: refuse targets that are not ours to replace (an OME-Zarr folder em-unet did not
+    write, a folder where a result file goes)."""
+    for kind, target in targets.items():
+        if fmt == "zarr" and kind in DTYPES:
+            check_replaceable(target)
+        elif target.is_dir():
+            raise InputError(f"{target} is a folder; move it away or pick another output_dir (a result file "
+                             f"never replaces a folder)")
+
+
 DTYPES = {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}
 
 
@@ -181,9 +192,7 @@ def result_files(out_dir: Path, name: str, probability: bool = False, objects: b
     when the block ends without an error; a failure or a kill leaves nothing that looks finished."""
     targets = result_targets(out_dir, name, probability, objects, labels, fmt)
     images = [k for k in ("mask", "prob", "labels") if k in targets]
-    if fmt == "zarr":
-        for kind in images:
-            check_replaceable(targets[kind])
+    check_targets(targets, fmt)
     with atomic_writes(targets) as tmp, contextlib.ExitStack() as files:
         pages = files.enter_context(_zarr_pages(tmp, images, name, shape, chunks, voxel_size, unit) if fmt == "zarr"
                                     else _tiff_pages(tmp, images, voxel_size, unit))
