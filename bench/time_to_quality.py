@@ -52,7 +52,7 @@ from PIL import Image  # noqa: E402
 
 from emunet.core.dataset import open_stack, read_manifest, stacks_in  # noqa: E402
 from emunet.core.io import read_mask, read_volume  # noqa: E402
-from emunet.core.tracking import local_artifact  # noqa: E402
+from emunet.registry.tracking import local_artifact  # noqa: E402
 from emunet.inference.instances import object_scorer  # noqa: E402
 from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402

@@ -13,8 +13,8 @@ import numpy as np
 from mlflow import MlflowClient
 from tqdm import tqdm
 
-from emunet.core.champion import promote_if_better
-from emunet.core.cli import run_entry
+from emunet.registry.champion import promote_if_better
+from emunet.registry.cli import run_entry
 from emunet.core.dataset import fully_annotated, is_sparse, mask_parts, open_stack, read_manifest, stacks_in
 from emunet.core.errors import InputError
 from emunet.core.metrics import (UNMEASURED_OBJECTS, ObjectScorer, median_slice_accuracy, per_slice_scores,
@@ -22,7 +22,7 @@ from emunet.core.metrics import (UNMEASURED_OBJECTS, ObjectScorer, median_slice_
 from emunet.core.objects import truth_objects
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
-from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, local_artifact, log_config, step_run
+from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, local_artifact, log_config, step_run
 from emunet.inference.instances import slice_instances
 from emunet.inference.outputs import rows_to_csv
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
@@ -105,7 +105,7 @@ def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
 
 def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: dict[str, float]) -> dict:
     """Register a new version with its scores; move the alias to it if there is no champion or it beats
-    the champion on `champion_metric` on this evaluation data (`emunet.core.champion`: atomic against
+    the champion on `champion_metric` on this evaluation data (`emunet.registry.champion`: atomic against
     concurrent evaluations)."""
     client = MlflowClient()
     version = mlflow.register_model(cfg.model_uri, cfg.registered_model)

@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 
 import mlflow
 
-from emunet.core.cli import run_entry
+from emunet.registry.cli import run_entry
 from pipeline.evaluate import DEFAULT_ALIAS, DEFAULT_MODEL_NAME, EvaluateConfig, check_champion_measurable, evaluate
 from pipeline.preprocess import PreprocessConfig, preprocess
-from emunet.core.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
+from emunet.registry.tracking import DEFAULT_EXPERIMENT, local_artifact, log_config, step_run
 from pipeline.train import TrainConfig, train
 
 

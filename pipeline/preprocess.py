@@ -22,7 +22,7 @@ import mlflow
 import numpy as np
 from tqdm import tqdm
 
-from emunet.core.cli import run_entry
+from emunet.registry.cli import run_entry
 from emunet.core.dataset import (MASK_IGNORE, NO_IGNORE, check_output_dir, encode_labels, mask_parts, safe_name,
                                  write_dataset)
 from emunet.core.errors import InputError
@@ -30,7 +30,7 @@ from emunet.core.io import check_same_shape, list_stack_paths, open_volume, read
 from emunet.core.normalize import normalize, stack_stats
 from emunet.core.overlay import montage, overlay
 from emunet.core.synthetic import synthetic_dataset
-from emunet.core.tracking import DEFAULT_EXPERIMENT, log_config, step_run
+from emunet.registry.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 from emunet.inference.outputs import stack_name
 
 DATASETS = ("synthetic",)

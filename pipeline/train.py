@@ -15,10 +15,10 @@ from pathlib import Path
 import keras
 import mlflow
 
-from emunet.core.cli import run_entry
+from emunet.registry.cli import run_entry
 from emunet.core.dataset import read_manifest
 from emunet.core.model import UNetSpec
-from emunet.core.tracking import local_artifact, log_config
+from emunet.registry.tracking import local_artifact, log_config
 from emunet.inference.segmenter import log_segmenter, model_requirements
 from emunet.training.checkpoint import Backup, backup_dir, checkpoint_key
 from emunet.training.config import PRESETS, TrainConfig, batch_sizes, resolve, resolve_precision

@@ -22,13 +22,13 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from emunet.core.cli import run_entry
+from emunet.registry.cli import run_entry
 from emunet.core.dataset import mask_parts, read_manifest, stacks_in
 from emunet.core.errors import InputError
 from emunet.core.files import atomic_write
 from emunet.core.io import NM_PER_UNIT, open_volume
 from emunet.core.normalize import HIGH_PERCENTILE, LOW_PERCENTILE
-from emunet.core.tracking import load_segmenter
+from emunet.registry.tracking import load_segmenter
 from emunet.inference.export import PREPROCESSING, package_formats, write_onnx, write_package
 
 FORMATS = {"bioimageio": ".zip", "onnx": ".onnx"}

@@ -25,14 +25,14 @@ import mlflow
 import numpy as np
 from tqdm import tqdm
 
-from emunet.core.cli import run_entry
+from emunet.registry.cli import run_entry
 from emunet.core.errors import InputError
 from emunet.core.files import output_folder
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
 from emunet.core.metrics import ObjectScorer, per_slice_scores, scores_from_counts
 from emunet.core.objects import sizes, truth_objects
 from emunet.core.normalize import stack_stats
-from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
+from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
 from emunet.inference.instances import SliceLinker, slice_instances
 from emunet.inference.outputs import output_format, output_names, result_files, rows_to_csv
 from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options

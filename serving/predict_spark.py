@@ -43,7 +43,7 @@ from emunet.core.files import atomic_write, output_folder
 from emunet.core.io import list_stack_paths, open_volume, stack_exists
 from emunet.core.omezarr import SliceWriter, create_image, open_image
 from emunet.core.normalize import stack_stats
-from emunet.core.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
+from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
 from emunet.core.objects import sizes
 from emunet.inference.instances import slice_instances
 from emunet.inference.outputs import (check_targets, mask_page, object_row, output_format, output_names, result_files,
@@ -342,7 +342,7 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
 
 if __name__ == "__main__":
     # Run by module name, not as __main__: executors must import the task functions from the shipped code.
-    from emunet.core.cli import run_entry
+    from emunet.registry.cli import run_entry
     from serving.predict_spark import PredictSparkConfig as Config, predict_spark as step
 
     run_entry(step, Config)

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from emunet.core.champion import promote_if_better, registry_lock
+from emunet.registry.champion import promote_if_better, registry_lock
 from pipeline.evaluate import EvaluateConfig, evaluate
 from tests.conftest import ROOT
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from emunet.core.cli import run_entry
+from emunet.registry.cli import run_entry
 from pipeline.evaluate import EvaluateConfig, evaluate
 from pipeline.main import MainConfig, main
 from pipeline.preprocess import PreprocessConfig, preprocess

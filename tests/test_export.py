@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from emunet.core.tracking import load_segmenter
+from emunet.registry.tracking import load_segmenter
 from serving.export import ExportConfig, export
 from tests.conftest import ROOT, _point_mlflow_at
 
@@ -133,7 +133,7 @@ def test_onnx_from_the_command_line_matches_the_keras_model(store_of, tmp_path, 
     import onnx
     import onnxruntime
 
-    from emunet.core.cli import run_entry
+    from emunet.registry.cli import run_entry
 
     model_uri = store_of["trained"]["model_uri"]
     run_entry(export, ExportConfig, ["--model_uri", model_uri, "--format", "onnx", "--output", "u.onnx"])
@@ -172,7 +172,7 @@ def test_models_that_work_at_a_coarser_scale_export_too(tmp_path):
     (["--model_uri", "models:/no-such-model/1"], "models:/no-such-model/1: cannot load the model"),
 ])
 def test_bad_input_is_one_error_line(store_of, flags, message, capsys):
-    from emunet.core.cli import run_entry
+    from emunet.registry.cli import run_entry
 
     with pytest.raises(SystemExit) as stop:
         run_entry(export, ExportConfig, flags)

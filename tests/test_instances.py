@@ -39,7 +39,7 @@ def test_two_touching_discs_that_share_a_one_pixel_border_are_two_objects():
 def test_output_labels_separates_touching_discs_through_the_pyfunc(world):
     """The same through a logged model's `segment(output="labels")`: the probabilities replaced by the
     discs' map at the step where the network's output enters, so the labelling is the served one."""
-    from emunet.core.tracking import load_segmenter
+    from emunet.registry.tracking import load_segmenter
 
     segmenter = load_segmenter(world["trained"]["model_uri"])
     truth, prob = touching_discs()

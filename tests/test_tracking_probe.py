@@ -7,7 +7,7 @@ import mlflow
 import pytest
 
 from emunet.core.errors import InputError
-from emunet.core.tracking import check_tracking
+from emunet.registry.tracking import check_tracking
 from tests.conftest import free_port, run_module
 
 

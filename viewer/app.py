@@ -22,7 +22,7 @@ import streamlit as st  # noqa: E402
 
 from emunet.core.errors import InputError  # noqa: E402
 from emunet.core.normalize import normalize  # noqa: E402
-from emunet.core.tracking import redact  # noqa: E402
+from emunet.registry.tracking import redact  # noqa: E402
 from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
 from emunet.inference.tiling import TTA_MODES  # noqa: E402
 from viewer import charts, downloads, exports, inference, messages, pictures, registry, scoring, stacks  # noqa: E402

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from emunet.core.errors import InputError
-from emunet.core.tracking import sqlite_path
+from emunet.registry.tracking import sqlite_path
 
 # Where `mlflow run .` writes when MLFLOW_TRACKING_URI is unset (MLflow's default store, in the cwd).
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

@@ -10,7 +10,7 @@ import keras
 from emunet.core.errors import InputError
 from emunet.core.losses import LOSSES
 from emunet.core.model import INPUT_SCALES, UNetSpec
-from emunet.core.tracking import DEFAULT_EXPERIMENT
+from emunet.registry.tracking import DEFAULT_EXPERIMENT
 from emunet.training.augment import AUGMENTATIONS
 
 SCHEDULES = ("cosine", "constant")

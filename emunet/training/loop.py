@@ -16,7 +16,7 @@ import mlflow
 from emunet.core.dataset import is_sparse, stacks_in
 from emunet.core.losses import get_loss
 from emunet.core.model import UNetSpec, build_unet
-from emunet.core.tracking import run_exists, step_run
+from emunet.registry.tracking import run_exists, step_run
 from emunet.training.augment import AUGMENTATIONS
 from emunet.training.callbacks import Schedule, Validation
 from emunet.training.checkpoint import Backup

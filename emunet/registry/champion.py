@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from emunet.core.files import file_lock
-from emunet.core.tracking import sqlite_path
+from emunet.registry.tracking import sqlite_path
 
 SETTLE_SECONDS = 2.0  # a server store: how long after its own set a run re-reads the alias
 MAX_ROUNDS = 10

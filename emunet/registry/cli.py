@@ -97,7 +97,7 @@ def run_entry(step: Callable, cls, argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = parse_config(cls, argv)
     try:
-        from emunet.core.tracking import check_tracking  # MLflow is imported by the entry module already
+        from emunet.registry.tracking import check_tracking  # MLflow is imported by the entry module already
 
         check_tracking()  # before any work: an unreachable store must not cost a training
         step(cfg)
