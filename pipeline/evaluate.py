@@ -13,26 +13,20 @@ import numpy as np
 from mlflow import MlflowClient
 from tqdm import tqdm
 
-from emunet.registry.champion import promote_if_better
+from emunet.registry.champion import (CHAMPION_METRICS, DEFAULT_CHAMPION_METRIC, PIXEL_CHAMPION_METRICS,
+                                       promote_if_better)
 from emunet.registry.cli import run_entry
 from emunet.core.dataset import fully_annotated, is_sparse, mask_parts, open_stack, read_manifest, stacks_in
 from emunet.core.errors import InputError
-from emunet.core.metrics import (UNMEASURED_OBJECTS, ObjectScorer, median_slice_accuracy, per_slice_scores,
-                                 scores_from_counts)
-from emunet.core.objects import truth_objects
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, local_artifact, log_config, step_run
-from emunet.inference.instances import slice_instances
 from emunet.inference.outputs import rows_to_csv
-from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
+from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.segment import Truth, VolumeScores, segment_volume
 
 DEFAULT_MODEL_NAME = "em-unet"
 DEFAULT_ALIAS = "champion"
-# Higher is better for each. object_f1 by default: users count and measure cells, and a model can keep a
-# pixel Dice of 0.96 while it merges touching cells (issue 15: Dice 0.957, object F1 0.39).
-CHAMPION_METRICS = ("object_f1", "dice", "iou", "mean_matched_iou", "pixel_accuracy")
-PIXEL_CHAMPION_METRICS = ("dice", "iou", "pixel_accuracy")  # measurable on sparse labels too
 LINEAGE_TAGS = ("init_model", "init_run_id")  # train run tags of a fine-tuned model, copied to its version
 
 
@@ -44,48 +38,38 @@ class EvaluateConfig:
     dataset_uri: str = ""  # dataset artifact whose `val` stacks are scored
     registered_model: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS  # moved to the new version only if its test_<champion_metric> is the best
-    champion_metric: str = "object_f1"  # or dice, iou, mean_matched_iou, pixel_accuracy (see CHAMPION_METRICS)
-    threshold: float = DEFAULT_PARAMS["threshold"]
-    tile_size: int = DEFAULT_PARAMS["tile_size"]
-    min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # true and predicted objects: at least this many pixels
-    seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # as output="labels" separates touching cells
+    champion_metric: str = DEFAULT_CHAMPION_METRIC  # or dice, iou, mean_matched_iou, pixel_accuracy (see CHAMPION_METRICS)
+    threshold: float = DEFAULTS.threshold
+    tile_size: int = DEFAULTS.tile_size
+    min_object_size: int = DEFAULTS.min_object_size  # true and predicted objects: at least this many pixels
+    seed_threshold: float = DEFAULTS.seed_threshold  # as output="labels" separates touching cells
     register: bool = True  # false: score only
     experiment: str = DEFAULT_EXPERIMENT
 
 
 def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = True):
-    """Segment every validation stack. Returns `(metrics, per-slice rows, overlay images by name)`:
-    pixel scores pooled over all voxels and object scores pooled over all slices (the instances that
-    `output="labels"` gives, against the components of the true mask).
+    """Segment every validation stack through the one segmentation path. Returns `(metrics, per-slice
+    rows, overlay images by name, manifest)`: pixel scores pooled over all voxels and object scores pooled
+    over all slices (the instances that `output="labels"` gives, against the true objects).
 
     Sparse labels (the dataset's `ignore_label`): pixel scores count only annotated voxels; objects are
     scored on the fully annotated slices only (a slice annotated in part cannot say whether an object in
     its unannotated part is right; its row has empty object columns), NaN when there are none."""
     manifest = read_manifest(dataset_dir)
-    rows, totals, pictures, scorer, scored = [], [0, 0, 0, 0], {}, ObjectScorer(), 0
-    stacks = stacks_in(manifest, "val")
-    for info in tqdm(stacks, desc="evaluate", unit="stack", disable=not progress):
+    scores, pictures = VolumeScores(), {}
+    params = SegmentParams.from_config(cfg)
+    for info in tqdm(stacks_in(manifest, "val"), desc="evaluate", unit="stack", disable=not progress):
         image, stored = open_stack(dataset_dir, info)
-        prob = segmenter.segment(image, info.low, info.high, output="probability", tile_size=cfg.tile_size)
-        pred = prob >= cfg.threshold
-        mask, annotated = mask_parts(stored)
-        full = set(fully_annotated(annotated, mask.shape[0]))
-        for z, (row, p, t) in enumerate(zip(per_slice_scores(pred, mask, annotated), prob, mask)):
-            found = dict.fromkeys(("predicted", "true", "matched"))
-            if z in full:
-                found = scorer.add(slice_instances(p, cfg.threshold, cfg.seed_threshold, cfg.min_object_size),
-                                   truth_objects(t, cfg.min_object_size))
-                scored += 1
-            rows.append({"stack": info.name, **row, "objects": found["predicted"], "objects_truth": found["true"],
-                         "objects_matched": found["matched"]})
-            totals = [a + row[k] for a, k in zip(totals, ("tp", "fp", "fn", "tn"))]
-        zs = np.linspace(0, image.shape[0] - 1, min(4, image.shape[0])).astype(int)
-        pictures[info.name] = montage([overlay(normalize(image[z], info.low, info.high), mask[z], pred[z]) for z in zs],
-                                      columns=len(zs))
-    pooled = scores_from_counts(*totals)
-    pooled["median_slice_accuracy"] = median_slice_accuracy(rows)
-    pooled.update(scorer.scores() if scored else UNMEASURED_OBJECTS)
-    return pooled, rows, pictures, manifest
+        zs = set(np.linspace(0, image.shape[0] - 1, min(4, image.shape[0])).astype(int).tolist())
+        tiles = []
+        for result in segment_volume(segmenter, image, params.replace(low=info.low, high=info.high),
+                                     Truth.of_dataset(stored)):
+            scores.add(result, stack=info.name)
+            if result.z in zs:
+                truth = mask_parts(stored[result.z])[0]
+                tiles.append(overlay(normalize(image[result.z], info.low, info.high), truth, result.mask))
+        pictures[info.name] = montage(tiles, columns=len(tiles))
+    return scores.metrics(), scores.rows, pictures, manifest
 
 
 def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
@@ -135,8 +119,7 @@ def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the step: returns `{"run_id", "metrics", "version", "promoted"}`."""
-    resolve_options({"threshold": cfg.threshold, "tile_size": cfg.tile_size, "min_object_size": cfg.min_object_size,
-                     "seed_threshold": cfg.seed_threshold})  # before any work
+    SegmentParams.from_config(cfg)  # checked before any work
     if cfg.champion_metric not in CHAMPION_METRICS:
         raise InputError(f"champion_metric must be one of {', '.join(CHAMPION_METRICS)}, got {cfg.champion_metric!r}")
     if not cfg.model_uri:

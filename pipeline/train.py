@@ -87,8 +87,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             keras_path = Path(tmp) / "unet.keras"
             eval_model.save(keras_path)
             if chief:
-                mlflow.log_metrics({"best_val_dice": state.best_dice, "best_epoch": state.best_epoch,
-                                    "epochs_trained": state.next_epoch})
+                mlflow.log_metrics({"best_val_dice": state.best_dice, f"best_val_{cfg.champion_metric}": state.best_score,
+                                    "best_epoch": state.best_epoch, "epochs_trained": state.next_epoch})
                 meta = {"multiple_of": plan["multiple_of"], "spec": asdict(spec), "crop_size": cfg.crop_size,
                         "data_fingerprint": manifest["eval_fingerprint"],
                         **({"init_model": source.lineage} if source else {})}

@@ -22,20 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
-import numpy as np
 from tqdm import tqdm
 
 from emunet.registry.cli import run_entry
 from emunet.core.errors import InputError
 from emunet.core.files import output_folder
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
-from emunet.core.metrics import ObjectScorer, per_slice_scores, scores_from_counts
-from emunet.core.objects import sizes, truth_objects
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.inference.instances import SliceLinker, slice_instances
 from emunet.inference.outputs import output_format, output_names, result_files, rows_to_csv
-from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
+from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.segment import Truth, VolumeScores, segment_volume
 
 
 @dataclass(frozen=True)
@@ -46,14 +43,14 @@ class PredictConfig:
     input: str = ""  # stack files or folders of slices, comma-separated
     output_dir: str = "predictions"
     labels: str = ""  # optional ground truth, same order as `input`: scores are logged to MLflow
-    threshold: float = DEFAULT_PARAMS["threshold"]
-    tile_size: int = DEFAULT_PARAMS["tile_size"]
-    overlap: float = DEFAULT_PARAMS["overlap"]
-    batch_size: int = DEFAULT_PARAMS["batch_size"]
-    tta: str = DEFAULT_PARAMS["tta"]  # "flips" or "d4": averaged over 4 or 8 views, 4x or 8x the time
+    threshold: float = DEFAULTS.threshold
+    tile_size: int = DEFAULTS.tile_size
+    overlap: float = DEFAULTS.overlap
+    batch_size: int = DEFAULTS.batch_size
+    tta: str = DEFAULTS.tta  # "flips" or "d4": averaged over 4 or 8 views, 4x or 8x the time
     save_probability: bool = False  # also write <name>_prob.tif (float32, 4x the mask's size)
-    min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice; smaller pieces are not objects
-    seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # cores that seed one object each; <= threshold: no split
+    min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice; smaller pieces are not objects
+    seed_threshold: float = DEFAULTS.seed_threshold  # cores that seed one object each; <= threshold: no split
     save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
     label_kind: str = "mask"  # `labels` are a mask (objects: its components) or "instances" (values are ids)
     output_format: str = "auto"  # auto: OME-Zarr (<name>_mask.ome.zarr...) for a Zarr input, TIFF otherwise; tif; zarr
@@ -62,12 +59,9 @@ class PredictConfig:
     experiment: str = DEFAULT_EXPERIMENT
 
 
-def options(cfg) -> dict:
-    """The segmenter params of a predict-like config, checked (an `InputError` names a bad one)."""
-    params = {k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta", "min_object_size",
-                                            "seed_threshold")}
-    resolve_options(params)
-    return params
+def options(cfg) -> SegmentParams:
+    """The segmentation params of a predict-like config, checked once (an `InputError` names a bad one)."""
+    return SegmentParams.from_config(cfg)
 
 
 LABEL_KINDS = ("mask", "instances")
@@ -82,30 +76,24 @@ def window(stack, path: Path) -> tuple[float, float]:
 
 
 def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path, truth=None,
-                  low_high: tuple[float, float] | None = None, scorer: ObjectScorer | None = None,
-                  fmt: str = "tif") -> list[dict]:
-    """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) slice by slice, writing
-    `<name>_*` files as slices come. `truth` (same shape; a mask, or ids with `label_kind="instances"`)
-    is read one slice at a time too, and its objects are added to `scorer`; `low_high` is the stack's
-    intensity window (default: computed here); `fmt` "tif" or "zarr" (OME-Zarr images chunked like the
-    stack). Returns per-slice score rows (empty without `truth`)."""
+                  low_high: tuple[float, float] | None = None, scores: VolumeScores | None = None,
+                  fmt: str = "tif") -> None:
+    """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) slice by slice through the one
+    segmentation path, writing `<name>_*` files as slices come. `truth` (same shape; a mask, or ids with
+    `label_kind="instances"`) is read one slice at a time too, and each slice is added to `scores`;
+    `low_high` is the stack's intensity window (default: computed here); `fmt` "tif" or "zarr" (OME-Zarr
+    images chunked like the stack)."""
     low, high = low_high or stack_stats(stack)
-    probs = segmenter.iter_probabilities(stack, low, high, **options(cfg))
-    linker, rows = SliceLinker(), []
+    params = options(cfg).replace(low=low, high=high)
+    labels = Truth.of_labels(truth, cfg.label_kind) if truth is not None else None
     with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels,
                       voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None),
                       fmt=fmt, shape=tuple(stack.shape), chunks=getattr(stack, "chunks", None)) as add:
-        for z, prob in enumerate(tqdm(probs, total=len(stack), desc=name, unit="slice")):
-            mask = prob >= cfg.threshold
-            objects = slice_instances(prob, cfg.threshold, cfg.seed_threshold, cfg.min_object_size)
-            add(z, mask, prob, sizes(objects), linker.ids(objects))
-            if truth is not None:
-                true = np.asarray(truth[z])
-                found = scorer.add(objects, truth_objects(true, cfg.min_object_size, cfg.label_kind == "instances"))
-                rows.append({"stack": name, **per_slice_scores(mask[None], true[None] != 0)[0], "slice": z,
-                             "objects": found["predicted"], "objects_truth": found["true"],
-                             "objects_matched": found["matched"]})
-    return rows
+        results = segment_volume(segmenter, stack, params, labels)
+        for result in tqdm(results, total=len(stack), desc=name, unit="slice"):
+            add(result.z, result.mask, result.prob, result.areas, result.ids)
+            if labels is not None:
+                scores.add(result, stack=name)
 
 
 def predict(cfg: PredictConfig) -> dict:
@@ -127,26 +115,22 @@ def predict(cfg: PredictConfig) -> dict:
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
-        rows, written, scorer = [], [], ObjectScorer()
+        written, scores = [], VolumeScores()
         where = {"level": cfg.level, "region": cfg.region}
         for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):
             with open_volume(path, **where) as stack:
                 if labels:
                     with open_volume(labels[i], **where) as truth:
                         check_same_shape(truth, stack.shape, path)
-                        rows += predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path), scorer,
-                                              fmt)
+                        predict_stack(segmenter, stack, name, cfg, out_dir, truth, window(stack, path), scores, fmt)
                 else:
                     predict_stack(segmenter, stack, name, cfg, out_dir, low_high=window(stack, path), fmt=fmt)
             written.append(name)
         metrics = {}
-        if rows:
-            totals = [sum(r[k] for r in rows) for k in ("tp", "fp", "fn", "tn")]
-            metrics = {**scores_from_counts(*totals),
-                       "median_slice_accuracy": float(np.median([r["pixel_accuracy"] for r in rows])),
-                       **scorer.scores()}
+        if scores.rows:
+            metrics = scores.metrics()
             mlflow.log_metrics({f"test_{k}": v for k, v in metrics.items()})
-            mlflow.log_text(rows_to_csv(rows), "per_slice_scores.csv")
+            mlflow.log_text(rows_to_csv(scores.rows), "per_slice_scores.csv")
             print("scores: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         print(f"wrote {len(written)} segmentation(s) to {out_dir.resolve()}")
         return {"run_id": run.info.run_id, "outputs": sorted(str(p) for p in out_dir.iterdir()), "metrics": metrics}

@@ -44,7 +44,7 @@ def test_output_labels_separates_touching_discs_through_the_pyfunc(world):
     segmenter = load_segmenter(world["trained"]["model_uri"])
     truth, prob = touching_discs()
     probs = np.stack([prob, prob])
-    segmenter.iter_probabilities = lambda stack, low, high, **params: iter(probs)
+    segmenter.probabilities = lambda stack, params: iter(probs)
     labels = segmenter.segment(np.zeros((2, 40, 40), np.uint8), 0.0, 1.0, output="labels")
     assert labels.dtype == np.int32 and labels.max() == 2  # two cells, each one id through both slices
     assert np.array_equal(labels[0], labels[1]) and set(np.unique(labels[0][truth == 1])) == {labels[0][20, 10]}

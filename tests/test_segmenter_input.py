@@ -61,12 +61,13 @@ def test_min_object_size_means_pixels_in_a_slice_for_labels_and_the_objects_tabl
 
 
 def test_options_default_and_unknown_output():
-    from emunet.inference.segmenter import resolve_options
+    from emunet.inference.params import SegmentParams
 
-    assert resolve_options({"threshold": None, "tile_size": 256})["tile_size"] == 256
-    assert resolve_options({"threshold": None})["threshold"] == 0.5
+    assert SegmentParams.from_dict({"threshold": None, "tile_size": 256}).tile_size == 256
+    assert SegmentParams.from_dict({"threshold": None}).threshold == 0.5
+    assert SegmentParams.from_dict({"tile_size": 256.0}).tile_size == 256  # MLflow writes whole numbers so
     with pytest.raises(InputError, match="output must be one of mask, probability, labels, got 'rgb'"):
-        resolve_options({"output": "rgb"})
+        SegmentParams.from_dict({"output": "rgb"})
 
 
 @pytest.mark.parametrize("params, message", [
@@ -82,10 +83,10 @@ def test_options_default_and_unknown_output():
     ({"colour": "red"}, "unknown param"),
 ])
 def test_bad_options_are_clear_errors(params, message):
-    from emunet.inference.segmenter import resolve_options
+    from emunet.inference.params import SegmentParams
 
     with pytest.raises(InputError, match=message):
-        resolve_options(params)
+        SegmentParams.from_dict(params)
 
 
 def test_tile_size_has_one_rule_everywhere_round_up_and_log(caplog):

@@ -16,7 +16,9 @@ from emunet.core.losses import bce_dice_both_loss, bce_dice_loss, bce_loss, foca
 from emunet.core.metrics import stack_scores
 from emunet.core.synthetic import synthetic_stack
 from emunet.training.augment import AugmentSpec
-from emunet.training.callbacks import validation_scores
+from emunet.inference.params import DEFAULTS
+from emunet.inference.segment import Truth, score_volume, segment_probabilities
+from emunet.training.callbacks import validation_loss
 from emunet.training.loader import PatchDataset
 from tests.conftest import TINY_TRAIN
 
@@ -68,11 +70,15 @@ def test_validation_scores_objects_only_on_fully_annotated_slices():
     prob[1] = np.maximum(prob[1], disc((32, 32), (16, 24), 5))
     annotated = np.ones_like(truth)
     annotated[1, :, 16:] = False
-    scores = validation_scores(prob, truth, annotated, "bce_dice")
+    def validation_scores(prob, truth, annotated):  # as training validation scores a held-out stack
+        stored = np.where(annotated, truth, IGNORE).astype(np.uint8) if annotated is not None else truth
+        return score_volume(segment_probabilities(prob, DEFAULTS, Truth.of_dataset(stored))).metrics()
+
+    scores = validation_scores(prob, truth, annotated)
     assert scores["dice"] == 1.0 and scores["object_f1"] == 1.0 and scores["object_precision"] == 1.0
-    assert validation_scores(prob, truth, None, "bce_dice")["object_precision"] == pytest.approx(2 / 3)
-    assert scores["loss"] < validation_scores(prob, truth, None, "bce_dice")["loss"]
-    none_full = validation_scores(prob[1:], truth[1:], annotated[1:], "bce_dice")
+    assert validation_scores(prob, truth, None)["object_precision"] == pytest.approx(2 / 3)
+    assert validation_loss("bce_dice", prob, truth, annotated) < validation_loss("bce_dice", prob, truth, None)
+    none_full = validation_scores(prob[1:], truth[1:], annotated[1:])
     assert none_full["dice"] == 1.0 and math.isnan(none_full["object_f1"])  # not measured, not perfect
 
 
@@ -168,11 +174,11 @@ def test_labels_with_no_annotated_foreground_are_refused(tmp_path):
     assert mask[1, 2, 2] == 1 and mask[1, 0, 0] == MASK_IGNORE and (mask[0] == 0).all()
 
 
-class Everywhere:
-    """A segmenter that finds foreground everywhere (probability 1)."""
+def everywhere():
+    """A network that finds foreground everywhere (probability 1), through the real tiled path."""
+    from emunet.inference.segment import Segmenter
 
-    def segment(self, image, low, high, output="probability", **options):
-        return np.ones(np.shape(image), np.float32)
+    return Segmenter(lambda tiles: np.ones((*tiles.shape[:3], 1), np.float32), multiple=16)
 
 
 def test_evaluate_scores_exclude_ignored_voxels(tmp_path):
@@ -186,7 +192,7 @@ def test_evaluate_scores_exclude_ignored_voxels(tmp_path):
     mask[1] = 0
     stacks = [dict(name="t", split="train", image=image, mask=mask), dict(name="v", split="val", image=image, mask=mask)]
     write_dataset(tmp_path / "ds", stacks, ignore_label=IGNORE)
-    metrics, rows, _, _ = score(Everywhere(), tmp_path / "ds", EvaluateConfig(), progress=False)
+    metrics, rows, _, _ = score(everywhere(), tmp_path / "ds", EvaluateConfig(), progress=False)
     assert metrics["recall"] == 1.0
     assert metrics["precision"] == pytest.approx(256 / (256 + 1024))  # slice 1's 1024 voxels are wrong
     assert rows[0]["tn"] + rows[0]["fp"] + rows[0]["tp"] + rows[0]["fn"] == 256

@@ -15,7 +15,6 @@ A bad request raises `MlflowException` with `INVALID_PARAMETER_VALUE` and our on
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import mlflow
@@ -26,35 +25,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ParamSchema, ParamSpec
 
 from emunet.core.errors import InputError
-from emunet.core.normalize import stack_stats
-from emunet.inference.instances import DEFAULT_SEED_THRESHOLD, label_instances
-from emunet.inference.tiling import DEFAULT_OVERLAP, TTA_MODES, iter_probabilities, tile_side
+from emunet.inference.params import DEFAULTS, FIELDS, PARAM_TYPES, SegmentParams
+from emunet.inference.segment import Segmenter, segment_volume
 
-DEFAULT_PARAMS = {
-    # "mask" (uint8 {0, 1}), "probability" (float32 in [0, 1]) or "labels" (int32, one id per 3-D object)
-    "output": "mask",
-    "threshold": 0.5,  # the model is trained with BCE + Dice: 0.5 is its calibrated cut
-    # Largest tile side, rounded up to a multiple of the model's down-sampling. Slices up to 1024 x 1024
-    # run whole (no overlap to pay for); larger ones are tiled; memory is bounded either way.
-    "tile_size": 1024,
-    "overlap": DEFAULT_OVERLAP,
-    "batch_size": 4,  # most tiles per forward pass (fewer when tiles are large)
-    "tta": "none",  # "flips" (4 views) or "d4" (8 views): smoother masks for 4x or 8x the time
-    # Pixels: an object in a slice smaller than this is a speck, not a cell; dropped from "labels" (and
-    # from predict's objects table), see emunet.inference.instances.
-    "min_object_size": 20,
-    # "labels": cores the network is this sure of seed one object each, grown over the foreground (a
-    # seeded watershed), so touching cells come apart; <= threshold: objects are the mask's components.
-    "seed_threshold": DEFAULT_SEED_THRESHOLD,
-    # The whole stack's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
-    # None: the input's own. Pass both when sending part of a stack.
-    "low": None,
-    "high": None,
-}
-PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
-               "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double",
-               "low": "double", "high": "double"}
-OUTPUTS = ("mask", "probability", "labels")
+# The params as a dict (old name, kept for callers that read one default).
+DEFAULT_PARAMS = DEFAULTS.as_dict()
 # What a logged model needs to run (pinned as in requirements.txt); the viewer's and Spark's packages stay
 # out, so `mlflow models serve` does not install a browser UI and a JVM bridge to answer requests.
 MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "tifffile", "opencv-python-headless", "tqdm", "scipy",
@@ -69,52 +44,8 @@ def signature() -> ModelSignature:
     """Inference options as params; no input schema on purpose: the segmenter takes 2-D or 3-D input of
     any numeric dtype, which one tensor spec cannot express, and checks it itself (`as_stack`) with
     messages a user can act on."""
-    params = ParamSchema([ParamSpec(k, PARAM_TYPES[k], v) for k, v in DEFAULT_PARAMS.items()])
+    params = ParamSchema([ParamSpec(k, PARAM_TYPES[k], getattr(DEFAULTS, k)) for k in FIELDS])
     return ModelSignature(inputs=None, outputs=None, params=params)
-
-
-def _number(options: dict, name: str, kind=float) -> float:
-    value = options[name]
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or (kind is int and number != value):
-        raise InputError(f"{name} must be a finite {'whole ' if kind is int else ''}number, got {value!r}")
-    return number
-
-
-def resolve_options(params: dict) -> dict:
-    """`DEFAULT_PARAMS` overridden by the given params (None means default), checked and typed."""
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS))
-    if unknown:
-        raise InputError(f"unknown param(s) {', '.join(unknown)}; known: {', '.join(DEFAULT_PARAMS)}")
-    options = {**DEFAULT_PARAMS, **{k: v for k, v in params.items() if v is not None}}
-    if options["output"] not in OUTPUTS:
-        raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {options['output']!r}")
-    if options["tta"] not in TTA_MODES:
-        raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {options['tta']!r}")
-    for name in ("tile_size", "batch_size", "min_object_size"):
-        options[name] = _number(options, name, int)
-    for name in ("threshold", "overlap", "seed_threshold"):
-        options[name] = _number(options, name)
-    if options["tile_size"] < 1 or options["batch_size"] < 1 or options["min_object_size"] < 0:
-        raise InputError(f"need tile_size >= 1, batch_size >= 1 and min_object_size >= 0, got tile_size "
-                         f"{options['tile_size']}, batch_size {options['batch_size']}, min_object_size "
-                         f"{options['min_object_size']}")
-    if not 0 <= options["overlap"] < 1:
-        raise InputError(f"need 0 <= overlap < 1, got {options['overlap']}")
-    for name in ("threshold", "seed_threshold"):
-        if not 0 <= options[name] <= 1:
-            raise InputError(f"{name} is a probability between 0 and 1, got {options[name]}")
-    if (options["low"] is None) != (options["high"] is None):
-        raise InputError("pass both low and high (the stack's intensity window), or neither")
-    if options["low"] is not None:
-        options["low"], options["high"] = _number(options, "low"), _number(options, "high")
-        if options["high"] <= options["low"]:
-            raise InputError(f"high must be above low (the stack's intensity window), got low {options['low']} "
-                             f"and high {options['high']}")
-    return options
 
 
 def as_stack(data) -> tuple[np.ndarray, bool]:
@@ -160,38 +91,29 @@ def model_requirements() -> list[str]:
     return [line.strip() for line in lines if line.split("==")[0].strip() in MODEL_PACKAGES]
 
 
-class StackSegmenter(mlflow.pyfunc.PythonModel):
-    """Segments whole stacks with a Keras U-Net saved as the artifact `keras_model`."""
+class StackSegmenter(mlflow.pyfunc.PythonModel, Segmenter):
+    """Segments whole stacks with a Keras U-Net saved as the artifact `keras_model`, through the one
+    segmentation path (`emunet.inference.segment`)."""
 
     def load_context(self, context):
         import keras  # only when serving: importing this module (to log a model) stays light
 
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        self.forward = compiled_forward(self.keras_model)
-
-    def iter_probabilities(self, stack, low: float | None = None, high: float | None = None, **params):
-        """Yield the `(H, W)` float32 probability of each slice of a raw `(Z, H, W)` stack (an array or a
-        lazily read volume), normalised with the window `low`, `high` (both, or neither: then the stack's
-        own percentiles). `params`: the other `DEFAULT_PARAMS`."""
-        options = resolve_options({**params, "low": low, "high": high})  # the pair checked as params are
-        multiple = int(self.meta["multiple_of"])
-        low, high = (options["low"], options["high"]) if options["low"] is not None else stack_stats(stack)
-        return iter_probabilities(self.forward, stack, low, high, tile_size=tile_side(options["tile_size"], multiple),
-                                  overlap=options["overlap"], batch_size=options["batch_size"], multiple=multiple,
-                                  tta=options["tta"])
+        Segmenter.__init__(self, compiled_forward(self.keras_model), int(self.meta["multiple_of"]))
 
     def segment(self, stack, low: float | None = None, high: float | None = None, **params) -> np.ndarray:
         """Segment a raw `(Z, H, W)` stack. Returns `(Z, H, W)` uint8 {0, 1} mask, or float32
         probabilities with `output="probability"`, or int32 object ids with `output="labels"` (touching
-        cells separated, each followed through the slices: `emunet.inference.instances`)."""
-        options = resolve_options({**params, "low": low, "high": high})
-        probs = self.iter_probabilities(stack, low, high, **params)
-        if options["output"] == "probability":
-            return np.stack(list(probs))
-        if options["output"] == "labels":
-            return label_instances(probs, options["threshold"], options["seed_threshold"], options["min_object_size"])
-        return np.stack([(p >= options["threshold"]).astype(np.uint8) for p in probs])
+        cells separated, each followed through the slices: `emunet.inference.instances`). `params` are
+        `SegmentParams` fields; `low`, `high` the stack's intensity window (both, or neither)."""
+        options = SegmentParams.from_dict(params, low=low, high=high)
+        if options.output == "probability":
+            return np.stack(list(self.probabilities(stack, options)))
+        results = segment_volume(self, stack, options)
+        if options.output == "labels":
+            return np.stack([r.ids for r in results]).astype(np.int32)
+        return np.stack([r.mask.astype(np.uint8) for r in results])
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
         # The hint is np.ndarray (one 2-D or 3-D array; MLflow infers no schema from it and converts

@@ -16,15 +16,14 @@ import keras
 import mlflow
 import numpy as np
 
-from emunet.core.dataset import fully_annotated, mask_parts, open_stack
+from emunet.core.dataset import mask_parts, open_stack
 from emunet.core.losses import get_loss
-from emunet.core.metrics import UNMEASURED_OBJECTS, stack_scores
 from emunet.core.model import UNetSpec, multiple_of
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
-from emunet.inference.instances import object_scorer
-from emunet.inference.segmenter import DEFAULT_PARAMS, compiled_forward
-from emunet.inference.tiling import predict_probabilities
+from emunet.inference.params import DEFAULTS
+from emunet.inference.segment import Segmenter, Truth, VolumeScores, segment_volume
+from emunet.inference.segmenter import compiled_forward
 from emunet.training.config import TrainConfig
 from emunet.training.distribute import agree
 from emunet.training.state import TrainingState
@@ -43,18 +42,13 @@ def validation_loss(name: str, prob: np.ndarray, truth: np.ndarray, annotated: n
     return float(keras.ops.convert_to_numpy(loss))
 
 
-def validation_scores(prob: np.ndarray, truth: np.ndarray, annotated: np.ndarray | None, loss: str) -> dict:
-    """Pixel scores, `loss` and object scores of `(Z, H, W)` probabilities against the true mask, leaving
-    out voxels that are not `annotated` (None: all are). Objects are scored on the fully annotated
-    slices only (`emunet.core.dataset.fully_annotated`): a slice annotated in part cannot say whether an
-    object found in its unannotated part is right; with no such slice they are NaN (not measured)."""
-    scores = stack_scores(prob >= 0.5, truth, annotated)
-    scores["loss"] = validation_loss(loss, prob, truth, annotated)
-    full = fully_annotated(annotated, truth.shape[0])
-    # The objects that output="labels" serves, with its defaults, against the true mask's components.
-    scores.update(object_scorer(prob[full], truth[full], 0.5, DEFAULT_PARAMS["seed_threshold"],
-                                DEFAULT_PARAMS["min_object_size"]).scores() if full else UNMEASURED_OBJECTS)
-    return scores
+def is_better(scores: dict, best: tuple[float, float], metric: str) -> bool:
+    """Whether an epoch's validation `scores` beat the best so far, `(metric, dice)` of the best epoch:
+    on `metric` first (higher is better; the champion rule's metric, so that the epoch kept is the model
+    the registry would choose), on pixel Dice when they tie (object scores of a few objects often do). A
+    metric that was not measured (NaN) never improves."""
+    value = scores[metric]
+    return bool(np.isfinite(value) and (value, scores["dice"]) > tuple(best))
 
 
 def schedule_rate(peak: float, step: int, warmup_steps: int, progress: float, kind: str) -> float:
@@ -100,11 +94,13 @@ class Schedule(keras.callbacks.Callback):
 class Validation(keras.callbacks.Callback):
     """Each epoch: segment the held-out stacks at full size, log `val_*` metrics (pixels and objects), the training loss on
     them (`val_loss`, the configured `loss`), learning rate, throughput and an overlay to MLflow (the
-    chief only), keep the best weights by `val_dice`, and stop early after `patience` epochs without
+    chief only), keep the best weights by `champion_metric`, and stop early after `patience` epochs without
     progress or when the time budget would overrun.
 
     Validation runs on `eval_model`, a plain float32 copy of the network outside any distribution
-    strategy, compiled with XLA like the served model: what is measured is what will be served.
+    strategy, compiled with XLA like the served model, through the one segmentation path with the
+    served defaults (`emunet.inference.segment`): what is measured is what will be served and what
+    evaluate will score. The best epoch is the best on `cfg.champion_metric` (the registry's rule).
 
     `backup(state)` is called after each epoch's decisions and before its metrics are logged: a run
     killed in between re-logs them from the backup when it resumes, never twice."""
@@ -115,8 +111,10 @@ class Validation(keras.callbacks.Callback):
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.state, self.backup = state, backup
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
-        self.eval_model, self.forward = eval_model, compiled_forward(eval_model)
-        self.multiple = multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale))
+        self.eval_model = eval_model
+        self.segmenter = Segmenter(compiled_forward(eval_model), multiple_of(UNetSpec(depth=cfg.depth,
+                                                                                     input_scale=cfg.input_scale)))
+        self.metric = cfg.champion_metric
         self.began = self.epoch_began = time.monotonic()
         self.spent_before = 0.0
 
@@ -136,14 +134,21 @@ class Validation(keras.callbacks.Callback):
         return [keras.ops.convert_to_numpy(average.get(v.path, v)) for v in self.model.weights]
 
     def evaluate(self) -> tuple[dict, list]:
+        """Validation scores (pixels, objects, and the training `loss` on the held-out probabilities) and
+        the probabilities of each held-out stack."""
         self.eval_model.set_weights(self.weights())
-        probs, masks = [], []
+        scores, probs = VolumeScores(), []
         for info, image, mask in self.val:
-            probs.append(predict_probabilities(self.forward, image, info.low, info.high,
-                                               multiple=self.multiple))
-            masks.append(np.asarray(mask))
-        truth, annotated = mask_parts(np.concatenate(masks))
-        return validation_scores(np.concatenate(probs), truth, annotated, self.cfg.loss), probs
+            stack = []
+            for result in segment_volume(self.segmenter, image, DEFAULTS.replace(low=info.low, high=info.high),
+                                         Truth.of_dataset(mask)):
+                scores.add(result, info.name)
+                stack.append(result.prob)
+            probs.append(np.stack(stack))
+        metrics = scores.metrics()
+        truth, annotated = mask_parts(np.concatenate([np.asarray(m) for _, _, m in self.val]))
+        metrics["loss"] = validation_loss(self.cfg.loss, np.concatenate(probs), truth, annotated)
+        return metrics, probs
 
     def picture(self, probs) -> np.ndarray:
         info, image, mask = self.val[0]
@@ -156,12 +161,17 @@ class Validation(keras.callbacks.Callback):
         state = self.state
         train_seconds = time.monotonic() - self.epoch_began
         scores, probs = self.evaluate()
+        if not np.isfinite(scores[self.metric]) and self.metric != "dice":
+            # Sparse labels with no fully annotated held-out slice: objects cannot be scored at all.
+            print(f"val_{self.metric} cannot be measured on these held-out slices (none is fully annotated): "
+                  f"the best epoch follows val_dice", flush=True)
+            self.metric = "dice"
         metrics = {f"val_{k}": v for k, v in scores.items()}
         metrics.update(loss=float(logs["loss"]), images_per_sec=self.images_per_epoch / train_seconds,
                        learning_rate=float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
-        improved = scores["dice"] > state.best_dice
+        improved = is_better(scores, (state.best_score, state.best_dice), self.metric)
         if improved:
-            state.best_dice, state.best_epoch = scores["dice"], epoch
+            state.best_score, state.best_dice, state.best_epoch = scores[self.metric], scores["dice"], epoch
             state.best_weights = self.eval_model.get_weights()
         if self.chief and improved:
             mlflow.log_image(self.picture(probs), "val_overlay.png")  # rewritten, not doubled, if redone
@@ -184,5 +194,6 @@ class Validation(keras.callbacks.Callback):
         if over_budget:
             print(f"time budget of {self.cfg.max_minutes} min reached after epoch {epoch + 1}", flush=True)
         elif stalled:
-            print(f"no better val_dice for {self.cfg.patience} epochs: stopping after epoch {epoch + 1}", flush=True)
+            print(f"no better val_{self.metric} for {self.cfg.patience} epochs: stopping after epoch {epoch + 1}",
+                  flush=True)
         self.model.stop_training = self.model.stop_training or state.stopped

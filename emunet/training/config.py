@@ -10,6 +10,7 @@ import keras
 from emunet.core.errors import InputError
 from emunet.core.losses import LOSSES
 from emunet.core.model import INPUT_SCALES, UNetSpec
+from emunet.registry.champion import CHAMPION_METRICS, DEFAULT_CHAMPION_METRIC
 from emunet.registry.tracking import DEFAULT_EXPERIMENT
 from emunet.training.augment import AUGMENTATIONS
 
@@ -53,7 +54,10 @@ class TrainConfig:
     foreground: float = 0.33  # share of crops centred on foreground (nnU-Net's oversampling): sparse organelles get seen
     lr_schedule: str = "cosine"  # cosine: warm-up, then cosine decay to 1 % over the epochs or the time budget; constant
     warmup_epochs: int = 1  # linear warm-up from 0: a fresh BatchNorm U-Net takes large Adam steps badly
-    patience: int = 20  # stop after this many epochs without a better val_dice; 0 = never
+    patience: int = 20  # stop after this many epochs without a better val_<champion_metric>; 0 = never
+    # The best epoch (the weights kept) and early stopping follow the metric the registry chooses the
+    # champion by, computed by the same code as evaluate: training and the registry agree on "better".
+    champion_metric: str = DEFAULT_CHAMPION_METRIC
     precision: str = "auto"  # auto (mixed_float16 on GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16
     jit_compile: str = "auto"  # XLA for the training step: auto (Keras' rule: on a GPU without tf.distribute), true, false
     global_batch: int = 0  # if set: a fixed global batch split over the replicas (must divide evenly); 0 = batch_size x replicas
@@ -94,7 +98,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill fields left at 0 from the preset and check the result."""
     if cfg.preset not in PRESETS:
         raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    choices = {"loss": LOSSES, "augment": AUGMENTATIONS, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
+    choices = {"champion_metric": CHAMPION_METRICS, "loss": LOSSES, "augment": AUGMENTATIONS, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                "jit_compile": JIT_CHOICES}
     for name, known in choices.items():
         if getattr(cfg, name) not in known:

@@ -75,7 +75,7 @@ def restore(state: TrainingState, weights: Path, model, strategy, run) -> None:
         logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_dice")}
         if last not in logged:
             mlflow.log_metrics(state.metrics, step=last)
-    print(f"resuming from the backup of epoch {last + 1} (best val_dice {state.best_dice:.4f} at epoch "
+    print(f"resuming from the backup of epoch {last + 1} (best validation score {state.best_score:.4f} at epoch "
           f"{state.best_epoch + 1})" + (f" in run {run.info.run_id}" if run is not None else ""), flush=True)
 
 

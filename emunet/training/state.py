@@ -12,7 +12,8 @@ class TrainingState:
     next_epoch: int = 0  # the first epoch not yet completed
     data_epoch: int = 0  # the loader's epoch counter: which batches the next epoch draws
     schedule_step: int = 0  # optimizer steps taken (the warm-up counts them)
-    best_dice: float = -1.0
+    best_score: float = -1.0  # the best epoch's `champion_metric` (what decides the best epoch)
+    best_dice: float = -1.0  # the best epoch's val_dice
     best_epoch: int = -1
     spent_seconds: float = 0.0  # wall time of completed epochs, all attempts: the time budget counts these
     stopped: bool = False  # training decided to stop (budget, patience) after `next_epoch - 1`

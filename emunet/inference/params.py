@@ -1,0 +1,116 @@
+"""The segmentation parameters: one frozen object, validated once, shared by every caller.
+
+predict, Spark, evaluate, training validation, the viewer, the pyfunc (and so REST) and the benches all
+build a `SegmentParams` and hand it to the one segmentation path (`emunet.inference.segment`), so what
+counts as a cell cannot drift between them. The pyfunc's parameter schema is made from these fields
+(`emunet.inference.segmenter.signature`), and the entry points' config fields take their defaults from
+`DEFAULTS`.
+
+    params = SegmentParams.from_dict({"threshold": 0.4, "tile_size": 512})   # InputError if bad
+    params.threshold, params.with_window(low, high)
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from emunet.core.errors import InputError
+from emunet.inference.instances import DEFAULT_SEED_THRESHOLD
+from emunet.inference.tiling import DEFAULT_OVERLAP, TTA_MODES
+
+OUTPUTS = ("mask", "probability", "labels")
+# The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
+PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
+               "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double",
+               "low": "double", "high": "double"}
+
+
+def _number(name: str, value, whole: bool = False) -> float | int:
+    """`value` as a finite float (or a whole int), else an `InputError` naming the parameter."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or (whole and not number.is_integer()) or isinstance(value, bool):
+        raise InputError(f"{name} must be a finite {'whole ' if whole else ''}number, got {value!r}")
+    return int(number) if whole else number
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """How a volume is segmented. Constructing one checks and types every field (`InputError` names a
+    bad one); an instance is always valid."""
+
+    # "mask" (uint8 {0, 1}), "probability" (float32 in [0, 1]) or "labels" (int32, one id per 3-D object)
+    output: str = "mask"
+    threshold: float = 0.5  # the model is trained with BCE + Dice: 0.5 is its calibrated cut
+    # Largest tile side, rounded up to a multiple of the model's down-sampling. Slices up to 1024 x 1024
+    # run whole (no overlap to pay for); larger ones are tiled; memory is bounded either way.
+    tile_size: int = 1024
+    overlap: float = DEFAULT_OVERLAP  # a quarter: enough with Gaussian blending (emunet.inference.tiling)
+    batch_size: int = 4  # most tiles per forward pass (fewer when tiles are large)
+    tta: str = "none"  # "flips" (4 views) or "d4" (8 views): smoother masks for 4x or 8x the time
+    # Pixels: an object in a slice smaller than this is a speck, not a cell; dropped from the labels,
+    # the objects table and the object scores alike.
+    min_object_size: int = 20
+    # Cores the network is this sure of seed one object each, grown over the foreground (a seeded
+    # watershed), so touching cells come apart; <= threshold: objects are the mask's components.
+    seed_threshold: float = DEFAULT_SEED_THRESHOLD
+    # The whole volume's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
+    # None: the input's own. Pass both when sending part of a volume.
+    low: float | None = None
+    high: float | None = None
+
+    def __post_init__(self):
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        if self.output not in OUTPUTS:
+            raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        if self.tta not in TTA_MODES:
+            raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
+        for name in ("tile_size", "batch_size", "min_object_size"):
+            put(name, _number(name, getattr(self, name), whole=True))
+        for name in ("threshold", "overlap", "seed_threshold"):
+            put(name, _number(name, getattr(self, name)))
+        if self.tile_size < 1 or self.batch_size < 1 or self.min_object_size < 0:
+            raise InputError(f"need tile_size >= 1, batch_size >= 1 and min_object_size >= 0, got tile_size "
+                             f"{self.tile_size}, batch_size {self.batch_size}, min_object_size {self.min_object_size}")
+        if not 0 <= self.overlap < 1:
+            raise InputError(f"need 0 <= overlap < 1, got {self.overlap}")
+        for name in ("threshold", "seed_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"{name} is a probability between 0 and 1, got {getattr(self, name)}")
+        if (self.low is None) != (self.high is None):
+            raise InputError("pass both low and high (the volume's intensity window), or neither")
+        if self.low is not None:
+            put("low", _number("low", self.low))
+            put("high", _number("high", self.high))
+            if self.high <= self.low:
+                raise InputError(f"high must be above low (the volume's intensity window), got low {self.low} "
+                                 f"and high {self.high}")
+
+    @classmethod
+    def from_dict(cls, params: dict | None = None, **overrides) -> "SegmentParams":
+        """From a params dict (the pyfunc's, a config's): unknown names are refused, None means default."""
+        given = {**(params or {}), **overrides}
+        unknown = sorted(set(given) - set(FIELDS))
+        if unknown:
+            raise InputError(f"unknown param(s) {', '.join(unknown)}; known: {', '.join(FIELDS)}")
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "SegmentParams":
+        """From an entry point's config dataclass: the fields it shares with this one."""
+        shared = {k: getattr(cfg, k) for k in FIELDS if hasattr(cfg, k)}
+        return cls.from_dict({**shared, **overrides})
+
+    def replace(self, **changes) -> "SegmentParams":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(SegmentParams))
+DEFAULTS = SegmentParams()
