@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from emunet.inference.instances import object_scorer  # noqa: E402
-from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
+from emunet.inference.params import DEFAULTS  # noqa: E402
+from emunet.inference.segment import Truth, score_volume, segment_probabilities  # noqa: E402
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
         print(f"{path.name}: {prob.shape[0]} slices", flush=True)
         for seeds in map(float, args.seed_thresholds.split(",")):
             for depth in map(float, args.depths.split(",")) if seeds > 0.5 else [0.0]:
-                scorer = object_scorer(prob, truth, 0.5, seeds, DEFAULT_PARAMS["min_object_size"], depth=depth)
-                s = scorer.scores()
+                params = DEFAULTS.replace(threshold=0.5, seed_threshold=seeds, seed_depth=depth)
+                s = score_volume(segment_probabilities(prob, params, Truth.of_labels(truth))).metrics()
                 print(f"  seed_threshold {seeds:.2f} depth {depth:.2f}: object_f1 {s['object_f1']:.4f}  precision "
                       f"{s['object_precision']:.4f}  recall {s['object_recall']:.4f}  count_error {s['count_error']:.4f}  "
                       f"ARE {s['adapted_rand_error']:.4f}  VI split {s['vi_split']:.4f} merge {s['vi_merge']:.4f}",

@@ -87,7 +87,34 @@ def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
                      f"ignore_label; pass champion_metric=dice (or annotate one held-out slice in full)")
 
 
-def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: dict[str, float]) -> dict:
+RECIPE_PARAMS = ("preset", "crop_size", "base_filters", "depth", "input_scale", "batch_size", "learning_rate", "loss",
+                 "augment", "max_minutes", "champion_metric", "dtype_policy")
+
+
+def describe(cfg: EvaluateConfig, manifest: dict, metrics: dict[str, float], train_run) -> str:
+    """The registered version's description, shown in the MLflow UI: the data it was tested on, the recipe
+    that made it, its test scores, the champion rule and, for a fine-tuned model, where it started."""
+    val = [s for s in manifest["stacks"] if s.split == "val"]
+    sizes = sorted({f"{s.source.get('voxel_size')} {s.source.get('unit') or ''}".strip() for s in manifest["stacks"]
+                    if s.source.get("voxel_size")}) or ["not given by the files"]
+    params = train_run.data.params if train_run else {}
+    recipe = ", ".join(f"{k} {params[k]}" for k in RECIPE_PARAMS if k in params) or "unknown (not an em-unet train run)"
+    lines = [
+        f"em-unet segmenter. Tested on {len(val)} held-out stack(s) ({sum(s.shape[0] for s in val)} slices), data "
+        f"fingerprint {manifest['eval_fingerprint']}; voxel size {'; '.join(sizes)}.",
+        f"Recipe: {recipe}.",
+        "Test scores: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in ("object_f1", "dice", "iou", "adapted_rand_error")
+                                   if k in metrics) + ".",
+        f"Champion rule: the alias '{cfg.alias}' moves to a version only if its test_{cfg.champion_metric} beats the "
+        f"champion's on the same evaluation data (the same fingerprint; a champion tested elsewhere is re-scored).",
+    ]
+    if train_run and train_run.data.tags.get("init_model"):
+        lines.append(f"Fine-tuned from {train_run.data.tags['init_model']} (run {train_run.data.tags.get('init_run_id')}).")
+    return "\n\n".join(lines)
+
+
+def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: dict[str, float],
+             manifest: dict | None = None) -> dict:
     """Register a new version with its scores; move the alias to it if there is no champion or it beats
     the champion on `champion_metric` on this evaluation data (`emunet.registry.champion`: atomic against
     concurrent evaluations)."""
@@ -97,8 +124,11 @@ def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: 
     # Full precision in the tags (repr round-trips): a rounded tag made the same model look better than itself.
     tags = {f"test_{k}": repr(float(metrics[k])) for k in ("dice", "object_f1", cfg.champion_metric)}
     # Lineage of a fine-tuned model (`init_model`: "em-unet v3"), as its train run recorded it.
-    trained = client.get_run(version.run_id).data.tags if version.run_id else {}
+    train_run = client.get_run(version.run_id) if version.run_id else None
+    trained = train_run.data.tags if train_run else {}
     tags.update({k: trained[k] for k in LINEAGE_TAGS if trained.get(k)})
+    client.update_model_version(cfg.registered_model, version.version,
+                                description=describe(cfg, manifest or read_manifest(dataset_dir), metrics, train_run))
     for key, value in {**tags, "data_fingerprint": fingerprint, "champion_metric": tag,
                        "eval_run_id": mlflow.active_run().info.run_id}.items():
         client.set_model_version_tag(cfg.registered_model, version.version, key, value)
@@ -138,7 +168,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
             mlflow.log_image(picture, f"overlays/{name}.png")
         result = {"run_id": run.info.run_id, "metrics": metrics, "version": None, "promoted": False}
         if cfg.register:
-            result.update(register(cfg, dataset_dir, fingerprint, metrics))
+            result.update(register(cfg, dataset_dir, fingerprint, metrics, manifest))
         print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return result
 

@@ -44,11 +44,10 @@ from emunet.core.io import list_stack_paths, open_volume, stack_exists
 from emunet.core.omezarr import SliceWriter, create_image, open_image
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.core.objects import sizes
-from emunet.inference.instances import slice_instances
 from emunet.inference.outputs import (check_targets, mask_page, object_row, output_format, output_names, result_files,
                                      result_targets)
-from emunet.inference.segmenter import DEFAULT_PARAMS, resolve_options
+from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.segment import segment_volume
 from emunet.inference.tiling import plan_tiles
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
@@ -67,13 +66,13 @@ class PredictSparkConfig:
     # Slices per task. 32 slices of 1024 x 1024 are about half a minute on 2 CPU cores: long enough to
     # hide task overhead, short enough that a 200-slice stack spreads over 7 executors.
     chunk_slices: int = 32
-    threshold: float = DEFAULT_PARAMS["threshold"]
-    tile_size: int = DEFAULT_PARAMS["tile_size"]
-    overlap: float = DEFAULT_PARAMS["overlap"]
-    batch_size: int = DEFAULT_PARAMS["batch_size"]
-    tta: str = DEFAULT_PARAMS["tta"]
-    min_object_size: int = DEFAULT_PARAMS["min_object_size"]  # pixels in a slice, as in predict
-    seed_threshold: float = DEFAULT_PARAMS["seed_threshold"]  # as in predict: touching cells counted apart
+    threshold: float = DEFAULTS.threshold
+    tile_size: int = DEFAULTS.tile_size
+    overlap: float = DEFAULTS.overlap
+    batch_size: int = DEFAULTS.batch_size
+    tta: str = DEFAULTS.tta
+    min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice, as in predict
+    seed_threshold: float = DEFAULTS.seed_threshold  # as in predict: touching cells counted apart
     output_format: str = "auto"  # as in predict: auto (OME-Zarr for a Zarr input, else TIFF), tif or zarr
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT
@@ -145,35 +144,32 @@ def stack_facts(frames):
         yield pd.DataFrame(rows, columns=_columns(FACTS))
 
 
-def _segment_range(stack, row, segmenter, options: dict, threshold: float, min_size: int,
-                   seed_threshold: float) -> list[tuple]:
-    """Rows of SLICES for the block; with a `row.target` (an OME-Zarr image) the masks are written there,
-    not returned."""
-    probs = segmenter.iter_probabilities(SliceRange(stack, row.z_start, row.z_end), row.low, row.high,
-                                         threshold=threshold, **options)
+def _segment_range(stack, row, segmenter, params: SegmentParams) -> list[tuple]:
+    """Rows of SLICES for the block, through the one segmentation path; with a `row.target` (an OME-Zarr
+    image) the masks are written there, not returned."""
+    block = SliceRange(stack, row.z_start, row.z_end)
+    results = segment_volume(segmenter, block, params.replace(low=row.low, high=row.high))
     out = []
     with SliceWriter(open_image(row.target), start=row.z_start) if row.target else contextlib.nullcontext() as write:
-        for z, prob in enumerate(probs, start=row.z_start):
-            objects = slice_instances(prob, threshold, seed_threshold, min_size)
-            mask = prob >= threshold
+        for result in results:
+            z = row.z_start + result.z
             if write:
-                write(z, mask_page(mask))
-            out.append((row.stack, b"" if write else np.packbits(mask).tobytes(), *object_row(z, sizes(objects))))
+                write(z, mask_page(result.mask))
+            out.append((row.stack, b"" if write else np.packbits(result.mask).tobytes(), *object_row(z, result.areas)))
     return out
 
 
-def segment_chunks(frames, options: dict, threshold: float, min_size: int, seed_threshold: float):
+def segment_chunks(frames, params: SegmentParams):
     """mapInPandas, rows `(stack, path, z_start, z_end, low, high, target)` -> one row per slice: the mask as
     packed bits (or, with a `target`, written into that OME-Zarr image) and its objects, computed as
     `predict` computes them. Why not `mlflow.pyfunc.spark_udf`:
     it hands the pyfunc's `predict` a batch of rows, and `predict` normalises what it is given by that
     input's own percentiles; here each chunk needs its whole stack's, which only the segmenter's
-    `iter_probabilities(stack, low, high)` accepts, and a chunk reads its own pixels from its path."""
+    `probabilities(stack, params)` accepts, and a chunk reads its own pixels from its path."""
     segmenter = _segmenter(SparkFiles.get(MODEL_ARCHIVE))
     for frame in frames:
         for row in frame.itertuples(index=False):
-            run = functools.partial(_segment_range, row=row, segmenter=segmenter, options=options,
-                                    threshold=threshold, min_size=min_size, seed_threshold=seed_threshold)
+            run = functools.partial(_segment_range, row=row, segmenter=segmenter, params=params)
             yield pd.DataFrame(_with_stack(row.path, run), columns=_columns(SLICES))
 
 
@@ -232,8 +228,7 @@ def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], lis
     missing = [str(p) for p in paths if not stack_exists(p)]
     if missing:
         raise InputError(f"{len(missing)} input(s) not found: {', '.join(missing[:5])}")
-    resolve_options({k: getattr(cfg, k) for k in ("threshold", "tile_size", "overlap", "batch_size", "tta",
-                                                   "min_object_size", "seed_threshold")})
+    SegmentParams.from_config(cfg)  # checked before any Spark work
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
     names = output_names(paths)
@@ -300,9 +295,8 @@ def _segment_on_spark(spark, paths: list[Path], names: list[str], formats: list[
                                    "target string")
     shapes = {int(f.stack): (names[f.stack], int(f.slices), int(f.height), int(f.width), calibration[f.stack])
               for f in facts.itertuples()}
-    options = dict(tile_size=cfg.tile_size, overlap=cfg.overlap, batch_size=cfg.batch_size, tta=cfg.tta)
-    threshold, min_size, seeds, target = cfg.threshold, cfg.min_object_size, cfg.seed_threshold, str(out_dir)
-    segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, options, threshold, min_size, seeds), SLICES)
+    params, target = SegmentParams.from_config(cfg), str(out_dir)
+    segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, params), SLICES)
     table = segmented.groupBy("stack").applyInPandas(lambda frame: write_mask_stack(frame, target, shapes), TABLE)
     return table.toPandas(), len(rows)
 

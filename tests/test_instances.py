@@ -3,7 +3,9 @@
 import numpy as np
 
 from emunet.core.metrics import ObjectScorer
-from emunet.inference.instances import SliceLinker, label_instances, object_scorer, slice_instances
+from emunet.inference.instances import SliceLinker, label_instances, slice_instances
+from emunet.inference.params import DEFAULTS
+from emunet.inference.segment import Truth, score_volume, segment_probabilities
 
 
 def touching_discs(size: int = 40, radius: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +85,12 @@ def test_label_instances_and_the_scorer_agree_with_the_slice_objects():
     truth, prob = touching_discs()
     stack = label_instances(np.stack([prob, prob, np.zeros_like(prob)]))
     assert stack.shape == (3, 40, 40) and stack[2].max() == 0 and len(np.unique(stack)) == 3
-    s = object_scorer([prob, prob], [truth, truth], true_ids=True).scores()
+    ids = np.stack([truth, truth])
+    s = score_volume(segment_probabilities([prob, prob], DEFAULTS.replace(min_object_size=0),
+                                           Truth.of_labels(ids, "instances"))).metrics()
     assert s["object_f1"] == 1.0 and s["count_error"] == 0.0
-    merged = object_scorer([prob], [truth], seed_threshold=0.5, true_ids=True).scores()
+    merged = score_volume(segment_probabilities([prob], DEFAULTS.replace(min_object_size=0, seed_threshold=0.5),
+                                                Truth.of_labels(ids[:1], "instances"))).metrics()
     assert merged["object_recall"] <= 0.5 and merged["count_error"] == 0.5 and merged["vi_merge"] > 0.9
 
 

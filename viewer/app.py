@@ -23,7 +23,7 @@ import streamlit as st  # noqa: E402
 from emunet.core.errors import InputError  # noqa: E402
 from emunet.core.normalize import normalize  # noqa: E402
 from emunet.registry.tracking import redact  # noqa: E402
-from emunet.inference.segmenter import DEFAULT_PARAMS  # noqa: E402
+from emunet.inference.params import DEFAULTS  # noqa: E402
 from emunet.inference.tiling import TTA_MODES  # noqa: E402
 from viewer import charts, downloads, exports, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
 
@@ -137,12 +137,12 @@ def show_version(info: registry.VersionInfo, uri: str) -> None:
 
 def segmentation_options() -> dict:
     st.sidebar.header("Segmentation")
-    threshold = st.sidebar.slider("Threshold", 0.05, 0.95, float(DEFAULT_PARAMS["threshold"]), 0.05, key="threshold",
+    threshold = st.sidebar.slider("Threshold", 0.05, 0.95, float(DEFAULTS.threshold), 0.05, key="threshold",
                                   help="applied to the cached probabilities: moving it does not run the model")
-    tta = st.sidebar.selectbox("Test-time augmentation", TTA_MODES, index=TTA_MODES.index(DEFAULT_PARAMS["tta"]),
+    tta = st.sidebar.selectbox("Test-time augmentation", TTA_MODES, index=TTA_MODES.index(DEFAULTS.tta),
                                format_func=TTA_LABELS.get, key="tta")
     tile = st.sidebar.selectbox("Tile size", inference.TILE_SIZES,
-                                index=inference.TILE_SIZES.index(DEFAULT_PARAMS["tile_size"]), key="tile_size",
+                                index=inference.TILE_SIZES.index(DEFAULTS.tile_size), key="tile_size",
                                 help="largest tile side; slices up to this size run whole")
     return {"threshold": threshold, "tta": tta, "tile_size": tile}
 

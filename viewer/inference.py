@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from emunet.core.normalize import stack_stats
-from emunet.inference.segmenter import DEFAULT_PARAMS
+from emunet.inference.params import DEFAULTS, SegmentParams
 
 # Probabilities kept in memory, all sessions together: 2 GB is ~25 stacks of 100 x 512 x 512 float32,
 # and bounds a long session on a workstation.
@@ -51,8 +51,8 @@ class ProbabilityCache:
         return len(self._items)
 
 
-def probabilities(model, stack: np.ndarray, tile_size: int = DEFAULT_PARAMS["tile_size"],
-                  tta: str = DEFAULT_PARAMS["tta"],
+def probabilities(model, stack: np.ndarray, tile_size: int = DEFAULTS.tile_size,
+                  tta: str = DEFAULTS.tta,
                   on_slice: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Foreground probabilities of a raw `(Z, H, W)` stack from a loaded pyfunc segmenter `model`.
 
@@ -63,7 +63,8 @@ def probabilities(model, stack: np.ndarray, tile_size: int = DEFAULT_PARAMS["til
     segmenter = model.unwrap_python_model()
     low, high = stack_stats(stack)
     out = np.empty(stack.shape, np.float32)
-    slices = segmenter.iter_probabilities(stack, low, high, output="probability", tile_size=int(tile_size), tta=tta)
+    params = SegmentParams(output="probability", tile_size=int(tile_size), tta=tta, low=low, high=high)
+    slices = segmenter.probabilities(stack, params)
     for z, prob in enumerate(slices):
         out[z] = prob
         if on_slice is not None:

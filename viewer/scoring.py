@@ -1,44 +1,40 @@
 """Scores of a predicted stack for the page and for download: per-slice rows (Dice, IoU, accuracy,
-objects found), whole-stack scores (pixels and objects), the per-slice CSV and the mask TIFF. The numbers
-are those of `emunet.core.metrics`, and the objects those of `output="labels"` and of `predict`'s
-`<name>_objects.csv`: touching cells separated by `emunet.inference.instances.slice_instances`."""
+objects found), whole-stack scores (pixels and objects), the per-slice CSV. The numbers come from the one
+segmentation path (`emunet.inference.segment`) that predict, evaluate and training validation use, on
+the page's cached probabilities: the objects are those of `output="labels"` and of predict's
+`<name>_objects.csv`."""
 
 import numpy as np
 
-from emunet.core.metrics import ObjectScorer, per_slice_scores, stack_scores
-from emunet.core.objects import truth_objects
-from emunet.inference.instances import slice_instances
 from emunet.inference.outputs import rows_to_csv
-from emunet.inference.segmenter import DEFAULT_PARAMS
+from emunet.inference.params import DEFAULTS
+from emunet.inference.segment import Truth, VolumeScores, segment_probabilities
 
-MIN_OBJECT_SIZE = DEFAULT_PARAMS["min_object_size"]  # the same cut as predict's object counts
-SEED_THRESHOLD = DEFAULT_PARAMS["seed_threshold"]
+MIN_OBJECT_SIZE = DEFAULTS.min_object_size  # the same cut as predict's object counts
 # Columns of the table on the page (the CSV has these and the pixel counts).
 TABLE_COLUMNS = ("slice", "dice", "iou", "pixel_accuracy", "precision", "recall", "objects", "objects_truth",
                  "objects_matched")
 
 
+def _results(prob, truth, threshold: float):
+    params = DEFAULTS.replace(threshold=threshold)
+    return segment_probabilities(np.asarray(prob, np.float32), params,
+                                 Truth.of_labels(truth) if truth is not None else None)
+
+
 def instances(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """The objects of one `(H, W)` probability map (or {0, 1} mask) as `output="labels"` finds them."""
-    return slice_instances(prob, threshold, SEED_THRESHOLD, MIN_OBJECT_SIZE)
+    return next(_results(np.asarray(prob)[None], None, threshold)).objects
 
 
-def _scored(prob, truth, threshold: float):
-    """`(per-slice rows, ObjectScorer)` of a `(Z, H, W)` probability (or mask) stack."""
-    prob = np.asarray(prob, np.float32)
-    pixels = per_slice_scores(prob >= threshold, np.asarray(truth, bool)) if truth is not None else None
-    scorer, rows = ObjectScorer(), []
-    for z in range(prob.shape[0]):
-        found = instances(prob[z], threshold)
-        row = {"slice": z}
-        if truth is not None:
-            row.update({k: v for k, v in pixels[z].items() if k != "slice"})
-            counts = scorer.add(found, truth_objects(truth[z], MIN_OBJECT_SIZE))
-            row.update(objects=counts["predicted"], objects_truth=counts["true"], objects_matched=counts["matched"])
-        else:
-            row["objects"] = int(found.max(initial=0))
-        rows.append(row)
-    return rows, scorer
+def _scored(prob, truth, threshold: float) -> tuple[list[dict], VolumeScores | None]:
+    """`(per-slice rows, VolumeScores or None without truth)` of a `(Z, H, W)` probability (or mask) stack."""
+    if truth is None:
+        return [{"slice": r.z, "objects": int(r.objects.max(initial=0))} for r in _results(prob, None, threshold)], None
+    scores = VolumeScores()
+    for result in _results(prob, truth, threshold):
+        scores.add(result)
+    return scores.rows, scores
 
 
 def slice_rows(prob: np.ndarray, truth: np.ndarray | None = None, model: str = "", threshold: float = 0.5) -> list[dict]:
@@ -51,15 +47,12 @@ def slice_rows(prob: np.ndarray, truth: np.ndarray | None = None, model: str = "
 
 
 def summary(prob: np.ndarray, truth: np.ndarray | None = None, threshold: float = 0.5) -> dict[str, float]:
-    """Whole-stack numbers: with ground truth, `stack_scores` (pixels pooled over all voxels, the median
-    slice accuracy) and the object scores (object F1, precision, recall, count error...); always the
-    mean number of objects per slice (predicted, and true)."""
-    prob = np.asarray(prob, np.float32)
-    rows, scorer = _scored(prob, truth, threshold)
+    """Whole-stack numbers: with ground truth, the pooled pixel and object scores of the one path
+    (`VolumeScores.metrics`); always the mean number of objects per slice (predicted, and true)."""
+    rows, scores = _scored(prob, truth, threshold)
     out = {}
-    if truth is not None:
-        out.update(stack_scores(prob >= threshold, truth))
-        out.update(scorer.scores())
+    if scores is not None:
+        out.update(scores.metrics())
         out["objects_per_slice_truth"] = float(np.mean([r["objects_truth"] for r in rows]))
     out["objects_per_slice"] = float(np.mean([r["objects"] for r in rows]))
     return out

@@ -20,8 +20,7 @@ import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
-from emunet.core.metrics import ObjectScorer
-from emunet.core.objects import components, drop_small, truth_objects
+from emunet.core.objects import components, drop_small
 
 DEFAULT_SEED_THRESHOLD = 0.9  # cores the U-Net is sure of; a quarter of the way from 0.5 to 1 in logits
 # Probability: a shallower dip between two cores is inside one object (see the module). Chosen with
@@ -152,17 +151,3 @@ def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAU
     1..N, numbered as they first appear."""
     linker = SliceLinker()
     return np.stack([linker.ids(slice_instances(p, threshold, seed_threshold, min_size)) for p in probs]).astype(np.int32)
-
-
-def object_scorer(probs, truths, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
-                  min_size: int = 0, scorer: ObjectScorer | None = None, true_ids: bool = False,
-                  depth: float = SEED_DEPTH) -> ObjectScorer:
-    """Score the instances of `(Z, H, W)` probabilities (or an iterable of `(H, W)` maps) against ground
-    truth slice by slice: the objects `output="labels"` gives, against the true objects (a mask's
-    components, or with `true_ids` the label image's own ids; both without specks under `min_size`).
-    Adds to `scorer` if given; `.scores()` of the result are the object scores."""
-    scorer = scorer or ObjectScorer()
-    for prob, truth in zip(probs, truths):
-        scorer.add(slice_instances(prob, threshold, seed_threshold, min_size, depth),
-                   truth_objects(np.asarray(truth), min_size, instances=true_ids))
-    return scorer

@@ -15,13 +15,13 @@ import math
 from dataclasses import dataclass
 
 from emunet.core.errors import InputError
-from emunet.inference.instances import DEFAULT_SEED_THRESHOLD
+from emunet.inference.instances import DEFAULT_SEED_THRESHOLD, SEED_DEPTH
 from emunet.inference.tiling import DEFAULT_OVERLAP, TTA_MODES
 
 OUTPUTS = ("mask", "probability", "labels")
 # The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
 PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
-               "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double",
+               "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double", "seed_depth": "double",
                "low": "double", "high": "double"}
 
 
@@ -56,6 +56,9 @@ class SegmentParams:
     # Cores the network is this sure of seed one object each, grown over the foreground (a seeded
     # watershed), so touching cells come apart; <= threshold: objects are the mask's components.
     seed_threshold: float = DEFAULT_SEED_THRESHOLD
+    # Two neighbouring objects stay apart only where the probability between them dips at least this far
+    # below the weaker core: a shallower dip is texture inside one cell (emunet.inference.instances).
+    seed_depth: float = SEED_DEPTH
     # The whole volume's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
     # None: the input's own. Pass both when sending part of a volume.
     low: float | None = None
@@ -71,14 +74,14 @@ class SegmentParams:
             raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         for name in ("tile_size", "batch_size", "min_object_size"):
             put(name, _number(name, getattr(self, name), whole=True))
-        for name in ("threshold", "overlap", "seed_threshold"):
+        for name in ("threshold", "overlap", "seed_threshold", "seed_depth"):
             put(name, _number(name, getattr(self, name)))
         if self.tile_size < 1 or self.batch_size < 1 or self.min_object_size < 0:
             raise InputError(f"need tile_size >= 1, batch_size >= 1 and min_object_size >= 0, got tile_size "
                              f"{self.tile_size}, batch_size {self.batch_size}, min_object_size {self.min_object_size}")
         if not 0 <= self.overlap < 1:
             raise InputError(f"need 0 <= overlap < 1, got {self.overlap}")
-        for name in ("threshold", "seed_threshold"):
+        for name in ("threshold", "seed_threshold", "seed_depth"):
             if not 0 <= getattr(self, name) <= 1:
                 raise InputError(f"{name} is a probability between 0 and 1, got {getattr(self, name)}")
         if (self.low is None) != (self.high is None):

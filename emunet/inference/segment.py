@@ -131,7 +131,8 @@ def segment_probabilities(probs: Iterable[np.ndarray], params: SegmentParams, tr
     for z, prob in enumerate(probs, start=start):
         prob = np.asarray(prob, np.float32)
         mask = prob >= params.threshold
-        objects = slice_instances(prob, params.threshold, params.seed_threshold, params.min_object_size)
+        objects = slice_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
+                                  params.seed_depth)
         result = SliceResult(z, prob, mask, objects, linker.ids(objects))
         if truth is not None:
             result.row, result.truth_objects, result.annotated = _score_row(z, mask, objects, truth,
@@ -171,9 +172,12 @@ class VolumeScores:
         self.rows.append(row)
         return row
 
+    def totals(self) -> dict[str, int]:
+        """Pixel counts `tp`, `fp`, `fn`, `tn` summed over the rows."""
+        return {k: sum(r[k] for r in self.rows) for k in COUNTS}
+
     def metrics(self) -> dict[str, float]:
-        totals = [sum(r[k] for r in self.rows) for k in COUNTS]
-        pooled = {**scores_from_counts(*totals), "median_slice_accuracy": median_slice_accuracy(self.rows)}
+        pooled = {**scores_from_counts(*self.totals().values()), "median_slice_accuracy": median_slice_accuracy(self.rows)}
         pooled.update(self.objects.scores() if self.scored_slices else UNMEASURED_OBJECTS)
         return pooled
 

@@ -22,7 +22,7 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import ParamSchema, ParamSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from emunet.core.errors import InputError
 from emunet.inference.params import DEFAULTS, FIELDS, PARAM_TYPES, SegmentParams
@@ -41,11 +41,23 @@ log = logging.getLogger(__name__)
 
 
 def signature() -> ModelSignature:
-    """Inference options as params; no input schema on purpose: the segmenter takes 2-D or 3-D input of
-    any numeric dtype, which one tensor spec cannot express, and checks it itself (`as_stack`) with
-    messages a user can act on."""
+    """What the pyfunc takes and gives, as the MLflow UI shows it: a `(Z, H, W)` stack in (uint8, uint16,
+    int16 or float; an `(H, W)` image too), the same shape out (a {0, 1} mask, float32 probabilities or
+    int ids, by `output`), and every `SegmentParams` field as a param with its default.
+
+    MLflow checks a tensor input schema strictly (its rank and dtype), which would refuse the `(H, W)`
+    images and integer stacks the segmenter takes; the segmenter checks its input itself (`as_stack`)
+    with messages a user can act on. So the signature is marked as one that MLflow shows but whose
+    params only it checks, as it does for signatures made from type hints (`mlflow` is pinned; the
+    attribute is checked to exist)."""
     params = ParamSchema([ParamSpec(k, PARAM_TYPES[k], getattr(DEFAULTS, k)) for k in FIELDS])
-    return ModelSignature(inputs=None, outputs=None, params=params)
+    stack = Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))])
+    result = ModelSignature(inputs=stack, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
+                            params=params)
+    if not hasattr(result, "_is_signature_from_type_hint"):
+        raise RuntimeError(f"mlflow {mlflow.__version__}: ModelSignature no longer marks type-hint signatures")
+    result._is_signature_from_type_hint = True
+    return result
 
 
 def as_stack(data) -> tuple[np.ndarray, bool]:
