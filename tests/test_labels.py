@@ -79,3 +79,58 @@ def test_isotropy_from_the_voxel_size():
     assert is_near_isotropic((10, None, None)) is None
     assert is_near_isotropic(None) is None
     assert is_near_isotropic((10, None, 8)) is True
+
+
+# --- the dataset artifact keeps the ids -----------------------------------------------------------------
+
+def _stack(name, split, with_ids):
+    from emunet.core.dataset import encode_labels
+
+    ids = np.zeros((2, 8, 8), np.int64)
+    ids[:, :, :4], ids[:, :, 4:] = 3, 70000  # an id past uint16
+    stack = dict(name=name, split=split, image=np.arange(128, dtype=np.uint8).reshape(2, 8, 8),
+                 mask=encode_labels(interiors(ids, isotropic=False)))
+    return {**stack, "ids": ids} if with_ids else stack
+
+
+def test_dataset_keeps_instance_ids_and_replaces_its_own_artifact(tmp_path):
+    from emunet.core.dataset import is_artifact, label_kind, open_ids, open_stack, read_manifest, write_dataset
+
+    out = tmp_path / "dataset"
+    write_dataset(out, [_stack("a", "train", True), _stack("b", "val", True)], label_kind="instances")
+    manifest = read_manifest(out)
+    assert label_kind(manifest) == "instances" and is_artifact(out)
+    info = manifest["stacks"][0]
+    ids = open_ids(out, info)
+    assert ids.dtype == np.uint32 and ids.shape == (2, 8, 8) and set(np.unique(ids)) == {3, 70000}
+    assert open_stack(out, info)[1][0, 0, 3] == 0  # the mask is the interiors: the border column is a gap
+    write_dataset(out, [_stack("a", "train", False)])  # a previous artifact with ids may be replaced
+    manifest = read_manifest(out)
+    assert label_kind(manifest) == "mask" and open_ids(out, manifest["stacks"][0]) is None
+
+
+def test_old_artifacts_without_label_kind_read_as_masks(tmp_path):
+    import json
+
+    from emunet.core.dataset import MANIFEST, is_artifact, label_kind, open_ids, read_manifest, write_dataset
+
+    out = tmp_path / "dataset"
+    write_dataset(out, [_stack("a", "train", False)])
+    manifest = json.loads((out / MANIFEST).read_text())
+    del manifest["label_kind"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    assert label_kind(read_manifest(out)) == "mask" and is_artifact(out)
+    assert open_ids(out, read_manifest(out)["stacks"][0]) is None
+
+
+def test_ids_are_refused_with_the_wrong_kind_or_shape(tmp_path):
+    from emunet.core.dataset import write_dataset
+    from emunet.core.errors import InputError
+
+    with pytest.raises(InputError, match="label_kind='instances'"):
+        write_dataset(tmp_path / "d1", [_stack("a", "train", True)])
+    bad = {**_stack("a", "train", True), "ids": np.ones((2, 8, 7), np.int32)}
+    with pytest.raises(InputError, match=r"shape \(2, 8, 7\)"):
+        write_dataset(tmp_path / "d2", [bad], label_kind="instances")
+    with pytest.raises(InputError, match="label_kind is 'cells'"):
+        write_dataset(tmp_path / "d3", [_stack("a", "train", False)], label_kind="cells")
