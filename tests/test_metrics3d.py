@@ -98,3 +98,14 @@ def test_perfect_and_large_id_predictions():
     assert s["object_f1_3d"] == 1 and s["ap50_3d"] == 1 and s["ap75_3d"] == 1
     with pytest.raises(ValueError, match="shape"):
         contingency(truth, truth[:1])
+
+
+def test_true_specks_are_left_out_over_the_whole_table_not_per_block():
+    truth, pred = _three_true_four_predicted()
+    truth[..., 38:40] = 9  # a 2-voxel true fragment, cut in two by the blocks below
+    scorer = VolumeScorer()
+    scorer.add(truth[..., :39], pred[..., :39])
+    scorer.add(truth[..., 39:], pred[..., 39:])
+    assert scorer.scores()["object_recall_3d"] == 0.75  # the fragment is a true object nobody found
+    assert scorer.scores(min_size=2)["object_recall_3d"] == 0.75  # 2 voxels in all: kept
+    assert scorer.scores(min_size=3) == pytest.approx(volume_scores(np.where(truth == 9, 0, truth), pred))

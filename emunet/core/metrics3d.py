@@ -63,6 +63,20 @@ def merge_tables(*tables: np.ndarray) -> np.ndarray:
     return np.stack([keys >> 32, keys & 0xFFFFFFFF, voxels])
 
 
+def without_small_truth(table: np.ndarray, min_size: int) -> np.ndarray:
+    """`table` with the true objects of fewer than `min_size` voxels (over the whole table: a cell cut by
+    block edges is counted whole) made unlabelled, as `emunet.core.objects.truth_objects` drops specks
+    in 2-D: fragments at the edge of a dense volume (half the medulla's ids are under 25 voxels) are
+    neither cells to find nor voxels to score."""
+    if min_size <= 1 or not table.shape[1]:
+        return table
+    ids, where = np.unique(table[0], return_inverse=True)
+    small = np.bincount(where, weights=table[2], minlength=len(ids)) < min_size
+    table = table.copy()
+    table[0, small[where]] = 0
+    return merge_tables(table)
+
+
 def segmentation_errors(table: np.ndarray) -> dict[str, float]:
     """Adapted Rand error, VI split and merge of a table (see the module for the conventions)."""
     inside = table[:, table[0] > 0]
@@ -166,16 +180,18 @@ class VolumeScorer:
     def table(self) -> np.ndarray:
         return self.tables[0] if self.tables else EMPTY_TABLE
 
-    def scores(self) -> dict[str, float]:
-        """`METRIC_NAMES_3D` of everything added."""
-        table = self.table()
+    def scores(self, min_size: int = 0) -> dict[str, float]:
+        """`METRIC_NAMES_3D` of everything added, true objects under `min_size` voxels left out
+        (`without_small_truth`; predicted specks are the segmentation's to drop)."""
+        table = without_small_truth(self.table(), min_size)
         return {**segmentation_errors(table), **object_scores(table),
                 "ap50_3d": average_precision(table, 0.5), "ap75_3d": average_precision(table, 0.75)}
 
 
-def volume_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+def volume_scores(truth: np.ndarray, pred: np.ndarray, min_size: int = 0) -> dict[str, float]:
     """The 3-D scores (`METRIC_NAMES_3D`) of predicted instance ids against true ids: `(Z, Y, X)` integer
-    arrays of the same shape, 0 = background (in truth: unlabelled, left out of VI and Rand)."""
+    arrays of the same shape, 0 = background (in truth: unlabelled, left out of VI and Rand); true
+    objects under `min_size` voxels are left out as unlabelled."""
     scorer = VolumeScorer()
     scorer.add(truth, pred)
-    return scorer.scores()
+    return scorer.scores(min_size)
