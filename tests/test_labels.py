@@ -94,32 +94,32 @@ def _stack(name, split, with_ids):
 
 
 def test_dataset_keeps_instance_ids_and_replaces_its_own_artifact(tmp_path):
-    from emunet.core.dataset import is_artifact, label_kind, open_ids, open_stack, read_manifest, write_dataset
+    from emunet.core.dataset import is_artifact, label_kind_of, open_ids, open_stack, read_manifest, write_dataset
 
     out = tmp_path / "dataset"
     write_dataset(out, [_stack("a", "train", True), _stack("b", "val", True)], label_kind="instances")
     manifest = read_manifest(out)
-    assert label_kind(manifest) == "instances" and is_artifact(out)
+    assert label_kind_of(manifest) == "instances" and is_artifact(out)
     info = manifest["stacks"][0]
     ids = open_ids(out, info)
     assert ids.dtype == np.uint32 and ids.shape == (2, 8, 8) and set(np.unique(ids)) == {3, 70000}
     assert open_stack(out, info)[1][0, 0, 3] == 0  # the mask is the interiors: the border column is a gap
     write_dataset(out, [_stack("a", "train", False)])  # a previous artifact with ids may be replaced
     manifest = read_manifest(out)
-    assert label_kind(manifest) == "mask" and open_ids(out, manifest["stacks"][0]) is None
+    assert label_kind_of(manifest) == "mask" and open_ids(out, manifest["stacks"][0]) is None
 
 
 def test_old_artifacts_without_label_kind_read_as_masks(tmp_path):
     import json
 
-    from emunet.core.dataset import MANIFEST, is_artifact, label_kind, open_ids, read_manifest, write_dataset
+    from emunet.core.dataset import MANIFEST, is_artifact, label_kind_of, open_ids, read_manifest, write_dataset
 
     out = tmp_path / "dataset"
     write_dataset(out, [_stack("a", "train", False)])
     manifest = json.loads((out / MANIFEST).read_text())
     del manifest["label_kind"]
     (out / MANIFEST).write_text(json.dumps(manifest))
-    assert label_kind(read_manifest(out)) == "mask" and is_artifact(out)
+    assert label_kind_of(read_manifest(out)) == "mask" and is_artifact(out)
     assert open_ids(out, read_manifest(out)["stacks"][0]) is None
 
 

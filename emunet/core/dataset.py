@@ -253,7 +253,7 @@ def open_ids(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> np.
     return np.load(path, mmap_mode="r" if mmap else None) if path.is_file() else None
 
 
-def label_kind(manifest: dict) -> str:
+def label_kind_of(manifest: dict) -> str:
     """"mask" or "instances": how the artifact's labels were given (artifacts without the key: "mask")."""
     return manifest.get("label_kind", "mask")
 

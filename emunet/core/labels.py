@@ -35,7 +35,8 @@ def interiors(ids: np.ndarray, isotropic: bool) -> np.ndarray:
     dtype, 0 = background. Returns uint8 {0, 1} of the same shape: 1 on a cell's voxels except those
     with a 4-neighbour in y/x of another (non-zero) id; with `isotropic`, a z neighbour of another id
     counts too (the membrane is seen in 3-D). Two touching cells come out two voxels apart (one voxel
-    of each is removed). An `ignore_label` value is the caller's to map afterwards (it counts as an id
+    of each is removed: in the medulla cube the dark membrane is thicker still, voxels on an id change
+    average 99, one voxel further 109, the cells' inside 146; a one-voxel gap would call membrane cell). An `ignore_label` value is the caller's to map afterwards (it counts as an id
     here, so cells next to it lose their border voxels: a conservative target)."""
     ids = np.asarray(ids)
     if ids.ndim not in (2, 3):
