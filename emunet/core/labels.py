@@ -36,8 +36,9 @@ def interiors(ids: np.ndarray, isotropic: bool) -> np.ndarray:
     with a 4-neighbour in y/x of another (non-zero) id; with `isotropic`, a z neighbour of another id
     counts too (the membrane is seen in 3-D). Two touching cells come out two voxels apart (one voxel
     of each is removed: in the medulla cube the dark membrane is thicker still, voxels on an id change
-    average 99, one voxel further 109, the cells' inside 146; a one-voxel gap would call membrane cell). An `ignore_label` value is the caller's to map afterwards (it counts as an id
-    here, so cells next to it lose their border voxels: a conservative target)."""
+    average 99, one voxel further 109, the cells' inside 146; a one-voxel gap would call membrane
+    cell). An `ignore_label` value is the caller's to map afterwards (it counts as an id here, so cells
+    next to it lose their border voxels: a conservative target)."""
     ids = np.asarray(ids)
     if ids.ndim not in (2, 3):
         raise ValueError(f"instance ids have shape {ids.shape}; expected (Z, Y, X) or (Y, X)")
