@@ -5,6 +5,7 @@ dataset/
   manifest.json             stacks, their split, shape, dtype, normalisation stats, provenance
   <stack name>/image.npy    raw (Z, H, W) values, memory-mappable by worker processes
   <stack name>/mask.npy     (Z, H, W) uint8 in {0, 1, 255}: background, foreground, not annotated
+  <stack name>/ids.npy      (Z, H, W) uint32 instance ids, only with `label_kind="instances"`
   montage.png               a look at the data
 ```
 Raw values are stored (not normalised floats) so the artifact stays small and normalisation stays the
@@ -14,6 +15,10 @@ Sparse labels (nnU-Net's "ignore" label): voxels whose label is the user's `igno
 `MASK_IGNORE` (255, whatever the user's value was, so readers need no parameter) and count in neither the
 loss nor the metrics; the manifest records the user's `ignore_label` (-1: every voxel is annotated, and
 then no mask holds 255). Readers split a stored mask with `mask_parts`.
+
+Instance labels (`label_kind="instances"`, touching cells with different ids): the mask is then the
+cells' interiors (`emunet.core.labels.interiors`), the training target, and the ids are kept beside it
+for scoring (`open_ids`). The manifest records `label_kind`; artifacts without it hold masks.
 """
 
 import hashlib
@@ -31,7 +36,9 @@ from emunet.core.normalize import stack_stats
 
 MANIFEST = "manifest.json"
 MONTAGE = "montage.png"
-STACK_FILES = {"image.npy", "mask.npy"}
+STACK_FILES = {"image.npy", "mask.npy", "ids.npy"}  # ids.npy: instance labels only
+IDS = "ids.npy"
+LABEL_KINDS = ("mask", "instances")
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
 MASK_IGNORE = 255  # stored value of a voxel that is not annotated (uint8's highest, as nnU-Net's ignore is the highest)
@@ -97,7 +104,7 @@ def content_hash(*arrays: np.ndarray) -> str:
 
 def is_artifact(folder: Path) -> bool:
     """Whether `folder` holds a dataset artifact and nothing else: a manifest of ours, the montage, and
-    the stack folders it names with their two arrays. Only such a folder may be replaced."""
+    the stack folders it names with their arrays (and instance ids). Only such a folder may be replaced."""
     try:
         names = {info.name for info in read_manifest(folder)["stacks"]}
     except InputError:
@@ -124,27 +131,48 @@ def check_output_dir(out_dir: str | Path) -> Path:
 
 
 def write_dataset(out_dir: str | Path, stacks: list[dict], montage: np.ndarray | None = None,
-                  ignore_label: int = NO_IGNORE) -> dict:
+                  ignore_label: int = NO_IGNORE, label_kind: str = "mask") -> dict:
     """Write the artifact from `stacks`: dicts with `name`, `split`, `image` `(Z, H, W)`, `mask`
     `(Z, H, W)` {0, 1} (and `MASK_IGNORE` where not annotated, see `encode_labels`) and optional `source`,
     `low`, `high` (default: stats of `image`); `montage` is an `(H, W, 3)` uint8 RGB picture of the data;
-    `ignore_label` the user's value for "not annotated", recorded in the manifest.
+    `ignore_label` the user's value for "not annotated", recorded in the manifest. A stack may carry `ids`
+    `(Z, H, W)` instance ids (stored as uint32 `ids.npy`; `label_kind` is then "instances" and its `mask`
+    the ids' interiors); `label_kind` is recorded in the manifest.
 
     Written to a temporary sibling folder and renamed into place, so a killed run leaves no folder that
     looks finished. `out_dir` must be new, empty or a previous artifact (`check_output_dir`): a previous
     artifact is replaced, anything else is refused, never deleted. Returns the manifest.
     """
+    if label_kind not in LABEL_KINDS:
+        raise InputError(f"label_kind is {label_kind!r}; expected one of {', '.join(LABEL_KINDS)}")
     out_dir = check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir) as tmp:
         tmp.mkdir()
-        manifest = _write_contents(tmp, stacks, ignore_label)
+        manifest = _write_contents(tmp, stacks, ignore_label, label_kind)
         if montage is not None:
             cv2.imwrite(str(tmp / MONTAGE), cv2.cvtColor(montage, cv2.COLOR_RGB2BGR))
     return manifest
 
 
-def _write_contents(folder: Path, stacks: list[dict], ignore_label: int = NO_IGNORE) -> dict:
+def _checked_ids(stack: dict) -> np.ndarray | None:
+    """A stack's instance ids as uint32, or None; refuses a shape unlike the image's and values that do
+    not fit uint32 (a negative id would wrap into another cell's id)."""
+    ids = stack.get("ids")
+    if ids is None:
+        return None
+    ids = np.asarray(ids)
+    if ids.shape != stack["image"].shape:
+        raise InputError(f"instance ids of stack {stack['name']} have shape {ids.shape} but its image has "
+                         f"{stack['image'].shape}")
+    if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
+        raise InputError(f"instance ids of stack {stack['name']} run from {ids.min()} to {ids.max()}; "
+                         f"expected 0 (background) and positive ids below 2**32")
+    return ids.astype(np.uint32, copy=False)
+
+
+def _write_contents(folder: Path, stacks: list[dict], ignore_label: int = NO_IGNORE,
+                    label_kind: str = "mask") -> dict:
     infos, hashes = [], {}
     for s in stacks:
         if not SAFE_NAME.fullmatch(s["name"]):
@@ -155,7 +183,14 @@ def _write_contents(folder: Path, stacks: list[dict], ignore_label: int = NO_IGN
         (folder / s["name"]).mkdir()
         np.save(folder / s["name"] / "image.npy", s["image"])
         np.save(folder / s["name"] / "mask.npy", s["mask"].astype(np.uint8))
-        hashes[s["name"]] = content_hash(s["image"], s["mask"])
+        ids = _checked_ids(s)
+        if ids is not None:
+            if label_kind != "instances":
+                raise InputError(f"stack {s['name']} has instance ids but label_kind is {label_kind!r}; "
+                                 f"pass label_kind='instances'")
+            np.save(folder / s["name"] / IDS, ids)
+        # The ids are scored: two artifacts with the same masks but other ids must not compare as equal.
+        hashes[s["name"]] = content_hash(s["image"], s["mask"], *([] if ids is None else [ids]))
         infos.append(StackInfo(s["name"], s["split"], tuple(s["image"].shape), str(s["image"].dtype),
                                float(low), float(high), {**s.get("source", {}), "sha256": hashes[s["name"]]}))
     val = sorted(hashes[i.name] for i in infos if i.split == "val")
@@ -167,6 +202,7 @@ def _write_contents(folder: Path, stacks: list[dict], ignore_label: int = NO_IGN
         "content_hash": hashlib.sha256("".join(sorted(hashes.values())).encode()).hexdigest()[:16],
         # The user's "not annotated" value (stored as MASK_IGNORE): train and evaluate read it from here.
         "ignore_label": int(ignore_label),
+        "label_kind": label_kind,  # "instances": ids.npy beside each mask (the interiors) for scoring
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
@@ -206,6 +242,20 @@ def open_stack(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> t
     folder = Path(dataset_dir) / info.name
     mode = "r" if mmap else None
     return np.load(folder / "image.npy", mmap_mode=mode), np.load(folder / "mask.npy", mmap_mode=mode)
+
+
+def open_ids(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> np.ndarray | None:
+    """The `(Z, H, W)` uint32 instance ids of one stack (memory-mapped read-only by default), or None
+    when the artifact holds none (`label_kind` "mask", or an artifact older than instance labels)."""
+    if not isinstance(info.name, str) or not SAFE_NAME.fullmatch(info.name):
+        raise InputError(f"stack name {info.name!r} is not a folder inside {dataset_dir}; refusing to read it")
+    path = Path(dataset_dir) / info.name / IDS
+    return np.load(path, mmap_mode="r" if mmap else None) if path.is_file() else None
+
+
+def label_kind_of(manifest: dict) -> str:
+    """"mask" or "instances": how the artifact's labels were given (artifacts without the key: "mask")."""
+    return manifest.get("label_kind", "mask")
 
 
 def is_sparse(manifest: dict) -> bool:
