@@ -36,7 +36,8 @@ def local_pairs(labels_a: np.ndarray, labels_b: np.ndarray) -> np.ndarray:
     """`(n, 2)` int64 pairs `(id in a, id in b)` of the ids that are one cell: two blocks' labels of the
     same overlap box (equal shapes, 0 = background) whose IoU within it exceeds `SAME_CELL_IOU`."""
     if labels_a.shape != labels_b.shape:
-        raise ValueError(f"the two blocks' labels of one overlap differ in shape: {labels_a.shape} and {labels_b.shape}")
+        raise ValueError(f"the two blocks' labels of one overlap differ in shape: {labels_a.shape} and "
+                         f"{labels_b.shape}")
     a, b = np.asarray(labels_a).ravel().astype(np.int64), np.asarray(labels_b).ravel().astype(np.int64)
     both = (a > 0) & (b > 0)
     if not both.any():
@@ -64,12 +65,19 @@ def merge_pairs(pairs, id_counts: list[int], sizes: list[np.ndarray], min_voxels
     Cells of fewer than `min_voxels` voxels in the whole volume are dropped (table entry 0)."""
     offsets = np.concatenate([[0], np.cumsum(id_counts, dtype=np.int64)])  # block n's id i is node offsets[n] + i
     total = int(offsets[-1]) + 1
-    edges = [np.asarray(p, np.int64).reshape(-1, 2) + offsets[[a, b]] for a, b, p in pairs]
-    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
-    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total, total))
-    count, cell = connected_components(graph, directed=False)  # union-find over all pairs at once
     nodes = np.concatenate([s[:, 0] + offsets[n] for n, s in enumerate(sizes)] or [np.zeros(0, np.int64)])
     voxels = np.concatenate([s[:, 1] for s in sizes] or [np.zeros(0, np.int64)])
+    written = np.zeros(total, bool)
+    written[nodes] = True
+    edges = [np.asarray(p, np.int64).reshape(-1, 2) + offsets[[a, b]] for a, b, p in pairs]
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    # Only ids both blocks write join: an id seen only in its block's halo was labelled with the least
+    # context (by the read box's border) and is not needed to join anything (a cell written by two
+    # blocks is seen by both, and all neighbours, diagonal ones too, are compared directly); through
+    # such an id, two cells that one block saw as one at its border would chain into one.
+    edges = edges[written[edges[:, 0]] & written[edges[:, 1]]]
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total, total))
+    count, cell = connected_components(graph, directed=False)  # union-find over all pairs at once
     per_cell = np.bincount(cell[nodes], voxels, minlength=count)
     first = np.full(count, total)
     np.minimum.at(first, cell[nodes], nodes)
