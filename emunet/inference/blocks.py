@@ -129,6 +129,22 @@ def plan_overlaps(blocks: list[Block]) -> list[Overlap]:
     return out
 
 
+def overlaps_by_block(overlaps: list[Overlap]) -> dict[int, list[int]]:
+    """`{block number: numbers of the overlaps it is part of}`, once per plan (not a scan per block)."""
+    out: dict[int, list[int]] = {}
+    for o, overlap in enumerate(overlaps):
+        out.setdefault(overlap.a, []).append(o)
+        out.setdefault(overlap.b, []).append(o)
+    return out
+
+
+def overlap_slabs(overlaps: list[Overlap], numbers: list[int], block: Block, labels: np.ndarray) -> dict:
+    """`{overlap number: the block's labels of that overlap's box}` for the overlaps `numbers` of `block`
+    (`overlaps_by_block`); `labels` are of its read box. Copies, so the block's labels can be freed: these
+    slabs (twice the halo thick) are all a cluster task sends on for `stitch.local_pairs`."""
+    return {o: np.array(crop(labels, block.read, overlaps[o].box)) for o in numbers}
+
+
 def _sizes(length: int, chunk: int, smallest: int = 1) -> list[int]:
     """Block sides worth trying on an axis, ascending: multiples of `chunk` of at least `smallest` (one
     chunk at least) and the whole axis; thinned to about `MAX_CANDIDATES` on long axes."""

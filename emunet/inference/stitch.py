@@ -11,6 +11,11 @@ exceeds one half. A rule on the smaller piece alone would merge two cells touchi
 that sees the neighbour cell only as a sliver in its halo, without that cell's core, floods the sliver
 from its own cell, and the sliver is then wholly inside that cell; the union counts the rest of the
 cell and keeps them apart. IoU above one half is also one-to-one: an id pairs with at most one other.
+Only ids that both blocks write (present in their cores) join: see `merge_pairs`.
+
+The halo must hold the context the labelling needs to split two cells at a face the way the whole volume
+would (for a watershed from cell cores: the core of the cell across the face, about a cell radius); with
+less, both blocks see one cell by the face and the two merge. Cells are compared, never re-segmented.
 
 For a cluster, every step is small or per block: `local_pairs` per overlap (pairs of ids), `merge_pairs`
 on the driver (union-find over all pairs: tables of ids, not voxels), `relabel` and `block_measures` per
@@ -18,7 +23,6 @@ block, `merge_measures` on the driver (a few numbers per cell). `segment_blockwi
 """
 
 import tempfile
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +31,23 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from emunet.inference.blocks import Box, box_slices, core_of, crop, plan_blocks, plan_overlaps, read_box
+from emunet.inference.blocks import (Box, box_slices, core_of, overlap_slabs, overlaps_by_block, plan_blocks,
+                                     plan_overlaps, read_box)
 
 SAME_CELL_IOU = 0.5  # intersection over union, within the overlap, above which two ids are one cell
+# How two blocks' ids are found to be one cell: "iou" (above) for labellings that split touching cells
+# (watersheds, `instances`); "overlap", any shared voxel, for connected components, where it is exact (a
+# block's component never spans two of the volume's, and every path between blocks crosses an overlap),
+# while "iou" would split an object whose two arms meet beyond one block's read box.
+RULES = ("iou", "overlap")
 
 
-def local_pairs(labels_a: np.ndarray, labels_b: np.ndarray) -> np.ndarray:
+def local_pairs(labels_a: np.ndarray, labels_b: np.ndarray, rule: str = "iou") -> np.ndarray:
     """`(n, 2)` int64 pairs `(id in a, id in b)` of the ids that are one cell: two blocks' labels of the
-    same overlap box (equal shapes, 0 = background) whose IoU within it exceeds `SAME_CELL_IOU`."""
+    same overlap box (equal shapes, 0 = background) whose IoU within it exceeds `SAME_CELL_IOU`, or with
+    `rule="overlap"` that share a voxel (see `RULES`)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     if labels_a.shape != labels_b.shape:
         raise ValueError(f"the two blocks' labels of one overlap differ in shape: {labels_a.shape} and "
                          f"{labels_b.shape}")
@@ -44,7 +57,11 @@ def local_pairs(labels_a: np.ndarray, labels_b: np.ndarray) -> np.ndarray:
         return np.zeros((0, 2), np.int64)
     ids_a, size_a = np.unique(a[a > 0], return_counts=True)
     ids_b, size_b = np.unique(b[b > 0], return_counts=True)
-    pairs, shared = np.unique(np.stack([a[both], b[both]], axis=1), axis=0, return_counts=True)
+    width = int(ids_b[-1]) + 1  # one int64 key per pair: a 1-D unique is several times faster than rows
+    keys, shared = np.unique(a[both] * width + b[both], return_counts=True)
+    pairs = np.stack(np.divmod(keys, width), axis=1)
+    if rule == "overlap":
+        return pairs
     union = size_a[np.searchsorted(ids_a, pairs[:, 0])] + size_b[np.searchsorted(ids_b, pairs[:, 1])] - shared
     return pairs[shared > SAME_CELL_IOU * union]
 
@@ -62,7 +79,8 @@ def merge_pairs(pairs, id_counts: list[int], sizes: list[np.ndarray], min_voxels
 
     `pairs`: `(a, b, local_pairs(...))` for each overlap of blocks a and b (positions in the plan);
     `id_counts[n]`: the largest id block n used in its read box; `sizes[n]`: `core_sizes` of its core.
-    Cells of fewer than `min_voxels` voxels in the whole volume are dropped (table entry 0)."""
+    A pair joins only when both ids are written (in `sizes`). Cells of fewer than `min_voxels` voxels in
+    the whole volume are dropped (table entry 0). Tables are int32 (int64 beyond 2**31 - 1 cells)."""
     offsets = np.concatenate([[0], np.cumsum(id_counts, dtype=np.int64)])  # block n's id i is node offsets[n] + i
     total = int(offsets[-1]) + 1
     nodes = np.concatenate([s[:, 0] + offsets[n] for n, s in enumerate(sizes)] or [np.zeros(0, np.int64)])
@@ -187,22 +205,28 @@ def _local_labels(labels, block) -> np.ndarray:
     return labels.astype(np.int32) if labels.max(initial=0) < 2**31 else labels
 
 
-def segment_blockwise(volume, label_block: Callable[[np.ndarray], np.ndarray], block, halo, chunks=None,
+def segment_blockwise(volume, label_block: Callable[..., np.ndarray], block, halo, chunks=None,
                       write: Callable[[Box, np.ndarray], None] | None = None, voxel_size=None,
                       unit: str | None = None, min_voxels: int = 0, scratch=None,
-                      progress: Callable[[int, int], None] | None = None):
+                      progress: Callable[[int, int], None] | None = None, with_block: bool = False,
+                      rule: str = "iou"):
     """Instance labels of a `(Z, Y, X)` volume made block by block in one process, ids agreeing across
     blocks; returns `(labels, rows)`.
 
     `volume`: an array or a lazily read volume (`emunet.core.io.Volume`); `label_block` maps a read box's
-    `(rz, ry, rx)` array to integer labels of that shape, ids of its own (0 background); `block`, `halo`,
+    `(rz, ry, rx)` array to integer labels of that shape, ids of its own (0 background); with `with_block`
+    it is called `label_block(array, block)` with the `Block`, so that it can write what needs no
+    stitching (probabilities, mask) at `block.core` itself (`blocks.core_of`); `block`, `halo`,
     `chunks` as `blocks.plan_blocks` (halo at least 1 on every axis split into blocks). Each block's core,
     in volume-wide ids 1..N, goes to `write(core_box, labels)` (boxes whole chunks of `chunks`); with
     `write` None, `labels` is the assembled `(Z, Y, X)` array, else None. `rows` is the instances table
     (`merge_measures`; `voxel_size`, `unit` as there). Cells under `min_voxels` voxels are dropped.
+    `rule` (`RULES`): "iou" for labellings that split touching cells, "overlap" for connected components.
     The local labels wait between the two passes in `scratch` (an array-like of the volume's shape taking
     int32), by default a memory-mapped file in the temporary folder (4 bytes a voxel). `progress(done,
     total)` is called after each block of each pass (label, then relabel and write; total = 2 blocks)."""
+    if rule not in RULES:  # before any block is labelled
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     shape = tuple(int(n) for n in volume.shape)
     blocks = plan_blocks(shape, block, halo, chunks)
     for axis in range(3):  # the first block reads past its core on a split axis exactly when the halo is not 0
@@ -210,10 +234,7 @@ def segment_blockwise(volume, label_block: Callable[[np.ndarray], np.ndarray], b
             raise ValueError(f"halo {halo} is 0 on axis {'zyx'[axis]}, which is split into blocks: neighbouring "
                              "blocks would share no voxel to agree on cell ids; use a halo of at least 1")
     overlaps = plan_overlaps(blocks)
-    of_block = defaultdict(list)
-    for o, overlap in enumerate(overlaps):
-        of_block[overlap.a].append(o)
-        of_block[overlap.b].append(o)
+    of_block = overlaps_by_block(overlaps)
     report = progress or (lambda done, total: None)
     with tempfile.TemporaryDirectory(prefix="emunet-blocks-") as folder:
         if write is None:
@@ -224,17 +245,18 @@ def segment_blockwise(volume, label_block: Callable[[np.ndarray], np.ndarray], b
             store = scratch
         pending, pairs, id_counts, sizes = {}, [], [], []
         for n, blk in enumerate(blocks):
-            labels = _local_labels(label_block(read_box(volume, blk.read)), blk)
+            raw = read_box(volume, blk.read)
+            labels = _local_labels(label_block(raw, blk) if with_block else label_block(raw), blk)
+            del raw
             core = core_of(blk, labels)
             id_counts.append(int(labels.max(initial=0)))
             sizes.append(core_sizes(core))
             store[box_slices(blk.core)] = core
-            for o in of_block[n]:
-                slab = crop(labels, blk.read, overlaps[o].box)
+            for o, slab in overlap_slabs(overlaps, of_block.get(n, []), blk, labels).items():
                 if o in pending:  # block a came first (a < b): both sides are here
-                    pairs.append((overlaps[o].a, overlaps[o].b, local_pairs(pending.pop(o), slab)))
+                    pairs.append((overlaps[o].a, overlaps[o].b, local_pairs(pending.pop(o), slab, rule)))
                 else:
-                    pending[o] = slab.copy()  # a copy, so the block's labels are freed
+                    pending[o] = slab
             report(n + 1, 2 * len(blocks))
         tables = merge_pairs(pairs, id_counts, sizes, min_voxels)
         partials = []
