@@ -254,9 +254,15 @@ def test_a_halo_of_zero_on_a_split_axis_is_refused():
     assert np.unique(labels).tolist() == [1]
 
 
-def test_label_block_must_label_the_read_box():
+def test_label_block_must_label_the_read_box_and_may_use_any_ids():
     with pytest.raises(ValueError, match="read box"):
         segment_blockwise(np.zeros((8, 8, 8)), lambda a: a[1:].astype(int), 4, 1)
+    with pytest.raises(ValueError, match="negative"):
+        segment_blockwise(np.zeros((8, 8, 8)), lambda a: -np.ones(a.shape, int), 4, 1)
+    prob = balls(SHAPE, CELLS)
+    sparse, rows = segment_blockwise(prob, lambda a: components(a).astype(np.int64) * 10**10 + (a > 0.5), 16, 3)
+    bijection(components(prob), sparse)  # ids beyond int32 are renumbered within the block
+    assert len(rows) == len(CELLS)
 
 
 @pytest.mark.parametrize("rule", ["iou", "overlap"])

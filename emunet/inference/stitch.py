@@ -3,14 +3,15 @@ block labels its own read box with ids of its own, neighbouring blocks agree thr
 labelled, and one table per block turns its ids into the volume's, numbered 1..N.
 
 Agreement: for each pair of neighbouring blocks (26-neighbourhood, `blocks.plan_overlaps`) the ids of the
-two blocks are compared over the box both read boxes cover: a slab of twice the halo around their common
-face, half in each core. That slab holds each block's best-seen voxels (its core by the face, with a full
-halo of context beyond) and its worst (its halo by its read border, where objects are cut off), so the
-two sides weigh equally. Two ids are the same cell when their intersection over union within the slab
-exceeds one half. A rule on the smaller piece alone would merge two cells touching at the face: the block
-that sees the neighbour cell only as a sliver in its halo, without that cell's core, floods the sliver
-from its own cell, and the sliver is then wholly inside that cell; the union counts the rest of the
-cell and keeps them apart. IoU above one half is also one-to-one: an id pairs with at most one other.
+two blocks are compared over the box both read boxes cover: for face neighbours a slab of twice the halo
+around their common face, half in each core. That slab holds each block's best-seen voxels (its core by
+the face, with a full halo of context beyond) and its worst (its halo by its read border, where objects
+are cut off), so the two sides weigh equally. Two ids are the same cell when their intersection over
+union within the slab exceeds one half. A rule on the smaller piece alone would merge two cells touching
+at the face: the block that sees the neighbour cell only as a sliver in its halo, without that cell's
+core, floods the sliver from its own cell, and the sliver is then wholly inside that cell; the union
+counts the rest of the cell and keeps them apart. IoU above one half is also one-to-one: an id pairs
+with at most one other. Connected components need no such care and take `rule="overlap"` (see `RULES`).
 Only ids that both blocks write (present in their cores) join: see `merge_pairs`.
 
 The halo must hold the context the labelling needs to split two cells at a face the way the whole volume
@@ -196,13 +197,13 @@ def _local_labels(labels, block) -> np.ndarray:
     labels = np.asarray(labels)
     shape = tuple(b - a for a, b in block.read)
     if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"label_block gave {labels.dtype} labels of shape {labels.shape} for block {block.index}; "
-                         f"expected integer labels of its read box, {shape}")
+        raise ValueError(f"label_block gave {labels.dtype} labels of shape {labels.shape} for block "
+                         f"{block.index}; expected integer labels of its read box, {shape}")
     if labels.size and labels.min() < 0:
         raise ValueError(f"label_block gave a negative id ({labels.min()}) for block {block.index}")
-    if labels.size and labels.max() > labels.size:
+    if labels.size and labels.max() > min(labels.size, 2**31 - 1):
         labels = np.unique(labels, return_inverse=True)[1].reshape(shape)  # 0 stays 0: it sorts first
-    return labels.astype(np.int32) if labels.max(initial=0) < 2**31 else labels
+    return labels.astype(np.int32)  # the scratch store's type
 
 
 def segment_blockwise(volume, label_block: Callable[..., np.ndarray], block, halo, chunks=None,
@@ -229,10 +230,10 @@ def segment_blockwise(volume, label_block: Callable[..., np.ndarray], block, hal
         raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
     shape = tuple(int(n) for n in volume.shape)
     blocks = plan_blocks(shape, block, halo, chunks)
-    for axis in range(3):  # the first block reads past its core on a split axis exactly when the halo is not 0
+    for axis in range(3):  # on a split axis, the first block reads past its core exactly when the halo is not 0
         if blocks[0].core[axis][1] < shape[axis] and blocks[0].read[axis] == blocks[0].core[axis]:
-            raise ValueError(f"halo {halo} is 0 on axis {'zyx'[axis]}, which is split into blocks: neighbouring "
-                             "blocks would share no voxel to agree on cell ids; use a halo of at least 1")
+            raise ValueError(f"halo {halo} is 0 on axis {'zyx'[axis]}, which is split into blocks: "
+                             "neighbouring blocks would share no voxel to agree on cell ids; use a halo of 1 or more")
     overlaps = plan_overlaps(blocks)
     of_block = overlaps_by_block(overlaps)
     report = progress or (lambda done, total: None)
