@@ -95,25 +95,34 @@ def test_overlaps_join_face_edge_and_corner_neighbours_once():
     assert plan_overlaps(plan_blocks(SHAPE, 16, 0)) == []
 
 
-def test_memory_block_is_whole_slices_as_deep_as_fits():
+def test_memory_block_is_whole_slices_in_as_few_equal_blocks_as_fit():
     shape, halo = (100, 256, 256), (2, 16, 16)
-    budget = 8 * 256 * 256 * 20  # 20 whole slices at 8 bytes a voxel
-    assert block_shape_for_memory(shape, 8, budget, halo) == (16, 256, 256)  # 16 + 2 x 2 = 20 slices read
+    budget = 8 * 256 * 256 * 20  # 20 whole slices at 8 bytes a voxel: 16 + 2 x 2 halo slices
+    assert block_shape_for_memory(shape, 8, budget, halo) == (15, 256, 256)  # 7 blocks of 15 (the last 10), not 16 + 4
     assert block_shape_for_memory(shape, 8, budget, halo, chunks=(5, 64, 64)) == (15, 256, 256)
+    assert block_shape_for_memory(shape, 8, budget, halo, chunks=(8, 64, 64)) == (16, 256, 256)
     assert block_shape_for_memory(shape, 8, budget * 100, halo) == (100, 256, 256)
 
 
-def test_memory_block_splits_the_plane_when_a_slice_does_not_fit_and_is_the_largest_that_does():
+def read_total(shape, block, halo) -> int:
+    """Voxels all read boxes of a plan hold together: the work, halos counted as often as read."""
+    return sum(int(np.prod(box_shape(b.read))) for b in plan_blocks(shape, block, halo))
+
+
+def test_memory_block_splits_the_plane_when_a_slice_does_not_fit_and_reads_least():
     shape, halo, chunks, bpv = (4, 300, 400), (1, 8, 8), (1, 4, 4), 4
     budget = bpv * 3 * 120 * 130
     bz, by, bx = block_shape_for_memory(shape, bpv, budget, halo, chunks, min_yx=64)
     reads = [min(n, b + 2 * h) for n, b, h in zip(shape, (bz, by, bx), halo)]
     assert np.prod(reads) * bpv <= budget and by % 4 == 0 and bx % 4 == 0 and by < 300
-    # every chunk-aligned block that fits has at most as many core voxels
-    z, y, x = np.meshgrid(np.arange(1, 5), np.r_[np.arange(64, 300, 4), 300], np.r_[np.arange(64, 400, 4), 400],
-                          indexing="ij")
-    read = np.minimum(4, z + 2) * np.minimum(300, y + 16) * np.minimum(400, x + 16) * bpv
-    assert (z * y * x)[read <= budget].max() == bz * by * bx
+    # no chunk-aligned block that fits reads fewer voxels in all
+    fitting = [(z, y, x) for z in range(1, 5) for y in [*range(64, 300, 4), 300] for x in [*range(64, 400, 4), 400]
+               if min(4, z + 2) * min(300, y + 16) * min(400, x + 16) * bpv <= budget]
+    def axis(n, b, h):
+        return sum(min(n, s + b + h) - max(0, s - h) for s in range(0, n, b))
+
+    least = min(axis(4, z, 1) * axis(300, y, 8) * axis(400, x, 8) for z, y, x in fitting)
+    assert read_total(shape, (bz, by, bx), halo) == least < read_total(shape, (1, 64, 64), halo)
     with pytest.raises(ValueError, match="MiB"):
         block_shape_for_memory(shape, bpv, bpv * 3 * 70 * 70, halo, min_yx=64)
 

@@ -28,7 +28,7 @@ MEMORY_FRACTION = 0.5
 # (16-32 px) and gives the network tiles smaller than it was trained on.
 MIN_YX = 64
 # Side lengths tried per axis by `block_shape_for_memory`: beyond this many, a geometric subset (steps of
-# about 5%), so the search stays instant on 20000-pixel axes and the block is within 5% of the best.
+# a few per cent), so the search stays instant on 20000-pixel axes and the block is near the best.
 MAX_CANDIDATES = 160
 
 
@@ -156,16 +156,30 @@ def _sizes(length: int, chunk: int, smallest: int = 1) -> list[int]:
     return sizes
 
 
+def _axis_read(length: int, size: int, halo: int) -> int:
+    """Voxels read along one axis by all blocks of side `size`: the axis plus the halos at inner faces."""
+    return sum(min(length, s + size + halo) - max(0, s - halo) for s in range(0, length, size))
+
+
+def _balanced(length: int, size: int, chunk: int) -> int:
+    """The smallest side (a multiple of `chunk`) giving as few blocks as `size` does: equal blocks, not a
+    sliver at the end, for the same reading (the halos are the same in number)."""
+    count = -(-length // size)
+    return min(size, -(-(-(-length // count)) // chunk) * chunk)
+
+
 def block_shape_for_memory(shape, bytes_per_voxel: float, budget_bytes: float, halo=0, chunks=None,
                            min_yx: int = MIN_YX) -> tuple[int, int, int]:
-    """The `(bz, by, bx)` core of the largest block whose read box (core + halo on both sides, clipped to
-    the volume) takes at most `budget_bytes` at `bytes_per_voxel` (what labelling one read voxel holds:
-    input, probabilities, labels, temporaries).
+    """The `(bz, by, bx)` core of the blocks for a `(Z, Y, X)` volume whose read box (core + halo on both
+    sides, clipped to the volume) takes at most `budget_bytes` at `bytes_per_voxel` (what labelling one
+    read voxel holds: input, probabilities, labels, temporaries).
 
-    Whole slices in y/x are preferred (no halo or seam in the plane), as deep in z as fits, at least one
-    slice (one z chunk); when one whole slice with its z halo does not fit, y and x are split into the
-    blocks with most core voxels that fit, at least `min_yx` a side. Sides are multiples of `chunks`
-    when given. Raises `ValueError` naming the bytes needed when even the smallest block does not fit."""
+    Whole slices in y/x are preferred (no halo or seam in the plane), in as few blocks along z as fit, at
+    least one slice (one z chunk) deep; when one whole slice with its z halo does not fit, y and x are
+    split too, at least `min_yx` a side, into the blocks that read the fewest voxels in all (the volume
+    plus its halos: the work). Blocks along an axis are made equal rather than leaving a sliver. Sides
+    are multiples of `chunks` when given. Raises `ValueError` naming the bytes needed when even the
+    smallest block does not fit."""
     shape, halo = _triple(shape, "shape", 1), _triple(halo, "halo", 0)
     chunks = _triple(chunks if chunks is not None else 1, "chunks", 1)
     limit = float(budget_bytes) / float(bytes_per_voxel)  # read voxels the budget allows
@@ -176,26 +190,28 @@ def block_shape_for_memory(shape, bytes_per_voxel: float, budget_bytes: float, h
     z_sizes = _sizes(shape[0], chunks[0])
     whole = [bz for bz in z_sizes if read(bz, 0) * shape[1] * shape[2] <= limit]
     if whole:
-        return whole[-1], shape[1], shape[2]
+        return _balanced(shape[0], whole[-1], chunks[0]), shape[1], shape[2]
     y_sizes = _sizes(shape[1], chunks[1], min(min_yx, shape[1]))
     x_sizes = _sizes(shape[2], chunks[2], min(min_yx, shape[2]))
     x_reads = [read(bx, 2) for bx in x_sizes]  # ascending, so the widest that fits is found by bisection
+    totals = [{b: _axis_read(n, b, h) for b in sizes} for n, h, sizes in zip(shape, halo, (z_sizes, y_sizes, x_sizes))]
     best, best_key = None, None
     for bz in z_sizes:
         for by in y_sizes:
             fits = bisect_right(x_reads, limit / (read(bz, 0) * read(by, 1)))
             if not fits:
                 break  # a taller block fits even less
-            bx = x_sizes[fits - 1]
-            key = (bz * by * bx, by * bx)  # most core voxels, then the widest plane
-            if best_key is None or key > best_key:
+            bx = x_sizes[fits - 1]  # the widest: the fewest x faces
+            blocks = tuple(-(-n // b) for n, b in zip(shape, (bz, by, bx)))
+            key = (totals[0][bz] * totals[1][by] * totals[2][bx], np.prod(blocks))  # least read, fewest blocks
+            if best_key is None or key < best_key:
                 best, best_key = (bz, by, bx), key
     if best is None:
         smallest = read(z_sizes[0], 0) * read(y_sizes[0], 1) * read(x_sizes[0], 2)
         raise ValueError(f"the smallest block of {shape} ({z_sizes[0]} x {y_sizes[0]} x {x_sizes[0]} voxels, "
                          f"read with a halo of {halo}) needs {smallest * bytes_per_voxel / 2**20:.1f} MiB "
                          f"but the memory budget is {budget_bytes / 2**20:.1f} MiB")
-    return best
+    return tuple(_balanced(n, b, c) for n, b, c in zip(shape, best, chunks))
 
 
 def default_memory_budget(fraction: float = MEMORY_FRACTION) -> int:
