@@ -1,0 +1,274 @@
+"""Cell ids that agree across blocks (the blockwise method of daisy and large-scale connectomics): each
+block labels its own read box with ids of its own, neighbouring blocks agree through the voxels both
+labelled, and one table per block turns its ids into the volume's, numbered 1..N.
+
+Agreement: for each pair of neighbouring blocks (26-neighbourhood, `blocks.plan_overlaps`) the ids of the
+two blocks are compared over the box both read boxes cover: for face neighbours a slab of twice the halo
+around their common face, half in each core. That slab holds each block's best-seen voxels (its core by
+the face, with a full halo of context beyond) and its worst (its halo by its read border, where objects
+are cut off), so the two sides weigh equally. Two ids are the same cell when their intersection over
+union within the slab exceeds one half. A rule on the smaller piece alone would merge two cells touching
+at the face: the block that sees the neighbour cell only as a sliver in its halo, without that cell's
+core, floods the sliver from its own cell, and the sliver is then wholly inside that cell; the union
+counts the rest of the cell and keeps them apart. IoU above one half is also one-to-one: an id pairs
+with at most one other. Connected components need no such care and take `rule="overlap"` (see `RULES`).
+Only ids that both blocks write (present in their cores) join: see `merge_pairs`.
+
+The halo must hold the context the labelling needs to split two cells at a face the way the whole volume
+would (for a watershed from cell cores: the core of the cell across the face, about a cell radius); with
+less, both blocks see one cell by the face and the two merge. Cells are compared, never re-segmented.
+
+For a cluster, every step is small or per block: `local_pairs` per overlap (pairs of ids), `merge_pairs`
+on the driver (union-find over all pairs: tables of ids, not voxels), `relabel` and `block_measures` per
+block, `merge_measures` on the driver (a few numbers per cell). `segment_blockwise` runs them in one process.
+"""
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from emunet.inference.blocks import (Box, box_slices, core_of, overlap_slabs, overlaps_by_block, plan_blocks,
+                                     plan_overlaps, read_box)
+
+SAME_CELL_IOU = 0.5  # intersection over union, within the overlap, above which two ids are one cell
+# How two blocks' ids are found to be one cell: "iou" (above) for labellings that split touching cells
+# (watersheds, `instances`); "overlap", any shared voxel, for connected components, where it is exact (a
+# block's component never spans two of the volume's, and every path between blocks crosses an overlap),
+# while "iou" would split an object whose two arms meet beyond one block's read box.
+RULES = ("iou", "overlap")
+
+
+def local_pairs(labels_a: np.ndarray, labels_b: np.ndarray, rule: str = "iou") -> np.ndarray:
+    """`(n, 2)` int64 pairs `(id in a, id in b)` of the ids that are one cell: two blocks' labels of the
+    same overlap box (equal shapes, 0 = background) whose IoU within it exceeds `SAME_CELL_IOU`, or with
+    `rule="overlap"` that share a voxel (see `RULES`)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    if labels_a.shape != labels_b.shape:
+        raise ValueError(f"the two blocks' labels of one overlap differ in shape: {labels_a.shape} and "
+                         f"{labels_b.shape}")
+    a, b = np.asarray(labels_a).ravel().astype(np.int64), np.asarray(labels_b).ravel().astype(np.int64)
+    both = (a > 0) & (b > 0)
+    if not both.any():
+        return np.zeros((0, 2), np.int64)
+    ids_a, size_a = np.unique(a[a > 0], return_counts=True)
+    ids_b, size_b = np.unique(b[b > 0], return_counts=True)
+    width = int(ids_b[-1]) + 1  # one int64 key per pair: a 1-D unique is several times faster than rows
+    keys, shared = np.unique(a[both] * width + b[both], return_counts=True)
+    pairs = np.stack(np.divmod(keys, width), axis=1)
+    if rule == "overlap":
+        return pairs
+    union = size_a[np.searchsorted(ids_a, pairs[:, 0])] + size_b[np.searchsorted(ids_b, pairs[:, 1])] - shared
+    return pairs[shared > SAME_CELL_IOU * union]
+
+
+def core_sizes(core_labels: np.ndarray) -> np.ndarray:
+    """`(n, 2)` int64 rows `(id, voxels)` of the ids present in a block's core labels (0 left out)."""
+    ids, counts = np.unique(np.asarray(core_labels), return_counts=True)
+    keep = ids > 0
+    return np.stack([ids[keep], counts[keep]], axis=1).astype(np.int64)
+
+
+def merge_pairs(pairs, id_counts: list[int], sizes: list[np.ndarray], min_voxels: int = 0) -> list[np.ndarray]:
+    """Relabel tables, one per block: `tables[n][local id]` is the volume-wide id (0: background or not
+    written), numbered 1..N densely in the order cells first appear in the plan's cores.
+
+    `pairs`: `(a, b, local_pairs(...))` for each overlap of blocks a and b (positions in the plan);
+    `id_counts[n]`: the largest id block n used in its read box; `sizes[n]`: `core_sizes` of its core.
+    A pair joins only when both ids are written (in `sizes`). Cells of fewer than `min_voxels` voxels in
+    the whole volume are dropped (table entry 0). Tables are int32 (int64 beyond 2**31 - 1 cells)."""
+    offsets = np.concatenate([[0], np.cumsum(id_counts, dtype=np.int64)])  # block n's id i is node offsets[n] + i
+    total = int(offsets[-1]) + 1
+    nodes = np.concatenate([s[:, 0] + offsets[n] for n, s in enumerate(sizes)] or [np.zeros(0, np.int64)])
+    voxels = np.concatenate([s[:, 1] for s in sizes] or [np.zeros(0, np.int64)])
+    written = np.zeros(total, bool)
+    written[nodes] = True
+    edges = [np.asarray(p, np.int64).reshape(-1, 2) + offsets[[a, b]] for a, b, p in pairs]
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    # Only ids both blocks write join: an id seen only in its block's halo was labelled with the least
+    # context (by the read box's border) and is not needed to join anything (a cell written by two
+    # blocks is seen by both, and all neighbours, diagonal ones too, are compared directly); through
+    # such an id, two cells that one block saw as one at its border would chain into one.
+    edges = edges[written[edges[:, 0]] & written[edges[:, 1]]]
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total, total))
+    count, cell = connected_components(graph, directed=False)  # union-find over all pairs at once
+    per_cell = np.bincount(cell[nodes], voxels, minlength=count)
+    first = np.full(count, total)
+    np.minimum.at(first, cell[nodes], nodes)
+    kept = np.flatnonzero(per_cell >= max(min_voxels, 1))  # cells with no core voxel were never written
+    dtype = np.int32 if len(kept) < 2**31 else np.int64
+    global_id = np.zeros(count, dtype)
+    global_id[kept[np.argsort(first[kept], kind="stable")]] = np.arange(1, len(kept) + 1, dtype=dtype)
+    return [np.concatenate([[0], global_id[cell[offsets[n] + 1:offsets[n + 1] + 1]]]).astype(dtype)
+            for n in range(len(id_counts))]
+
+
+def relabel(core_labels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """A block's core labels in volume-wide ids: `table[core_labels]` (same shape, the table's dtype)."""
+    core_labels = np.asarray(core_labels)
+    if core_labels.size and (core_labels.min() < 0 or core_labels.max() >= len(table)):
+        raise ValueError(f"labels {core_labels.min()}..{core_labels.max()} are outside the block's table of "
+                         f"ids 0..{len(table) - 1}")
+    return table[core_labels]
+
+
+@dataclass(frozen=True)
+class MeasurePartial:
+    """One block's share of the instances table, per volume-wide id: `voxels`, `sums` of the (z, y, x)
+    coordinates (exact integers), and the first `low` and last `high` (z, y, x) coordinate."""
+
+    ids: np.ndarray  # (n,) int64
+    voxels: np.ndarray  # (n,) int64
+    sums: np.ndarray  # (n, 3) int64
+    low: np.ndarray  # (n, 3) int64
+    high: np.ndarray  # (n, 3) int64
+
+
+def block_measures(labels: np.ndarray, box: Box) -> MeasurePartial:
+    """The `MeasurePartial` of a block's `(bz, by, bx)` labels (volume-wide ids) lying at `box` of the
+    volume; read a slice at a time, so it holds a slice's coordinates, not the block's."""
+    labels = np.asarray(labels)
+    ids = np.unique(labels)
+    ids = ids[ids > 0].astype(np.int64)
+    n = len(ids)
+    voxels, sums = np.zeros(n, np.int64), np.zeros((n, 3), np.int64)
+    low, high = np.full((n, 3), np.iinfo(np.int64).max), np.full((n, 3), -1, np.int64)
+    (z0, _), (y0, _), (x0, _) = box
+    for dz, plane in enumerate(labels):
+        ys, xs = np.nonzero(plane)
+        if not len(ys):
+            continue
+        k = np.searchsorted(ids, plane[ys, xs])
+        order = np.argsort(k, kind="stable")  # each id's pixels together, rows still ascending
+        k, ys, xs = k[order], ys[order] + y0, xs[order] + x0
+        start = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        end = np.r_[start[1:], len(k)] - 1
+        here, counts = k[start], np.diff(np.r_[start, len(k)])
+        voxels[here] += counts
+        sums[here] += np.stack([counts * (z0 + dz), np.add.reduceat(ys, start), np.add.reduceat(xs, start)], axis=1)
+        plane_low = np.stack([np.full(len(here), z0 + dz), ys[start], np.minimum.reduceat(xs, start)], axis=1)
+        plane_high = np.stack([np.full(len(here), z0 + dz), ys[end], np.maximum.reduceat(xs, start)], axis=1)
+        low[here], high[here] = np.minimum(low[here], plane_low), np.maximum(high[here], plane_high)
+    return MeasurePartial(ids, voxels, sums, low, high)
+
+
+def _physical(voxels: int, centre: np.ndarray, voxel_size, unit: str | None) -> list:
+    """The `volume, z, y, x, unit` cells of a row, as `ObjectMeasures` writes them; an axis of unknown
+    size (None) leaves its coordinate and the volume empty."""
+    if voxel_size is None or all(s is None for s in voxel_size):
+        return ["", "", "", "", ""]
+    known = [s is not None for s in voxel_size]
+    size = np.array([s if s is not None else np.nan for s in voxel_size], float)
+    volume = float(f"{voxels * np.prod(size):.6g}") if all(known) else ""
+    return [volume, *(float(f"{c:.6g}") if k else "" for c, k in zip(centre * size, known)), unit or ""]
+
+
+def merge_measures(partials: list[MeasurePartial], voxel_size=None, unit: str | None = None) -> list[list]:
+    """The instances table from every block's `MeasurePartial`: `MEASURE_COLUMNS` rows (id, voxels,
+    first_slice, last_slice, centroid_z/y/x in voxels, volume, z, y, x in `unit`), one per id, by id, as
+    `emunet.core.objects.ObjectMeasures` gives them for the whole volume. `voxel_size` (z, y, x) may be
+    None or hold None for an axis of unknown size."""
+    if not partials:
+        return []
+    ids = np.concatenate([p.ids for p in partials])
+    cells, where = np.unique(ids, return_inverse=True)
+    voxels = np.bincount(where, np.concatenate([p.voxels for p in partials]), len(cells)).astype(np.int64)
+    sums = np.zeros((len(cells), 3), np.int64)
+    np.add.at(sums, where, np.concatenate([p.sums for p in partials]))
+    low, high = np.full((len(cells), 3), np.iinfo(np.int64).max), np.full((len(cells), 3), -1, np.int64)
+    np.minimum.at(low, where, np.concatenate([p.low for p in partials]))
+    np.maximum.at(high, where, np.concatenate([p.high for p in partials]))
+    rows = []
+    for i, cell in enumerate(cells):
+        centre = sums[i].astype(float) / voxels[i]
+        rows.append([int(cell), int(voxels[i]), int(low[i, 0]), int(high[i, 0]),
+                     *(round(float(c), 2) for c in centre), *_physical(voxels[i], centre, voxel_size, unit)])
+    return rows
+
+
+def _local_labels(labels, block) -> np.ndarray:
+    """`label_block`'s result checked: non-negative integer ids of the read box's shape, renumbered when
+    they are so sparse that the id tables would outgrow the block."""
+    labels = np.asarray(labels)
+    shape = tuple(b - a for a, b in block.read)
+    if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"label_block gave {labels.dtype} labels of shape {labels.shape} for block "
+                         f"{block.index}; expected integer labels of its read box, {shape}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"label_block gave a negative id ({labels.min()}) for block {block.index}")
+    if labels.size and labels.max() > min(labels.size, 2**31 - 1):
+        labels = np.unique(labels, return_inverse=True)[1].reshape(shape)  # 0 stays 0: it sorts first
+    return labels.astype(np.int32)  # the scratch store's type
+
+
+def segment_blockwise(volume, label_block: Callable[..., np.ndarray], block, halo, chunks=None,
+                      write: Callable[[Box, np.ndarray], None] | None = None, voxel_size=None,
+                      unit: str | None = None, min_voxels: int = 0, scratch=None,
+                      progress: Callable[[int, int], None] | None = None, with_block: bool = False,
+                      rule: str = "iou"):
+    """Instance labels of a `(Z, Y, X)` volume made block by block in one process, ids agreeing across
+    blocks; returns `(labels, rows)`.
+
+    `volume`: an array or a lazily read volume (`emunet.core.io.Volume`); `label_block` maps a read box's
+    `(rz, ry, rx)` array to integer labels of that shape, ids of its own (0 background); with `with_block`
+    it is called `label_block(array, block)` with the `Block`, so that it can write what needs no
+    stitching (probabilities, mask) at `block.core` itself (`blocks.core_of`); `block`, `halo`,
+    `chunks` as `blocks.plan_blocks` (halo at least 1 on every axis split into blocks). Each block's core,
+    in volume-wide ids 1..N, goes to `write(core_box, labels)` (boxes whole chunks of `chunks`); with
+    `write` None, `labels` is the assembled `(Z, Y, X)` array, else None. `rows` is the instances table
+    (`merge_measures`; `voxel_size`, `unit` as there). Cells under `min_voxels` voxels are dropped.
+    `rule` (`RULES`): "iou" for labellings that split touching cells, "overlap" for connected components.
+    The local labels wait between the two passes in `scratch` (an array-like of the volume's shape taking
+    int32), by default a memory-mapped file in the temporary folder (4 bytes a voxel). `progress(done,
+    total)` is called after each block of each pass (label, then relabel and write; total = 2 blocks)."""
+    if rule not in RULES:  # before any block is labelled
+        raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+    shape = tuple(int(n) for n in volume.shape)
+    blocks = plan_blocks(shape, block, halo, chunks)
+    for axis in range(3):  # on a split axis, the first block reads past its core exactly when the halo is not 0
+        if blocks[0].core[axis][1] < shape[axis] and blocks[0].read[axis] == blocks[0].core[axis]:
+            raise ValueError(f"halo {halo} is 0 on axis {'zyx'[axis]}, which is split into blocks: "
+                             "neighbouring blocks would share no voxel to agree on cell ids; use a halo of 1 or more")
+    overlaps = plan_overlaps(blocks)
+    of_block = overlaps_by_block(overlaps)
+    report = progress or (lambda done, total: None)
+    with tempfile.TemporaryDirectory(prefix="emunet-blocks-") as folder:
+        if write is None:
+            store = np.zeros(shape, np.int32)
+        elif scratch is None:
+            store = np.lib.format.open_memmap(Path(folder) / "local_labels.npy", "w+", np.int32, shape)
+        else:
+            store = scratch
+        pending, pairs, id_counts, sizes = {}, [], [], []
+        for n, blk in enumerate(blocks):
+            raw = read_box(volume, blk.read)
+            labels = _local_labels(label_block(raw, blk) if with_block else label_block(raw), blk)
+            del raw
+            core = core_of(blk, labels)
+            id_counts.append(int(labels.max(initial=0)))
+            sizes.append(core_sizes(core))
+            store[box_slices(blk.core)] = core
+            for o, slab in overlap_slabs(overlaps, of_block.get(n, []), blk, labels).items():
+                if o in pending:  # block a came first (a < b): both sides are here
+                    pairs.append((overlaps[o].a, overlaps[o].b, local_pairs(pending.pop(o), slab, rule)))
+                else:
+                    pending[o] = slab
+            report(n + 1, 2 * len(blocks))
+        tables = merge_pairs(pairs, id_counts, sizes, min_voxels)
+        partials = []
+        for n, blk in enumerate(blocks):
+            core = relabel(np.asarray(store[box_slices(blk.core)]), tables[n])
+            if write is None:
+                store[box_slices(blk.core)] = core
+            else:
+                write(blk.core, core)
+            partials.append(block_measures(core, blk.core))
+            report(len(blocks) + n + 1, 2 * len(blocks))
+        result = store if write is None else None
+        del store  # the memory map's file goes with the folder
+    return result, merge_measures(partials, voxel_size, unit)
