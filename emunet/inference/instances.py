@@ -21,6 +21,7 @@ import numpy as np
 from skimage.segmentation import watershed
 
 from emunet.core.objects import components, drop_small
+from emunet.inference.dips import merge_shallow
 
 DEFAULT_SEED_THRESHOLD = 0.9  # cores the U-Net is sure of; a quarter of the way from 0.5 to 1 in logits
 # Probability: a shallower dip between two cores is inside one object (see the module). Chosen with
@@ -54,45 +55,9 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
         depth_map = (255 - np.round(prob * 255)).astype(np.uint8)
         grown = watershed(depth_map, markers=np.where(several, seeds, 0), mask=several, connectivity=1)
         if depth > 0:
-            grown = _merge_shallow(grown, prob, depth)
+            grown = merge_shallow(grown, prob, depth)
         labels[several] = grown[several] + count  # past the pieces' ids; drop_small renumbers
     return drop_small(labels, min_size)
-
-
-def _merge_shallow(labels: np.ndarray, prob: np.ndarray, depth: float) -> np.ndarray:
-    """`labels` with neighbouring regions merged while the pass between them (the highest of the lower
-    probabilities of two 4-neighbouring pixels on their border) is less than `depth` below the lower of
-    their peaks; highest passes first, a merged region keeps the higher peak. Ids stay 1..N, gaps allowed."""
-    count = int(labels.max())
-    passes = []
-    for a, b, pa, pb in ((labels[:, :-1], labels[:, 1:], prob[:, :-1], prob[:, 1:]),
-                         (labels[:-1, :], labels[1:, :], prob[:-1, :], prob[1:, :])):
-        border = (a != b) & (a > 0) & (b > 0)
-        low, high = np.minimum(a[border], b[border]), np.maximum(a[border], b[border])
-        passes.append((low.astype(np.int64) * (count + 1) + high, np.minimum(pa[border], pb[border])))
-    keys = np.concatenate([k for k, _ in passes])
-    if not keys.size:
-        return labels
-    heights = np.concatenate([h for _, h in passes])
-    order = np.lexsort((heights, keys))
-    keys, heights = keys[order], heights[order]
-    last = np.r_[keys[1:] != keys[:-1], True]  # sorted by height within a key: the last is its highest pass
-    keys, heights = keys[last], heights[last]
-    peak = np.zeros(count + 1, np.float32)
-    np.maximum.at(peak, labels.ravel(), prob.ravel())
-    root = np.arange(count + 1)
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            root[i] = root[root[i]]
-            i = root[i]
-        return i
-
-    for k in np.argsort(-heights, kind="stable"):
-        a, b = find(int(keys[k] // (count + 1))), find(int(keys[k] % (count + 1)))
-        if a != b and min(peak[a], peak[b]) - heights[k] < depth:
-            root[b], peak[a] = a, max(peak[a], peak[b])
-    return np.array([find(i) for i in range(count + 1)])[labels]
 
 
 class SliceLinker:

@@ -19,6 +19,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from emunet.core.objects import drop_small
+from emunet.inference.dips import merge_shallow
 from emunet.inference.instances import DEFAULT_SEED_THRESHOLD, SEED_DEPTH
 
 SIX_CONNECTED = ndimage.generate_binary_structure(3, 1)  # faces only: a corner is no contact in 3-D either
@@ -40,55 +41,6 @@ def _flood(depth_map: np.ndarray, markers: np.ndarray, mask: np.ndarray | None =
     grown = watershed(depth_map, markers=np.where(inner, 0, markers), mask=region, connectivity=1)
     grown[inner] = markers[inner]
     return grown
-
-
-def _passes(labels: np.ndarray, prob: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`(keys, heights)`: for each pair of neighbouring regions (key `low * (count + 1) + high`), its pass:
-    the highest, over face-neighbouring voxel pairs on their border, of the lower probability of the
-    two. Any number of dimensions."""
-    keys, heights = [], []
-    for axis in range(labels.ndim):
-        head = (slice(None),) * axis
-        a, b = labels[head + (slice(None, -1),)], labels[head + (slice(1, None),)]
-        border = (a != b) & (a > 0) & (b > 0)
-        if not border.any():
-            continue
-        la, lb = a[border].astype(np.int64), b[border].astype(np.int64)
-        keys.append(np.minimum(la, lb) * (count + 1) + np.maximum(la, lb))
-        heights.append(np.minimum(prob[head + (slice(None, -1),)][border], prob[head + (slice(1, None),)][border]))
-    if not keys:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    keys, heights = np.concatenate(keys), np.concatenate(heights)
-    order = np.lexsort((heights, keys))
-    keys, heights = keys[order], heights[order]
-    last = np.r_[keys[1:] != keys[:-1], True]  # sorted by height within a key: the last is its highest pass
-    return keys[last], heights[last]
-
-
-def merge_shallow(labels: np.ndarray, prob: np.ndarray, depth: float) -> np.ndarray:
-    """`labels` (any dimensions) with face-neighbouring regions merged while the pass between them is
-    less than `depth` below the lower of their peaks; highest passes first, a merged region keeps the
-    higher peak (the 2-D rule of `emunet.inference.instances`, for any number of axes). Ids stay within
-    0..max, gaps allowed."""
-    count = int(labels.max(initial=0))
-    keys, heights = _passes(labels, prob, count)
-    if not keys.size:
-        return labels
-    peak = np.zeros(count + 1, np.float32)
-    np.maximum.at(peak, labels.ravel(), prob.ravel())  # 0.15 s on 250^3 (scipy's ndimage.maximum sorts: 6 s)
-    root = np.arange(count + 1)
-
-    def find(i: int) -> int:
-        while root[i] != i:
-            root[i] = root[root[i]]
-            i = root[i]
-        return i
-
-    for k in np.argsort(-heights, kind="stable"):
-        a, b = find(int(keys[k] // (count + 1))), find(int(keys[k] % (count + 1)))
-        if a != b and min(peak[a], peak[b]) - heights[k] < depth:
-            root[b], peak[a] = a, max(peak[a], peak[b])
-    return np.array([find(i) for i in range(count + 1)])[labels]
 
 
 def volume_instances(probs: np.ndarray, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,

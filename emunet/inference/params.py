@@ -19,9 +19,13 @@ from emunet.inference.instances import DEFAULT_SEED_THRESHOLD, SEED_DEPTH
 from emunet.inference.tiling import DEFAULT_OVERLAP, TTA_MODES
 
 OUTPUTS = ("mask", "probability", "labels")
+# How objects are found: "2d" in each slice, linked through the slices (anisotropic serial sections);
+# "3d" as solid objects by a 3-D watershed (near-isotropic volumes); "auto" by the voxel size.
+INSTANCE_MODES = ("auto", "2d", "3d")
 # The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
 PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
                "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double", "seed_depth": "double",
+               "instances": "string", "grow_over_all": "boolean",
                "low": "double", "high": "double"}
 
 
@@ -59,6 +63,12 @@ class SegmentParams:
     # Two neighbouring objects stay apart only where the probability between them dips at least this far
     # below the weaker core: a shallower dip is texture inside one cell (emunet.inference.instances).
     seed_depth: float = SEED_DEPTH
+    # "auto": in 3-D where the slice spacing is within 2x of the pixel size (the voxel size says so;
+    # unknown: slice by slice), else in each slice linked through the slices. See INSTANCE_MODES.
+    instances: str = "auto"
+    # Objects grow over every voxel, membranes included (3-D), as connectomics tools label dense tissue;
+    # False: over the foreground only.
+    grow_over_all: bool = False
     # The whole volume's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
     # None: the input's own. Pass both when sending part of a volume.
     low: float | None = None
@@ -70,6 +80,13 @@ class SegmentParams:
 
         if self.output not in OUTPUTS:
             raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
+        if self.instances not in INSTANCE_MODES:
+            raise InputError(f"instances must be one of {', '.join(INSTANCE_MODES)}, got {self.instances!r}")
+        if not isinstance(self.grow_over_all, bool):
+            text = str(self.grow_over_all).strip().lower()
+            if text not in ("true", "false", "1", "0"):
+                raise InputError(f"grow_over_all must be true or false, got {self.grow_over_all!r}")
+            put("grow_over_all", text in ("true", "1"))
         if self.tta not in TTA_MODES:
             raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         for name in ("tile_size", "batch_size", "min_object_size"):

@@ -20,15 +20,32 @@ from dataclasses import dataclass
 import numpy as np
 
 from emunet.core.dataset import MASK_IGNORE
+from emunet.core.errors import InputError
+from emunet.core.io import available_memory
+from emunet.core.labels import is_near_isotropic
 from emunet.core.metrics import (UNMEASURED_OBJECTS, ObjectScorer, confusion, median_slice_accuracy,
                                  scores_from_counts)
+from emunet.core.metrics3d import METRIC_NAMES_3D, VolumeScorer
 from emunet.core.normalize import stack_stats
 from emunet.core.objects import sizes, truth_objects
 from emunet.inference.instances import SliceLinker, slice_instances
-from emunet.inference.params import SegmentParams
+from emunet.inference.instances3d import volume_instances
+from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.tiling import iter_probabilities, tile_side
 
 COUNTS = ("tp", "fp", "fn", "tn")
+UNMEASURED_3D = dict.fromkeys(METRIC_NAMES_3D, float("nan"))
+# The 3-D watershed holds the volume's probabilities and its temporaries (ids, flood priorities, the
+# watershed's own arrays): about this many bytes per voxel, which must fit in the memory available.
+BYTES_PER_VOXEL_3D = 24
+
+
+def instance_mode(params: SegmentParams, voxel_size=None) -> str:
+    """"2d" or "3d": the params' choice, or with "auto" 3-D where the voxel size says near-isotropic
+    (`emunet.core.labels.is_near_isotropic`); a size the file does not give means slice by slice."""
+    if params.instances != "auto":
+        return params.instances
+    return "3d" if is_near_isotropic(voxel_size) else "2d"
 
 
 class Segmenter:
@@ -56,6 +73,7 @@ class Truth:
         if kind not in ("mask", "instances", "stored"):
             raise ValueError(f"unknown truth kind {kind!r}")
         self.volume, self.kind, self.ids = volume, kind, ids
+        self.linker = SliceLinker()  # a mask's objects followed through the slices, as predictions are
 
     @classmethod
     def of_labels(cls, volume, label_kind: str = "mask") -> "Truth":
@@ -86,6 +104,16 @@ class Truth:
             objects = truth_objects(label, min_size, instances=self.kind == "instances")
         return foreground, annotated, objects
 
+    def volume_ids(self, z: int, objects: np.ndarray) -> np.ndarray:
+        """The true 3-D objects in slice z (call in slice order): the ids of instance labels as they are;
+        a mask's objects (`objects`, from `parts`) linked through the slices one to one, as the
+        prediction's are."""
+        if self.ids is not None:
+            return np.asarray(self.ids[z])
+        if self.kind == "instances":
+            return np.asarray(self.volume[z])
+        return self.linker.ids(objects)
+
 
 @dataclass
 class SliceResult:
@@ -103,6 +131,7 @@ class SliceResult:
     row: dict | None = None
     truth_objects: np.ndarray | None = None
     annotated: np.ndarray | None = None
+    truth_ids: np.ndarray | None = None  # the true 3-D objects in this slice (see `Truth.volume_ids`)
 
     @property
     def areas(self) -> list[int]:
@@ -121,32 +150,71 @@ def _score_row(z: int, mask: np.ndarray, objects: np.ndarray, truth: Truth, min_
     return row, true_objects, annotated
 
 
-def segment_probabilities(probs: Iterable[np.ndarray], params: SegmentParams, truth: Truth | None = None,
-                          start: int = 0) -> Iterator[SliceResult]:
-    """Turn `(H, W)` probability maps, in slice order from slice `start`, into `SliceResult`s: the mask
-    (`prob >= threshold`), the instances of each slice (`emunet.inference.instances.slice_instances`:
-    touching cells split at the membrane, specks under `min_object_size` dropped) linked through the
-    slices, and with `truth` (indexed by absolute slice) the slice's score row."""
+def _slice_objects(ids: np.ndarray) -> np.ndarray:
+    """The pieces of 3-D objects in one slice as that slice's objects: int32 ids 1..N."""
+    values, inverse = np.unique(ids, return_inverse=True)
+    dense = inverse.reshape(ids.shape).astype(np.int32)
+    return dense if values[0] == 0 else dense + 1
+
+
+def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[tuple]:
+    """`(prob, mask, objects, ids)` of each slice, objects found in 3-D (`volume_instances`) over the whole
+    volume's probabilities, which must fit in memory."""
+    probs = list(probs)
+    if not probs:
+        return
+    needed = len(probs) * probs[0].size * BYTES_PER_VOXEL_3D
+    if needed > available_memory():
+        raise InputError(f"3-D instances of {len(probs)} slices of {probs[0].shape} need about {needed / 2**30:.1f} "
+                         f"GiB but {available_memory() / 2**30:.1f} GiB are available; pass instances=2d, or a "
+                         f"region=z0:z1,y0:y1,x0:x1 of the volume")
+    volume = np.stack(probs).astype(np.float32, copy=False)
+    ids = volume_instances(volume, params.threshold, params.seed_threshold, params.min_object_size,
+                           params.seed_depth, params.grow_over_all)
+    for prob, slice_ids in zip(volume, ids):
+        yield prob, prob >= params.threshold, _slice_objects(slice_ids), slice_ids
+
+
+def _objects_2d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[tuple]:
+    """`(prob, mask, objects, ids)` of each slice: objects found in the slice, linked through the slices."""
     linker = SliceLinker()
-    for z, prob in enumerate(probs, start=start):
+    for prob in probs:
         prob = np.asarray(prob, np.float32)
-        mask = prob >= params.threshold
         objects = slice_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
                                   params.seed_depth)
-        result = SliceResult(z, prob, mask, objects, linker.ids(objects))
+        yield prob, prob >= params.threshold, objects, linker.ids(objects)
+
+
+def segment_probabilities(probs: Iterable[np.ndarray], params: SegmentParams, truth: Truth | None = None,
+                          start: int = 0, voxel_size=None) -> Iterator[SliceResult]:
+    """Turn `(H, W)` probability maps, in slice order from slice `start`, into `SliceResult`s: the mask
+    (`prob >= threshold`), the objects (`instance_mode`: in each slice with
+    `emunet.inference.instances.slice_instances`, touching cells split at the membrane, specks under
+    `min_object_size` dropped, linked through the slices; or in 3-D with
+    `emunet.inference.instances3d.volume_instances`), and with `truth` (indexed by absolute slice) the
+    slice's score row and its true 3-D objects. `voxel_size` `(z, y, x)` (entries None when unknown)
+    decides `instances="auto"`."""
+    find = _objects_3d if instance_mode(params, voxel_size) == "3d" else _objects_2d
+    for z, (prob, mask, objects, ids) in enumerate(find(probs, params), start=start):
+        result = SliceResult(z, prob, mask, objects, ids)
         if truth is not None:
             result.row, result.truth_objects, result.annotated = _score_row(z, mask, objects, truth,
                                                                             params.min_object_size)
+            result.truth_ids = truth.volume_ids(z, result.truth_objects)
         yield result
 
 
-def segment_volume(segmenter, volume, params: SegmentParams, truth: Truth | None = None) -> Iterator[SliceResult]:
+def segment_volume(segmenter, volume, params: SegmentParams, truth: Truth | None = None,
+                   voxel_size=None) -> Iterator[SliceResult]:
     """Segment a raw `(Z, H, W)` volume (array or lazily read) slice by slice with `segmenter` (anything
     with `probabilities(volume, params)`, e.g. `Segmenter` or the pyfunc's `StackSegmenter`); see
-    `segment_probabilities` for what each result holds. Memory stays with a few slices."""
+    `segment_probabilities` for what each result holds. `voxel_size` defaults to the volume's own
+    (`Volume.voxel_size`). Memory stays with a few slices (2-D objects) or the volume's probabilities
+    (3-D objects)."""
     if truth is not None and tuple(truth.volume.shape) != tuple(volume.shape):
         raise ValueError(f"truth of shape {tuple(truth.volume.shape)} for a volume of {tuple(volume.shape)}")
-    return segment_probabilities(segmenter.probabilities(volume, params), params, truth)
+    voxel_size = voxel_size if voxel_size is not None else getattr(volume, "voxel_size", None)
+    return segment_probabilities(segmenter.probabilities(volume, params), params, truth, voxel_size=voxel_size)
 
 
 class VolumeScores:
@@ -154,10 +222,13 @@ class VolumeScores:
     slice accuracy, and object scores (`emunet.core.metrics.ObjectScorer`) over the fully annotated
     slices; `rows` are the per-slice rows, each with `stack` when given."""
 
-    def __init__(self):
+    def __init__(self, min_size: int = DEFAULTS.min_object_size):
         self.rows: list[dict] = []
         self.objects = ObjectScorer()
+        self.volumes = VolumeScorer()  # 3-D objects: the `_3d` scores
         self.scored_slices = 0
+        self.min_size = min_size  # true 3-D objects under this many voxels are left out, as in a slice
+        self.partial = False  # a slice not fully annotated: whole objects cannot be scored
 
     def add(self, result: SliceResult, stack: str | None = None) -> dict:
         """Count one scored slice; returns its row."""
@@ -168,6 +239,9 @@ class VolumeScores:
             found = self.objects.add(result.objects, result.truth_objects)
             row["objects_matched"] = found["matched"]
             self.scored_slices += 1
+            self.volumes.add(result.truth_ids, result.ids)
+        else:
+            self.partial = True
         row = {"stack": stack, **row} if stack is not None else row
         self.rows.append(row)
         return row
@@ -179,6 +253,7 @@ class VolumeScores:
     def metrics(self) -> dict[str, float]:
         pooled = {**scores_from_counts(*self.totals().values()), "median_slice_accuracy": median_slice_accuracy(self.rows)}
         pooled.update(self.objects.scores() if self.scored_slices else UNMEASURED_OBJECTS)
+        pooled.update(self.volumes.scores(self.min_size) if self.scored_slices and not self.partial else UNMEASURED_3D)
         return pooled
 
 
