@@ -8,11 +8,12 @@ a power cut cannot leave a final name pointing at missing data.
 """
 
 import contextlib
-import fcntl
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+from filelock import FileLock
 
 from emunet.core.errors import InputError
 
@@ -97,14 +98,13 @@ def output_folder(path: str | Path, what: str = "output_dir") -> Path:
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path):
-    """Hold an exclusive lock on `path` (made if missing) for the block: other processes, and other
-    threads that open the file themselves, wait. A killed holder releases it."""
+def file_lock(path: str | Path, blocking: bool = True):
+    """Hold an exclusive lock on `path` (made if missing, left in place) for the block: other processes,
+    and other threads, wait. A killed holder releases it. With `blocking=False`, a lock held elsewhere
+    raises `TimeoutError` at once instead of waiting. Portable (the `filelock` package: flock on Linux and
+    macOS, LockFileEx on Windows). Taking a lock this thread already holds raises `RuntimeError` rather
+    than waiting for ever."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path, blocking=blocking):
+        yield

@@ -6,7 +6,7 @@ started again with the same command, continues from its last completed epoch in 
   state.json                      the pointer, replaced atomically last: epoch, run id, counters, best dice
   epoch-<n>/model.weights.h5      weights and optimizer state after epoch n (Keras `save_weights`)
   epoch-<n>/best.npz              the best epoch's weights so far
-  lock                            held (flock) while a process trains from this folder
+  lock                            held (file_lock) while a process trains from this folder
   worker-1/ ...                   the same for each other worker of a multi-worker cluster
 ```
 An epoch's folder is written in full and flushed to disk before `state.json` names it, and `state.json`
@@ -14,7 +14,7 @@ is written to a temporary name, flushed and renamed: a kill or a power cut at an
 previous epoch's backup intact.
 """
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import re
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from emunet.core.errors import InputError
-from emunet.core.files import atomic_write, fsync_path, remove
+from emunet.core.files import atomic_write, file_lock, fsync_path, remove
 from emunet.training.distribute import is_chief
 from emunet.training.state import TrainingState
 
@@ -66,18 +66,18 @@ class Backup:
 
     def __enter__(self):
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.folder / "lock", "w")
+        lock = contextlib.ExitStack()
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
+            lock.enter_context(file_lock(self.folder / "lock", blocking=False))
+        except TimeoutError:
             raise InputError(f"another training with the same configuration is running from {self.folder}; "
                              f"wait for it to finish, or pass checkpoint_dir to keep this one apart") from None
+        self._lock = lock
         return self
 
     def __exit__(self, *exc):
         if self._lock is not None:
-            self._lock.close()  # closing the file releases the lock; a killed process releases it too
+            self._lock.close()  # releases the lock; a killed process releases it too
             self._lock = None
 
     def load(self) -> tuple[TrainingState, Path] | None:
