@@ -16,7 +16,7 @@ from tqdm import tqdm
 from emunet.registry.champion import (CHAMPION_METRICS, DEFAULT_CHAMPION_METRIC, PIXEL_CHAMPION_METRICS,
                                        promote_if_better)
 from emunet.registry.cli import run_entry
-from emunet.core.dataset import fully_annotated, is_sparse, mask_parts, open_stack, read_manifest, stacks_in
+from emunet.core.dataset import fully_annotated, is_sparse, mask_parts, open_ids, open_stack, read_manifest, stacks_in
 from emunet.core.errors import InputError
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
@@ -43,6 +43,8 @@ class EvaluateConfig:
     tile_size: int = DEFAULTS.tile_size
     min_object_size: int = DEFAULTS.min_object_size  # true and predicted objects: at least this many pixels
     seed_threshold: float = DEFAULTS.seed_threshold  # as output="labels" separates touching cells
+    instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
+    grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
     register: bool = True  # false: score only
     experiment: str = DEFAULT_EXPERIMENT
 
@@ -56,18 +58,19 @@ def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = Tr
     scored on the fully annotated slices only (a slice annotated in part cannot say whether an object in
     its unannotated part is right; its row has empty object columns), NaN when there are none."""
     manifest = read_manifest(dataset_dir)
-    scores, pictures = VolumeScores(), {}
     params = SegmentParams.from_config(cfg)
+    scores, pictures = VolumeScores(params.min_object_size), {}
     for info in tqdm(stacks_in(manifest, "val"), desc="evaluate", unit="stack", disable=not progress):
         image, stored = open_stack(dataset_dir, info)
         zs = set(np.linspace(0, image.shape[0] - 1, min(4, image.shape[0])).astype(int).tolist())
         tiles = []
-        for result in segment_volume(segmenter, image, params.replace(low=info.low, high=info.high),
-                                     Truth.of_dataset(stored)):
+        truth = Truth.of_dataset(stored, open_ids(dataset_dir, info))
+        for result in segment_volume(segmenter, image, params.replace(low=info.low, high=info.high), truth,
+                                     voxel_size=info.source.get("voxel_size")):
             scores.add(result, stack=info.name)
             if result.z in zs:
-                truth = mask_parts(stored[result.z])[0]
-                tiles.append(overlay(normalize(image[result.z], info.low, info.high), truth, result.mask))
+                tiles.append(overlay(normalize(image[result.z], info.low, info.high), mask_parts(stored[result.z])[0],
+                                     result.mask))
         pictures[info.name] = montage(tiles, columns=len(tiles))
     return scores.metrics(), scores.rows, pictures, manifest
 

@@ -51,6 +51,8 @@ class PredictConfig:
     save_probability: bool = False  # also write <name>_prob.tif (float32, 4x the mask's size)
     min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice; smaller pieces are not objects
     seed_threshold: float = DEFAULTS.seed_threshold  # cores that seed one object each; <= threshold: no split
+    instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
+    grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
     save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
     label_kind: str = "mask"  # `labels` are a mask (objects: its components) or "instances" (values are ids)
     output_format: str = "auto"  # auto: OME-Zarr (<name>_mask.ome.zarr...) for a Zarr input, TIFF otherwise; tif; zarr
@@ -115,7 +117,7 @@ def predict(cfg: PredictConfig) -> dict:
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
-        written, scores = [], VolumeScores()
+        written, scores = [], VolumeScores(options(cfg).min_object_size)
         where = {"level": cfg.level, "region": cfg.region}
         for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):
             with open_volume(path, **where) as stack:

@@ -73,6 +73,8 @@ class PredictSparkConfig:
     tta: str = DEFAULTS.tta
     min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice, as in predict
     seed_threshold: float = DEFAULTS.seed_threshold  # as in predict: touching cells counted apart
+    instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
+    grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
     output_format: str = "auto"  # as in predict: auto (OME-Zarr for a Zarr input, else TIFF), tif or zarr
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT

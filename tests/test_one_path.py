@@ -88,3 +88,36 @@ def test_a_registered_version_describes_itself(world):
         np.zeros((32, 32), np.uint8), params={"output": "probability"})
     assert segmented.shape == (32, 32)
     assert load_segmenter(f"models:/{name}/{version.version}").meta["multiple_of"] >= 1
+
+
+def two_touching_balls(shape=(24, 24, 40)) -> tuple[np.ndarray, np.ndarray]:
+    """True ids of two balls touching at x = 20, and probabilities with a membrane dip between them."""
+    zz, yy, xx = np.indices(shape)
+    truth = np.zeros(shape, np.int32)
+    for i, cx in enumerate((11, 28), start=1):
+        truth[(zz - 12) ** 2 + (yy - 12) ** 2 + (xx - cx) ** 2 <= 81] = i
+    prob = np.where(truth > 0, 0.97, 0.05).astype(np.float32)
+    prob[:, :, 19:21] = np.minimum(prob[:, :, 19:21], 0.6)  # the membrane: the network is unsure there
+    return truth, prob
+
+
+def test_the_path_finds_cells_in_3d_where_voxels_are_near_isotropic():
+    from emunet.inference.params import DEFAULTS
+    from emunet.inference.segment import Truth, instance_mode, score_volume, segment_probabilities
+
+    truth, prob = two_touching_balls()
+    params = DEFAULTS.replace(min_object_size=0)
+    assert instance_mode(params, (10.0, 10.0, 10.0)) == "3d" and instance_mode(params, (50.0, 4.0, 4.0)) == "2d"
+    assert instance_mode(params, (None, 4.0, 4.0)) == "2d"  # z unknown: never guessed isotropic
+    results = list(segment_probabilities(prob, params, Truth.of_labels(truth, "instances"), voxel_size=(10, 10, 10)))
+    ids = np.stack([r.ids for r in results])
+    assert len(np.unique(ids[ids > 0])) == 2
+    scores = score_volume(results, scores=None).metrics()
+    assert scores["object_f1_3d"] == 1.0 and scores["ap50_3d"] == 1.0 and scores["vi_merge_3d"] < 0.05
+    # Per-slice scores keep their own names: each slice's pieces of the two balls.
+    assert scores["object_f1"] == pytest.approx(1.0) and "object_f1" != "object_f1_3d"
+    # Without the membrane dip (one blob), 3-D finds one object: the scores say the cells merged.
+    merged = np.where(truth > 0, 0.97, 0.05).astype(np.float32)
+    one = score_volume(segment_probabilities(merged, params.replace(instances="3d"),
+                                             Truth.of_labels(truth, "instances"))).metrics()
+    assert one["object_recall_3d"] <= 0.5 and one["vi_merge_3d"] > 0.9

@@ -33,7 +33,8 @@ MAX_ROUNDS = 10
 # What `champion` is chosen on, and what training keeps its best epoch by: higher is better for each.
 # object_f1 by default: users count and measure cells, and a model can keep a pixel Dice of 0.96 while it
 # merges touching cells (issue 15: Dice 0.957, object F1 0.39).
-CHAMPION_METRICS = ("object_f1", "dice", "iou", "mean_matched_iou", "pixel_accuracy")
+CHAMPION_METRICS = ("object_f1", "dice", "iou", "mean_matched_iou", "pixel_accuracy", "object_f1_3d", "ap50_3d",
+                    "ap75_3d")
 PIXEL_CHAMPION_METRICS = ("dice", "iou", "pixel_accuracy")  # measurable on sparse labels too
 DEFAULT_CHAMPION_METRIC = "object_f1"
 DEFAULT_METRIC = f"test_{DEFAULT_CHAMPION_METRIC}"  # the version tag compared

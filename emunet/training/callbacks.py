@@ -16,7 +16,7 @@ import keras
 import mlflow
 import numpy as np
 
-from emunet.core.dataset import mask_parts, open_stack
+from emunet.core.dataset import mask_parts, open_ids, open_stack
 from emunet.core.losses import get_loss
 from emunet.core.model import UNetSpec, multiple_of
 from emunet.core.normalize import normalize
@@ -111,6 +111,7 @@ class Validation(keras.callbacks.Callback):
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.state, self.backup = state, backup
         self.val = [(s, *open_stack(dataset_dir, s)) for s in val_stacks]
+        self.ids = {s.name: open_ids(dataset_dir, s) for s in val_stacks}  # instance labels, when given
         self.eval_model = eval_model
         self.segmenter = Segmenter(compiled_forward(eval_model), multiple_of(UNetSpec(depth=cfg.depth,
                                                                                      input_scale=cfg.input_scale)))
@@ -141,7 +142,8 @@ class Validation(keras.callbacks.Callback):
         for info, image, mask in self.val:
             stack = []
             for result in segment_volume(self.segmenter, image, DEFAULTS.replace(low=info.low, high=info.high),
-                                         Truth.of_dataset(mask)):
+                                         Truth.of_dataset(mask, self.ids[info.name]),
+                                         voxel_size=info.source.get("voxel_size")):
                 scores.add(result, info.name)
                 stack.append(result.prob)
             probs.append(np.stack(stack))
