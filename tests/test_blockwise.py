@@ -1,0 +1,140 @@
+"""Blockwise segmentation (blocks in z, y and x with a halo) against the whole-volume path on the same
+volume: the same probabilities, the same mask, the same cells up to a renumbering."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from emunet.inference.blockwise import block_bytes, plan_for, segment_in_blocks
+from emunet.inference.params import SegmentParams
+from emunet.inference.segment import Segmenter, Truth, VolumeScores, segment_volume
+
+SHAPE = (8, 96, 96)  # split 4 x 48 x 48: 2 x 2 x 2 blocks
+BLOCK, HALO = (4, 48, 48), (1, 24, 24)
+BIG = ((48, 48), 22)  # across all eight blocks
+NEIGHBOUR = ((48, 88), 15)  # touches BIG across a thin membrane: apart only where the labelling sees both
+NEAR_FACE = ((15, 38), 6)  # in the first blocks' cores; the blocks across x = 48 see it in their halo only
+SMALL = ((80, 15), 7)
+
+
+def disc(center, radius) -> np.ndarray:
+    yy, xx = np.indices(SHAPE[1:])
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius ** 2
+
+
+def cells_volume() -> np.ndarray:
+    """Bright cells on a dark background, BIG and NEIGHBOUR parted by a two-pixel membrane; cells shift
+    a little from slice to slice, as sections do."""
+    out = np.full(SHAPE, 30, np.uint8)
+    for z in range(SHAPE[0]):
+        plane = np.zeros(SHAPE[1:], bool)
+        for (y, x), r in (BIG, NEIGHBOUR, NEAR_FACE, SMALL):
+            plane |= disc((y + z % 3 - 1, x), r)
+        membrane = np.zeros(SHAPE[1:], bool)
+        membrane[:, 68:70] = True
+        out[z][plane & ~membrane] = 220
+    return out
+
+
+def smooth_forward(batches: list | None = None):
+    """A deterministic stand-in for a network: a blur of each tile (so tiles and their borders matter),
+    plus a term that depends on the batch size (as a compiled network's rounding may)."""
+
+    def forward(tiles: np.ndarray) -> np.ndarray:
+        if batches is not None:
+            batches.append(len(tiles))
+        blurred = ndimage.gaussian_filter(tiles[..., 0], sigma=(0, 1.5, 1.5), mode="reflect")
+        return (np.clip(blurred * 1.1 - 0.02, 0, 1) - 1e-4 * len(tiles))[..., None].astype(np.float32)
+
+    return forward
+
+
+PARAMS = SegmentParams(tile_size=32, batch_size=3, min_object_size=5, instances="2d")
+
+
+def bijection(first: np.ndarray, second: np.ndarray) -> dict[int, int]:
+    """`{id in first: id in second}` when the two labellings are the same up to renumbering, else an
+    AssertionError naming what is split or merged."""
+    pairs = np.unique(np.stack([np.ravel(first), np.ravel(second)], axis=1).astype(np.int64), axis=0)
+    assert len(np.unique(pairs[:, 0])) == len(pairs), f"an id of the first is split: {pairs.tolist()}"
+    assert len(np.unique(pairs[:, 1])) == len(pairs), f"ids of the first are merged: {pairs.tolist()}"
+    mapping = {int(a): int(b) for a, b in pairs}
+    assert mapping.get(0, 0) == 0
+    return mapping
+
+
+def both_ways(params=PARAMS, volume=None, **options):
+    volume = cells_volume() if volume is None else volume
+    whole_batches, block_batches = [], []
+    whole = list(segment_volume(Segmenter(smooth_forward(whole_batches), 4), volume, params))
+    blocked = list(segment_in_blocks(Segmenter(smooth_forward(block_batches), 4), volume, params, **options))
+    return whole, blocked, whole_batches, block_batches
+
+
+def test_blocks_give_the_whole_volumes_probabilities_mask_and_cells():
+    progress = []
+    whole, blocked, whole_batches, block_batches = both_ways(block=BLOCK, halo=HALO,
+                                                             progress=lambda *a: progress.append(a))
+    assert progress == [(n, 8) for n in range(1, 9)]
+    assert [r.z for r in blocked] == list(range(SHAPE[0]))
+    # Every tile ran in a batch of the size the whole slice gives it (the term of the batch size shows it).
+    assert set(block_batches) == set(whole_batches) == {3, 1}
+    prob = np.stack([r.prob for r in blocked])
+    np.testing.assert_array_equal(prob, np.stack([r.prob for r in whole]))
+    np.testing.assert_array_equal(np.stack([r.mask for r in blocked]), np.stack([r.mask for r in whole]))
+    ids, truth = np.stack([r.ids for r in blocked]), np.stack([r.ids for r in whole])
+    mapping = bijection(truth, ids)
+    assert len(mapping) == 5  # background and the four cells, each one id through the slices
+    # BIG lies across all eight blocks: one id in the whole volume, one id here.
+    inside = np.stack([disc((y + z % 3 - 1, x), r - 2) for z in range(SHAPE[0]) for (y, x), r in [BIG]]) & (np.arange(96) < 66)
+    assert len(np.unique(ids[inside])) == 1 and len(np.unique(truth[inside])) == 1
+    # A cell the neighbouring blocks see in their halo only is written once, not duplicated.
+    near = np.stack([disc((y + z % 3 - 1, x), r - 2) for z in range(SHAPE[0]) for (y, x), r in [NEAR_FACE]])
+    assert len(np.unique(ids[near])) == 1
+    # Per slice, the objects are the whole slice's objects, and their areas those counted on the slice.
+    for mine, theirs in zip(blocked, whole):
+        bijection(theirs.objects, mine.objects)
+        assert sorted(mine.areas) == sorted(theirs.areas)
+
+
+def test_a_halo_too_thin_for_the_cell_across_the_face_is_seen_in_the_result():
+    """The test above can fail: with no label halo in y and x, neighbouring blocks share no pixels and
+    BIG is cut into one cell per block."""
+    _, blocked, _, _ = both_ways(block=BLOCK, halo=(1, 0, 0))
+    ids = np.stack([r.ids for r in blocked])
+    inside = np.stack([disc((y + z % 3 - 1, x), r - 2) for z in range(SHAPE[0]) for (y, x), r in [BIG]]) & (np.arange(96) < 66)
+    assert len(np.unique(ids[inside])) == 4
+
+
+def test_scores_with_a_truth_equal_the_whole_volumes():
+    volume = cells_volume()
+    labels = (volume > 100).astype(np.uint8)
+    whole, blocked = VolumeScores(PARAMS.min_object_size), VolumeScores(PARAMS.min_object_size)
+    for r in segment_volume(Segmenter(smooth_forward(), 4), volume, PARAMS, Truth.of_labels(labels)):
+        whole.add(r)
+    for r in segment_in_blocks(Segmenter(smooth_forward(), 4), volume, PARAMS, block=BLOCK, halo=HALO,
+                               truth=Truth.of_labels(labels)):
+        blocked.add(r)
+    assert blocked.metrics() == pytest.approx(whole.metrics(), nan_ok=True)
+
+
+def test_3d_objects_across_the_blocks_are_one_cell_each():
+    zz, yy, xx = np.indices((24, 48, 48))
+    volume = np.full((24, 48, 48), 30, np.uint8)
+    for (z, y, x), r in (((12, 24, 24), 9), ((4, 8, 40), 4), ((19, 40, 8), 4)):
+        volume[(zz - z) ** 2 + (yy - y) ** 2 + (xx - x) ** 2 <= r * r] = 220
+    params = SegmentParams(tile_size=32, batch_size=2, min_object_size=5, instances="3d")
+    whole, blocked, _, _ = both_ways(params, volume, block=(12, 24, 24), halo=12)
+    np.testing.assert_array_equal(np.stack([r.mask for r in blocked]), np.stack([r.mask for r in whole]))
+    mapping = bijection(np.stack([r.ids for r in whole]), np.stack([r.ids for r in blocked]))
+    assert len(mapping) == 4
+
+
+def test_blocks_of_a_16384_slice_fit_a_budget_of_one_and_a_half_gigabytes():
+    budget = 1.5e9
+    blocks, tiles = plan_for((1, 16384, 16384), SegmentParams(), multiple=16, budget=budget)
+    assert 4 <= len(blocks) <= 64
+    assert max(block_bytes(b, tiles) for b in blocks) <= budget
+    # The whole slice would not: that is why it goes by blocks.
+    whole, _ = plan_for((1, 16384, 16384), SegmentParams(), multiple=16, block=(1, 16384, 16384))
+    assert block_bytes(whole[0], tiles) > budget
