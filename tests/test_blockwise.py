@@ -49,7 +49,7 @@ def smooth_forward(batches: list | None = None):
     return forward
 
 
-PARAMS = SegmentParams(tile_size=32, batch_size=3, min_object_size=5, instances="2d")
+PARAMS = SegmentParams(tile_size=16, batch_size=3, min_object_size=5, instances="2d")
 
 
 def bijection(first: np.ndarray, second: np.ndarray) -> dict[int, int]:
