@@ -30,7 +30,9 @@ from emunet.core.files import output_folder
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
+from emunet.inference.blockwise import needs_blocks, segment_in_blocks
 from emunet.inference.outputs import output_format, output_names, result_files, rows_to_csv
+from emunet.inference.blocks import default_memory_budget
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.segment import Truth, VolumeScores, segment_volume
 
@@ -58,6 +60,9 @@ class PredictConfig:
     output_format: str = "auto"  # auto: OME-Zarr (<name>_mask.ome.zarr...) for a Zarr input, TIFF otherwise; tif; zarr
     level: str = ""  # level of an OME-Zarr multiscale input (labels too); "" = 0, full resolution
     region: str = ""  # z0:z1,y0:y1,x0:x1: segment only this block of every input (and its labels); "" = all
+    # GiB the segmentation of one block may take; a slice (or, for 3-D objects, a volume) that needs more
+    # goes by blocks in z, y and x (emunet.inference.blockwise). 0: half the memory free at the start.
+    memory_gb: float = 0.0
     experiment: str = DEFAULT_EXPERIMENT
 
 
@@ -80,22 +85,38 @@ def window(stack, path: Path) -> tuple[float, float]:
 def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path, truth=None,
                   low_high: tuple[float, float] | None = None, scores: VolumeScores | None = None,
                   fmt: str = "tif") -> None:
-    """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) slice by slice through the one
-    segmentation path, writing `<name>_*` files as slices come. `truth` (same shape; a mask, or ids with
-    `label_kind="instances"`) is read one slice at a time too, and each slice is added to `scores`;
-    `low_high` is the stack's intensity window (default: computed here); `fmt` "tif" or "zarr" (OME-Zarr
-    images chunked like the stack)."""
+    """Segment a raw `(Z, H, W)` stack (an array or a lazily read volume) through the one segmentation
+    path, writing `<name>_*` files as slices come. Slice by slice (`segment_volume`) when one slice's
+    working memory fits `cfg.memory_gb` (default half the memory free), else by blocks in z, y and x
+    (`segment_in_blocks`: the same probabilities and mask, the same cells up to their numbering). `truth`
+    (same shape; a mask, or ids with `label_kind="instances"`) is read one slice at a time too, and each
+    slice is added to `scores`; `low_high` is the stack's intensity window (default: computed here);
+    `fmt` "tif" or "zarr" (OME-Zarr images chunked like the stack)."""
     low, high = low_high or stack_stats(stack)
     params = options(cfg).replace(low=low, high=high)
     labels = Truth.of_labels(truth, cfg.label_kind) if truth is not None else None
+    budget = cfg.memory_gb * 2**30 if cfg.memory_gb > 0 else default_memory_budget()
+    blockwise = needs_blocks(tuple(stack.shape), params, segmenter.multiple, budget, getattr(stack, "voxel_size", None))
     with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels,
                       voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None),
                       fmt=fmt, shape=tuple(stack.shape), chunks=getattr(stack, "chunks", None)) as add:
-        results = segment_volume(segmenter, stack, params, labels)
-        for result in tqdm(results, total=len(stack), desc=name, unit="slice"):
+        if blockwise:
+            bar = tqdm(desc=name, unit="block")
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+            results = segment_in_blocks(segmenter, stack, params, budget=budget, progress=progress, truth=labels)
+        else:
+            bar = None
+            results = tqdm(segment_volume(segmenter, stack, params, labels), total=len(stack), desc=name, unit="slice")
+        for result in results:
             add(result.z, result.mask, result.prob, result.areas, result.ids)
             if labels is not None:
                 scores.add(result, stack=name)
+        if bar is not None:
+            bar.close()
 
 
 def predict(cfg: PredictConfig) -> dict:

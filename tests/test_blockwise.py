@@ -138,3 +138,51 @@ def test_blocks_of_a_16384_slice_fit_a_budget_of_one_and_a_half_gigabytes():
     # The whole slice would not: that is why it goes by blocks.
     whole, _ = plan_for((1, 16384, 16384), SegmentParams(), multiple=16, block=(1, 16384, 16384))
     assert block_bytes(whole[0], tiles) > budget
+
+
+def test_only_slices_or_3d_volumes_beyond_the_budget_go_by_blocks():
+    from emunet.inference.blockwise import needs_blocks
+
+    params = SegmentParams(instances="2d")
+    assert needs_blocks((1, 16384, 16384), params, 16, 1.5e9)
+    assert not needs_blocks((500, 2048, 2048), params, 16, 1.5e9)  # slice by slice: the depth costs nothing
+    assert needs_blocks((500, 2048, 2048), params.replace(instances="3d"), 16, 1.5e9)
+    assert not needs_blocks((64, 256, 256), params.replace(instances="3d"), 16, 1.5e9)
+
+
+def test_predict_by_blocks_writes_what_predict_by_slices_writes(world, tmp_path, monkeypatch):
+    """A memory budget below one slice's working memory sends predict through the blocks; its files
+    hold the same probabilities and mask, the same cells (renumbered) and the same objects table."""
+    import csv
+
+    import tifffile
+
+    from emunet.core.synthetic import synthetic_stack
+    import serving.predict
+    from serving.predict import PredictConfig, predict
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["budget"])
+        return segment_in_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(serving.predict, "segment_in_blocks", counted)
+
+    image, _ = synthetic_stack(0, 3, (2, 600, 500))
+    tifffile.imwrite(tmp_path / "big.tif", image, photometric="minisblack")
+    base = dict(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "big.tif"), tile_size=64,
+                save_probability=True, save_labels=True)
+    predict(PredictConfig(**base, output_dir=str(tmp_path / "slices")))
+    assert calls == []  # the default budget holds a slice: slice by slice, as before
+    predict(PredictConfig(**base, output_dir=str(tmp_path / "blocks"), memory_gb=0.015))
+    assert calls == [0.015 * 2**30]
+    read = {kind: [tifffile.imread(tmp_path / out / f"big_{kind}.tif") for out in ("slices", "blocks")]
+            for kind in ("prob", "mask", "labels")}
+    np.testing.assert_array_equal(*read["prob"])  # the same tiles in batches of the same sizes
+    np.testing.assert_array_equal(*read["mask"])
+    mapping = bijection(*read["labels"])
+    assert len(mapping) > 10
+    tables = [list(csv.DictReader(open(tmp_path / out / "big_objects.csv"))) for out in ("slices", "blocks")]
+    assert [(r["slice"], r["objects"], r["total_area"]) for r in tables[0]] == \
+        [(r["slice"], r["objects"], r["total_area"]) for r in tables[1]]

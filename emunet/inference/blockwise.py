@@ -38,7 +38,7 @@ from emunet.inference.blocks import (Block, block_shape_for_memory, box_shape, d
 from emunet.inference.instances import SliceLinker, slice_instances
 from emunet.inference.instances3d import volume_instances
 from emunet.inference.params import SegmentParams
-from emunet.inference.segment import SliceResult, Truth, _score_row, instance_mode
+from emunet.inference.segment import BYTES_PER_VOXEL_3D, SliceResult, Truth, _score_row, instance_mode
 from emunet.inference.stitch import core_sizes, local_pairs
 from emunet.inference.tiling import TilePlan, gaussian_window, mirror_pad, plan_tiles, with_tta
 
@@ -155,6 +155,17 @@ def block_bytes(block: Block, tiles: TilePlan) -> int:
     """Bytes segmenting `block` holds, by `BYTES_PER_PIXEL` of its tile region."""
     (y0, y1), (x0, x1) = tile_region(tiles, block.read[1:])
     return int(box_shape(block.read)[0]) * (y1 - y0) * (x1 - x0) * BYTES_PER_PIXEL
+
+
+def needs_blocks(shape, params: SegmentParams, multiple: int, budget: float, voxel_size=None) -> bool:
+    """Whether a `(Z, H, W)` volume must go by blocks to stay within `budget` bytes: one slice's working
+    memory (`BYTES_PER_PIXEL` of the padded slice) for objects found slice by slice, the volume's
+    (`segment.BYTES_PER_VOXEL_3D` a voxel) for 3-D objects."""
+    z_size, height, width = (int(n) for n in shape)
+    tiles = plan_tiles(height, width, params.tile_size, multiple, params.overlap, params.batch_size)
+    if instance_mode(params, voxel_size) == "3d":
+        return z_size * height * width * BYTES_PER_VOXEL_3D > budget
+    return tiles.pad_h * tiles.pad_w * BYTES_PER_PIXEL > budget
 
 
 class _Scratch:
