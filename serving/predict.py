@@ -18,6 +18,7 @@ before any work. With `labels`, the prediction is also scored, on pixels (Dice..
 `per_slice_scores.csv` (one row per slice) as an artifact of the run.
 """
 
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +27,15 @@ from tqdm import tqdm
 
 from emunet.registry.cli import run_entry
 from emunet.core.errors import InputError
-from emunet.core.files import output_folder
+from emunet.core.files import atomic_writes, output_folder
+from emunet.core.objects import MEASURE_COLUMNS
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.inference.blockwise import needs_blocks, segment_in_blocks
-from emunet.inference.outputs import output_format, output_names, result_files, rows_to_csv
+from emunet.inference.blockwise import combine_measures, needs_blocks, segment_in_blocks
+from emunet.inference.outputs import (OBJECT_COLUMNS, check_targets, object_row, output_format, output_names,
+                                      result_files, result_targets, rows_to_csv)
+from emunet.inference.stitch import merge_measures
 from emunet.inference.blocks import default_memory_budget
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.segment import Truth, VolumeScores, segment_volume
@@ -97,26 +101,41 @@ def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path
     labels = Truth.of_labels(truth, cfg.label_kind) if truth is not None else None
     budget = cfg.memory_gb * 2**30 if cfg.memory_gb > 0 else default_memory_budget()
     blockwise = needs_blocks(tuple(stack.shape), params, segmenter.multiple, budget, getattr(stack, "voxel_size", None))
-    with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels,
-                      voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None),
-                      fmt=fmt, shape=tuple(stack.shape), chunks=getattr(stack, "chunks", None)) as add:
-        if blockwise:
-            bar = tqdm(desc=name, unit="block")
+    where = dict(voxel_size=getattr(stack, "voxel_size", None), unit=getattr(stack, "unit", None), fmt=fmt,
+                 shape=tuple(stack.shape), chunks=getattr(stack, "chunks", None))
+    if not blockwise:
+        with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels, **where) as add:
+            for result in tqdm(segment_volume(segmenter, stack, params, labels), total=len(stack), desc=name,
+                               unit="slice"):
+                add(result.z, result.mask, result.prob, result.areas, result.ids)
+                if labels is not None:
+                    scores.add(result, stack=name)
+        return
+    # By blocks: the objects tables are made from the blocks' counts (`BlockSliceResult.areas`, `.measures`),
+    # never from a whole slice's ids, which alone would take several times a slice's bytes.
+    tables = {k: v for k, v in result_targets(out_dir, name, fmt=fmt).items() if k in ("objects", "instances")}
+    check_targets(tables, fmt)
+    bar = tqdm(desc=name, unit="block")
 
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
 
-            results = segment_in_blocks(segmenter, stack, params, budget=budget, progress=progress, truth=labels)
-        else:
-            bar = None
-            results = tqdm(segment_volume(segmenter, stack, params, labels), total=len(stack), desc=name, unit="slice")
-        for result in results:
-            add(result.z, result.mask, result.prob, result.areas, result.ids)
+    with atomic_writes(tables) as tmp, open(tmp["objects"], "w", newline="") as objects, \
+            result_files(out_dir, name, probability=cfg.save_probability, objects=False, labels=cfg.save_labels,
+                         **where) as add:
+        table, measures = csv.writer(objects), None
+        table.writerow(OBJECT_COLUMNS)
+        for result in segment_in_blocks(segmenter, stack, params, budget=budget, progress=progress, truth=labels):
+            add(result.z, result.mask, result.prob, None, result.ids)
+            table.writerow(object_row(result.z, result.areas))
+            measures = result.measures if measures is None else combine_measures([measures, result.measures])
             if labels is not None:
                 scores.add(result, stack=name)
-        if bar is not None:
-            bar.close()
+        rows = merge_measures([measures] if measures is not None else [], where["voxel_size"], where["unit"])
+        with open(tmp["instances"], "w", newline="") as out:
+            csv.writer(out).writerows([MEASURE_COLUMNS, *rows])
+    bar.close()
 
 
 def predict(cfg: PredictConfig) -> dict:

@@ -39,7 +39,7 @@ from emunet.inference.instances import SliceLinker, slice_instances
 from emunet.inference.instances3d import volume_instances
 from emunet.inference.params import SegmentParams
 from emunet.inference.segment import BYTES_PER_VOXEL_3D, SliceResult, Truth, _score_row, instance_mode
-from emunet.inference.stitch import core_sizes, local_pairs
+from emunet.inference.stitch import MeasurePartial, block_measures, core_sizes, local_pairs
 from emunet.inference.tiling import TilePlan, gaussian_window, mirror_pad, plan_tiles, with_tta
 
 log = logging.getLogger(__name__)
@@ -187,11 +187,13 @@ class _Scratch:
 
 class BlockSliceResult(SliceResult):
     """A `SliceResult` assembled from blocks: `prob`, `objects` and `ids` are memory maps of scratch
-    files (read as they are used), `areas` were counted block by block."""
+    files (read as they are used), `areas` were counted block by block, and `measures` is the slice's
+    share of the instances table (`stitch.MeasurePartial`: `combine_measures` over the slices, then
+    `stitch.merge_measures` give the table without reading whole slices)."""
 
-    def __init__(self, *args, areas: list[int], **kwargs):
+    def __init__(self, *args, areas: list[int], measures: MeasurePartial, **kwargs):
         super().__init__(*args, **kwargs)
-        self._areas = areas
+        self._areas, self.measures = areas, measures
 
     @property
     def areas(self) -> list[int]:
@@ -295,18 +297,37 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
                 scratch.path.unlink(missing_ok=True)
 
 
+def combine_measures(parts: list[MeasurePartial]) -> MeasurePartial:
+    """One `stitch.MeasurePartial` of several (blocks, slices): per id, voxels and coordinate sums added,
+    first and last coordinates the least and the greatest. Keeps the instances table of a volume at a few
+    numbers a cell while its slices go by."""
+    ids = np.concatenate([p.ids for p in parts])
+    cells, where = np.unique(ids, return_inverse=True)
+    voxels, sums = np.zeros(len(cells), np.int64), np.zeros((len(cells), 3), np.int64)
+    low, high = np.full((len(cells), 3), np.iinfo(np.int64).max), np.full((len(cells), 3), -1, np.int64)
+    np.add.at(voxels, where, np.concatenate([p.voxels for p in parts]))
+    np.add.at(sums, where, np.concatenate([p.sums for p in parts]).reshape(-1, 3))
+    np.minimum.at(low, where, np.concatenate([p.low for p in parts]).reshape(-1, 3))
+    np.maximum.at(high, where, np.concatenate([p.high for p in parts]).reshape(-1, 3))
+    return MeasurePartial(cells.astype(np.int64), voxels, sums, low, high)
+
+
 def _slab_slices(folder, z0, z1, shape, slab, blocks, tables, prob_file, local_file, params, truth):
-    """The slab's slices as `BlockSliceResult`s: volume ids and per-slice objects written block by block
-    into scratch files of one slice, areas counted per block."""
+    """The slab's slices as `BlockSliceResult`s: volume ids, per-slice objects and the mask written block
+    by block into arrays or scratch files of one slice; areas and measures counted per block."""
     for k in range(z1 - z0):
         z = z0 + k
         ids_file = _Scratch(Path(folder) / f"ids{z}.npy", shape[1:], np.uint32)
-        present = []
+        mask = np.zeros(shape[1:], bool)
+        present, parts = [], []
         for n in slab:
             (y0, y1), (x0, x1) = blocks[n].core[1:]
-            ids = tables[n][local_file.read((k, slice(y0, y1), slice(x0, x1)))]
-            ids_file.write((slice(y0, y1), slice(x0, x1)), ids)
+            where = (slice(y0, y1), slice(x0, x1))
+            ids = tables[n][local_file.read((k, *where))]
+            ids_file.write(where, ids)
+            mask[where] = prob_file.read((k, *where)) >= params.threshold
             present.append(np.unique(ids))
+            parts.append(block_measures(ids[None], ((z, z + 1), (y0, y1), (x0, x1))))
         cells = np.unique(np.concatenate(present))
         cells = cells[cells > 0]
         objects_file = _Scratch(Path(folder) / f"objects{z}.npy", shape[1:], np.int32)
@@ -317,9 +338,11 @@ def _slab_slices(folder, z0, z1, shape, slab, blocks, tables, prob_file, local_f
             objects = np.where(ids > 0, np.searchsorted(cells, ids) + 1, 0).astype(np.int32)
             objects_file.write((slice(y0, y1), slice(x0, x1)), objects)
             areas += np.bincount(objects.ravel(), minlength=len(areas))
-        prob = prob_file.read(k)
-        result = BlockSliceResult(z, prob, prob >= params.threshold, objects_file.read(slice(None)),
-                                  ids_file.read(slice(None)), areas=[int(a) for a in areas[1:]])
+        # Fresh maps: their pages are read only if the caller reads them (a map kept since the blocks
+        # were written would hold the whole slice in this process's memory).
+        result = BlockSliceResult(z, prob_file.read(k), mask, objects_file.read(slice(None)),
+                                  ids_file.read(slice(None)), areas=[int(a) for a in areas[1:]],
+                                  measures=combine_measures(parts))
         if truth is not None:
             result.row, result.truth_objects, result.annotated = _score_row(
                 z, result.mask, result.objects, truth, params.min_object_size)

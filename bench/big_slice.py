@@ -1,0 +1,103 @@
+"""One 16384 x 16384 slice through `predict` by blocks (issue 25): peak resident memory of the predict
+process against the slice's own float32 size (1 GiB) and the 2 GB target.
+
+A uint8 slice of synthetic cells (a 2048 x 2048 synthetic EM patch, each copy mirrored differently, so
+cells run across the copies' borders) is written as `.npy` (read by blocks, memory-mapped) in a temporary
+folder and segmented with `python -m serving.predict` by a tiny U-Net trained for seconds on synthetic
+data (the tests' TINY_TRAIN), in a process of its own whose peak RSS its parent reads when it ends
+(`getrusage(RUSAGE_CHILDREN)`). Before, a slice and its probabilities had to fit: about 5x the slice's
+float32 bytes.
+
+    python bench/big_slice.py                       # 16384 x 16384, memory_gb 1.0
+    python bench/big_slice.py --side 4096 --memory_gb 0.1   # a quick look
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+from emunet.core.synthetic import synthetic_stack  # noqa: E402
+
+TARGET_GB = 2.0
+PATCH = 2048
+# Peak RSS of a process, read by its parent after it ended (Linux: kB).
+PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
+
+
+def write_slice(path: Path, side: int) -> None:
+    """A `(1, side, side)` uint8 .npy of synthetic cells, written a row of patches at a time."""
+    patch = synthetic_stack(11, 0, (1, PATCH, PATCH))[0][0]
+    out = np.lib.format.open_memmap(path, "w+", np.uint8, (1, side, side))
+    for i, y in enumerate(range(0, side, PATCH)):
+        for j, x in enumerate(range(0, side, PATCH)):
+            view = patch[::-1] if i % 2 else patch
+            view = view[:, ::-1] if j % 2 else view
+            out[0, y:y + PATCH, x:x + PATCH] = view[:side - y, :side - x]
+    out.flush()
+    del out
+
+
+def tiny_model(folder: Path, uri: str) -> str:
+    """A tiny U-Net trained for seconds (the tests' TINY_TRAIN) on synthetic stacks; its model URI."""
+    from emunet.core.dataset import write_dataset
+    from pipeline.train import TrainConfig, train
+    from tests.conftest import TINY_TRAIN
+
+    mlflow.set_tracking_uri(uri)
+    stacks = [dict(name=f"s{i}", split="val" if i == 2 else "train", image=image, mask=mask)
+              for i, (image, mask) in enumerate(synthetic_stack(0, i, (4, 64, 64)) for i in range(3))]
+    write_dataset(folder / "data", stacks)
+    os.chdir(folder)
+    return train(TrainConfig(dataset_uri=str(folder / "data"), **TINY_TRAIN))["model_uri"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=16384)
+    parser.add_argument("--memory_gb", type=float, default=1.0, help="predict's block budget (GiB)")
+    parser.add_argument("--tmp", default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="big-slice-") as tmp:
+        tmp = Path(tmp)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        model_uri = tiny_model(tmp, uri)
+        source = tmp / "big.npy"
+        write_slice(source, args.side)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", PEAK, sys.executable, "-m", "serving.predict",
+                               "--model_uri", model_uri, "--input", str(source), "--output_dir", str(tmp / "out"),
+                               "--memory_gb", str(args.memory_gb)], env=env, cwd=tmp, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("big:")]
+        peak = int(proc.stdout.strip().splitlines()[-1]) * 1024
+        from emunet.core.io import open_volume
+
+        with open_volume(tmp / "out" / "big_mask.tif") as mask:
+            assert mask.shape == (1, args.side, args.side)
+            foreground = float(np.mean(np.asarray(mask[0:1, ::16, ::16]) > 0))
+        rows = sum(1 for _ in open(tmp / "out" / "big_instances.csv")) - 1
+        slice_f32 = args.side * args.side * 4
+        print(f"predict, tiny U-Net, one {args.side} x {args.side} uint8 slice, memory_gb {args.memory_gb}: "
+              f"{bars[-1] if bars else ''}")
+        print(f"  {seconds:.0f} s; {rows} cells; foreground {foreground:.2f}")
+        print(f"  peak RSS {peak / 1e9:.2f} GB; the slice's float32 size {slice_f32 / 1e9:.2f} GB; "
+              f"target {TARGET_GB:.1f} GB: {'met' if peak <= TARGET_GB * 1e9 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
