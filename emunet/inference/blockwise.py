@@ -45,11 +45,13 @@ from emunet.inference.tiling import TilePlan, gaussian_window, mirror_pad, plan_
 log = logging.getLogger(__name__)
 
 HALO_YX = 64  # label halo in y and x: about a cell radius (see the module)
-# Bytes one pixel of a block's tile region holds while it is segmented: the raw image (up to 4), its
-# normalised float32 copy, the blended sums and weights (4 + 4), the probabilities (4), and the
+# Bytes a pixel of a block's read box holds while it is labelled: its probabilities (4) and the
 # labelling's temporaries (foreground, components, seeds, flood priorities, the watershed's ids, the
-# linker's int64 ids: about 40). Measured on 4096 x 4096 blocks: about 45 (bench/big_slice.py).
-BYTES_PER_PIXEL = 64
+# linker's int64 ids: about 40).
+BYTES_PER_PIXEL = 48
+# Bytes a pixel of the block's tile region (the read box plus the tiles around it) holds while its
+# probabilities are made: the raw image (up to 4), normalised (4), blended sums (4) and weights (4).
+TILE_BYTES_PER_PIXEL = 16
 
 
 def _tile_rows(plan: TilePlan, start: int, stop: int, axis: int) -> list[int]:
@@ -137,35 +139,43 @@ def halo_for(mode: str) -> tuple[int, int, int]:
     return (HALO_YX if mode == "3d" else 1, HALO_YX, HALO_YX)
 
 
+def block_bytes(block: Block, tiles: TilePlan) -> int:
+    """Bytes segmenting `block` holds: `TILE_BYTES_PER_PIXEL` of its tile region and `BYTES_PER_PIXEL` of
+    its read box, for each slice it reads."""
+    (y0, y1), (x0, x1) = tile_region(tiles, block.read[1:])
+    depth, height, width = box_shape(block.read)
+    return int(depth) * ((y1 - y0) * (x1 - x0) * TILE_BYTES_PER_PIXEL + height * width * BYTES_PER_PIXEL)
+
+
 def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None = None, block=None,
              halo=None, mode: str = "2d") -> tuple[list[Block], TilePlan]:
     """The blocks of a `(Z, H, W)` volume and its slices' tile plan. Without `block`, blocks are as large
-    as `budget` bytes allow (default `blocks.default_memory_budget()`) at `BYTES_PER_PIXEL` of their tile
-    region (read box plus at most one tile on each side)."""
+    as `budget` bytes allow (default `blocks.default_memory_budget()`) by `block_bytes`: the largest
+    blocks `blocks.block_shape_for_memory` gives for the read box, made smaller until their tile regions
+    fit too."""
     tiles = plan_tiles(shape[1], shape[2], params.tile_size, multiple, params.overlap, params.batch_size)
-    halo = halo_for(mode) if halo is None else tuple(np.broadcast_to(halo, 3))
-    if block is None:
-        budget = default_memory_budget() if budget is None else budget
-        region = (halo[0], halo[1] + tiles.tile_h, halo[2] + tiles.tile_w)
-        block = block_shape_for_memory(shape, BYTES_PER_PIXEL, budget, region)
-    return plan_blocks(shape, block, halo), tiles
-
-
-def block_bytes(block: Block, tiles: TilePlan) -> int:
-    """Bytes segmenting `block` holds, by `BYTES_PER_PIXEL` of its tile region."""
-    (y0, y1), (x0, x1) = tile_region(tiles, block.read[1:])
-    return int(box_shape(block.read)[0]) * (y1 - y0) * (x1 - x0) * BYTES_PER_PIXEL
+    halo = halo_for(mode) if halo is None else tuple(int(h) for h in np.broadcast_to(halo, 3))
+    if block is not None:
+        return plan_blocks(shape, block, halo), tiles
+    budget = default_memory_budget() if budget is None else budget
+    share = float(budget)
+    while True:
+        block = block_shape_for_memory(shape, BYTES_PER_PIXEL, share, halo)  # ValueError when nothing fits
+        blocks = plan_blocks(shape, block, halo)
+        if max(block_bytes(b, tiles) for b in blocks) <= budget:
+            return blocks, tiles
+        share *= 0.9
 
 
 def needs_blocks(shape, params: SegmentParams, multiple: int, budget: float, voxel_size=None) -> bool:
     """Whether a `(Z, H, W)` volume must go by blocks to stay within `budget` bytes: one slice's working
-    memory (`BYTES_PER_PIXEL` of the padded slice) for objects found slice by slice, the volume's
-    (`segment.BYTES_PER_VOXEL_3D` a voxel) for 3-D objects."""
+    memory (`BYTES_PER_PIXEL` and `TILE_BYTES_PER_PIXEL` of the padded slice) for objects found slice
+    by slice, the volume's (`segment.BYTES_PER_VOXEL_3D` a voxel) for 3-D objects."""
     z_size, height, width = (int(n) for n in shape)
     tiles = plan_tiles(height, width, params.tile_size, multiple, params.overlap, params.batch_size)
     if instance_mode(params, voxel_size) == "3d":
         return z_size * height * width * BYTES_PER_VOXEL_3D > budget
-    return tiles.pad_h * tiles.pad_w * BYTES_PER_PIXEL > budget
+    return tiles.pad_h * tiles.pad_w * (BYTES_PER_PIXEL + TILE_BYTES_PER_PIXEL) > budget
 
 
 class _Scratch:
