@@ -23,7 +23,6 @@ of the two ids there (ids already written are not rewritten); with one-to-one li
 arise.
 """
 
-import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,7 +41,6 @@ from emunet.inference.segment import BYTES_PER_VOXEL_3D, SliceResult, Truth, _sc
 from emunet.inference.stitch import MeasurePartial, block_measures, core_sizes, local_pairs
 from emunet.inference.tiling import TilePlan, gaussian_window, mirror_pad, plan_tiles, with_tta
 
-log = logging.getLogger(__name__)
 
 HALO_YX = 64  # label halo in y and x: about a cell radius (see the module)
 # Bytes a pixel of a block's read box holds while it is labelled: its probabilities (4) and the
