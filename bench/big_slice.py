@@ -63,6 +63,26 @@ def tiny_model(folder: Path, uri: str) -> str:
     return train(TrainConfig(dataset_uri=str(folder / "data"), **TINY_TRAIN))["model_uri"]
 
 
+def poll_rss(proc: subprocess.Popen) -> list[tuple[float, int]]:
+    """`(seconds, RSS bytes of the predict process)` every 0.2 s until `proc` (the PEAK wrapper) ends."""
+    import psutil
+
+    wrapper, start, out = psutil.Process(proc.pid), time.perf_counter(), []
+    while proc.poll() is None:
+        try:
+            out.append((time.perf_counter() - start, sum(c.memory_info().rss for c in wrapper.children())))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    return out or [(0.0, 0)]
+
+
+def tenths(timeline: list[tuple[float, int]]) -> list[float]:
+    """The highest RSS (GB) in each tenth of the run."""
+    end = timeline[-1][0] or 1
+    return [max([r for t, r in timeline if k * end / 10 <= t <= (k + 1) * end / 10] or [0]) / 1e9 for k in range(10)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=16384)
@@ -77,14 +97,18 @@ def main() -> None:
         write_slice(source, args.side)
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", PEAK, sys.executable, "-m", "serving.predict",
-                               "--model_uri", model_uri, "--input", str(source), "--output_dir", str(tmp / "out"),
-                               "--memory_gb", str(args.memory_gb)], env=env, cwd=tmp, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", PEAK, sys.executable, "-m", "serving.predict",
+                                 "--model_uri", model_uri, "--input", str(source), "--output_dir", str(tmp / "out"),
+                                 "--memory_gb", str(args.memory_gb)], env=env, cwd=tmp, stdout=subprocess.PIPE,
+                                stderr=open(tmp / "stderr.txt", "w"), text=True)
+        timeline = poll_rss(proc)
+        stdout, _ = proc.communicate()
         seconds = time.perf_counter() - start
+        stderr = (tmp / "stderr.txt").read_text()
         if proc.returncode:
-            raise SystemExit(proc.stderr[-3000:])
-        bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("big:")]
-        peak = int(proc.stdout.strip().splitlines()[-1]) * 1024
+            raise SystemExit(stderr[-3000:])
+        bars = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("big:")]
+        peak = int(stdout.strip().splitlines()[-1]) * 1024
         from emunet.core.io import open_volume
 
         with open_volume(tmp / "out" / "big_mask.tif") as mask:
@@ -95,6 +119,9 @@ def main() -> None:
         print(f"predict, tiny U-Net, one {args.side} x {args.side} uint8 slice, memory_gb {args.memory_gb}: "
               f"{bars[-1] if bars else ''}")
         print(f"  {seconds:.0f} s; {rows} cells; foreground {foreground:.2f}")
+        top = max(timeline, key=lambda t: t[1])
+        print(f"  RSS polled every 0.2 s: highest {top[1] / 1e9:.2f} GB at {top[0]:.0f} s of {timeline[-1][0]:.0f} s; "
+              "by tenths of the run: " + " ".join(f"{part:.2f}" for part in tenths(timeline)) + " GB")
         print(f"  peak RSS {peak / 1e9:.2f} GB; the slice's float32 size {slice_f32 / 1e9:.2f} GB; "
               f"target {TARGET_GB:.1f} GB: {'met' if peak <= TARGET_GB * 1e9 else 'NOT met'}")
 
