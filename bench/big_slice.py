@@ -36,16 +36,29 @@ PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).ret
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(rc)")
 
 
+# predict with `outputs.mask_page` making the page in one uint8 array (today: a bool copy, then a uint8
+# copy, then the 0/255 product: twice the page more at once).
+LEAN = ("import numpy as np, runpy, emunet.inference.outputs as o; "
+        "o.mask_page = lambda m: np.multiply(np.asarray(m, bool), np.uint8(255), dtype=np.uint8); "
+        "runpy.run_module('serving.predict', run_name='__main__')")
+
+
 def write_slice(path: Path, side: int) -> None:
-    """A `(1, side, side)` uint8 .npy of synthetic cells, written a row of patches at a time."""
+    """A `(1, side, side)` uint8 .npy (or, for a `.ome.zarr` path, OME-Zarr in 1024 x 1024 chunks) of
+    synthetic cells, written a patch at a time."""
     patch = synthetic_stack(11, 0, (1, PATCH, PATCH))[0][0]
-    out = np.lib.format.open_memmap(path, "w+", np.uint8, (1, side, side))
+    if path.name.endswith(".ome.zarr"):
+        from emunet.core.omezarr import create_image, open_image
+
+        create_image(path, (1, side, side), np.uint8, (1, 1024, 1024))
+        out = open_image(path)
+    else:
+        out = np.lib.format.open_memmap(path, "w+", np.uint8, (1, side, side))
     for i, y in enumerate(range(0, side, PATCH)):
         for j, x in enumerate(range(0, side, PATCH)):
             view = patch[::-1] if i % 2 else patch
             view = view[:, ::-1] if j % 2 else view
             out[0, y:y + PATCH, x:x + PATCH] = view[:side - y, :side - x]
-    out.flush()
     del out
 
 
@@ -88,16 +101,21 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=16384)
     parser.add_argument("--memory_gb", type=float, default=1.0, help="predict's block budget (GiB)")
     parser.add_argument("--tmp", default=None)
+    parser.add_argument("--input_format", choices=("npy", "zarr"), default="npy",
+                        help="npy: memory-mapped (its pages stay in the process); zarr: read by chunks")
+    parser.add_argument("--lean_mask_page", action="store_true",
+                        help="what if outputs.mask_page made the 0/255 page in one array (a what-if for issue 25)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="big-slice-") as tmp:
         tmp = Path(tmp)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
         model_uri = tiny_model(tmp, uri)
-        source = tmp / "big.npy"
+        source = tmp / ("big.npy" if args.input_format == "npy" else "big.ome.zarr")
         write_slice(source, args.side)
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", PEAK, sys.executable, "-m", "serving.predict",
+        entry = ["-c", LEAN] if args.lean_mask_page else ["-m", "serving.predict"]
+        proc = subprocess.Popen([sys.executable, "-c", PEAK, sys.executable, *entry, "--output_format", "tif",
                                  "--model_uri", model_uri, "--input", str(source), "--output_dir", str(tmp / "out"),
                                  "--memory_gb", str(args.memory_gb)], env=env, cwd=tmp, stdout=subprocess.PIPE,
                                 stderr=open(tmp / "stderr.txt", "w"), text=True)

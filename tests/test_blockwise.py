@@ -190,3 +190,8 @@ def test_predict_by_blocks_writes_what_predict_by_slices_writes(world, tmp_path,
     cells = [sorted(row[1:] for row in list(csv.reader(open(tmp_path / out / "big_instances.csv")))[1:])
              for out in ("slices", "blocks")]
     assert cells[0] == cells[1] and len(cells[0]) == len(mapping) - 1
+
+
+def test_a_budget_below_the_smallest_block_names_both():
+    with pytest.raises(ValueError, match=r"need at least \d+ MiB .* but the memory budget is 1 MiB"):
+        plan_for((1, 2048, 2048), SegmentParams(), multiple=16, budget=2**20)

@@ -32,7 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from emunet.core.normalize import normalize, stack_stats
-from emunet.inference.blocks import (Block, block_shape_for_memory, box_shape, default_memory_budget,
+from emunet.inference.blocks import (MIN_YX, Block, block_shape_for_memory, box_shape, default_memory_budget,
                                      overlap_slabs, overlaps_by_block, plan_blocks, plan_overlaps, read_box)
 from emunet.inference.instances import SliceLinker, slice_instances
 from emunet.inference.instances3d import volume_instances
@@ -158,7 +158,13 @@ def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None =
     budget = default_memory_budget() if budget is None else budget
     share = float(budget)
     while True:
-        block = block_shape_for_memory(shape, BYTES_PER_PIXEL, share, halo)  # ValueError when nothing fits
+        try:
+            block = block_shape_for_memory(shape, BYTES_PER_PIXEL, share, halo)
+        except ValueError:
+            smallest = plan_blocks(shape, (1, min(MIN_YX, shape[1]), min(MIN_YX, shape[2])), halo)
+            raise ValueError(f"blocks of a volume of {shape} need at least {block_bytes(smallest[0], tiles) / 2**20:.0f} "
+                             f"MiB (a {MIN_YX}-pixel block with its halo and its tiles) but the memory budget is "
+                             f"{budget / 2**20:.0f} MiB") from None
         blocks = plan_blocks(shape, block, halo)
         if max(block_bytes(b, tiles) for b in blocks) <= budget:
             return blocks, tiles
