@@ -195,3 +195,25 @@ def test_predict_by_blocks_writes_what_predict_by_slices_writes(world, tmp_path,
 def test_a_budget_below_the_smallest_block_names_both():
     with pytest.raises(ValueError, match=r"need at least \d+ MiB .* but the memory budget is 1 MiB"):
         plan_for((1, 2048, 2048), SegmentParams(), multiple=16, budget=2**20)
+
+
+def test_a_25d_networks_channels_are_each_slice_with_its_mirrored_neighbours():
+    """A 2.5-D network (context k) takes slice z with z-k..z+k as channels, mirrored at the ends, as the
+    whole-volume path gives them (`emunet.inference.context`)."""
+    from emunet.inference.blockwise import block_probabilities
+    from emunet.inference.context import context_stack
+    from emunet.inference.tiling import plan_tiles
+
+    volume = np.random.default_rng(0).integers(0, 255, (5, 40, 40)).astype(np.uint8)
+    seen = []
+
+    def forward(tiles):
+        seen.append(tiles.copy())
+        return tiles[..., :1]
+
+    plan = plan_tiles(40, 40, 64, 4)  # one tile: the whole slice
+    block_probabilities(forward, volume, plan, 0.0, 255.0, ((0, 2), (0, 40), (0, 40)), context=2)
+    tiles = np.concatenate(seen)
+    assert tiles.shape == (4, 40, 40, 5)  # slices 0-3 make one batch in the whole volume: filled with copies
+    for z in (0, 1):
+        np.testing.assert_allclose(tiles[z], context_stack(volume, z, 2) / 255.0, atol=1e-6)

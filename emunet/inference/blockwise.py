@@ -32,6 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from emunet.core.normalize import normalize, stack_stats
+from emunet.inference.context import context_indices
 from emunet.inference.blocks import (MIN_YX, Block, block_shape_for_memory, box_shape, default_memory_budget,
                                      overlap_slabs, overlaps_by_block, plan_blocks, plan_overlaps, read_box)
 from emunet.inference.instances import SliceLinker, slice_instances
@@ -80,28 +81,39 @@ def _batch_sizes(plan: TilePlan, depth: int) -> Callable[[int, int], tuple[int, 
     return where
 
 
+def _channels(volume, z0: int, z1: int, ys, xs, context: int, low: float, high: float) -> np.ndarray:
+    """`(z1 - z0, h, w, 2 * context + 1)` normalised float32: the box `ys`, `xs` of slices z0..z1-1, each
+    with its `context` neighbours above and below as channels, mirrored at the volume's ends as the
+    whole-volume path takes them (`emunet.inference.context`); each slice read once."""
+    n = volume.shape[0]
+    indices = [context_indices(z, context, n) for z in range(z0, z1)]
+    lo, hi = min(min(i) for i in indices), max(max(i) for i in indices) + 1
+    image = normalize(read_box(volume, ((lo, hi), ys, xs)), low, high)
+    return np.stack([np.moveaxis(image[[i - lo for i in group]], 0, -1) for group in indices])
+
+
 def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float, read, tta: str = "none",
-                        depth: int | None = None) -> np.ndarray:
+                        depth: int | None = None, context: int = 0) -> np.ndarray:
     """`(rz, ry, rx)` float32 probabilities of the box `read` `((z0, z1), (y0, y1), (x0, x1))` of a raw
     volume, equal to those of `tiling.iter_probabilities` on the whole slices with `plan` (see the
-    module). `forward` maps `(n, h, w, 1)` float32 tiles to probabilities; `depth` is the volume's
-    number of slices (the batches of the last pass are shorter)."""
+    module). `forward` maps `(n, h, w, 2 * context + 1)` float32 tiles to `(n, h, w, 1)` probabilities
+    (`context`: a 2.5-D network's neighbouring slices as channels); `depth` is the volume's number of
+    slices (the batches of the last pass are shorter)."""
     (z0, z1), ys, xs = read
     height, width = volume.shape[1:]
     depth = volume.shape[0] if depth is None else depth
     predict = with_tta(forward, tta)
     (ty0, ty1), (tx0, tx1) = tile_region(plan, (ys, xs))
-    raw = read_box(volume, ((z0, z1), (ty0, min(ty1, height)), (tx0, min(tx1, width))))
+    image = _channels(volume, z0, z1, (ty0, min(ty1, height)), (tx0, min(tx1, width)), context, low, high)
     # Past the slice's end only when the slice is smaller than a tile: then the region is the whole axis.
-    image = mirror_pad(normalize(raw, low, high), ty1 - ty0, tx1 - tx0)
-    del raw
+    image = np.stack([mirror_pad(image[..., c], ty1 - ty0, tx1 - tx0) for c in range(image.shape[-1])], axis=-1)
     window = gaussian_window(plan.tile_h, plan.tile_w)
     tiles = [(i, y, x) for i, (y, x) in enumerate(plan.boxes)
              if y < ys[1] and y + plan.tile_h > ys[0] and x < xs[1] and x + plan.tile_w > xs[0]]
-    weight = np.zeros(image.shape[1:], np.float32)
+    weight = np.zeros(image.shape[1:3], np.float32)
     for _, y, x in tiles:
         weight[y - ty0:y - ty0 + plan.tile_h, x - tx0:x - tx0 + plan.tile_w] += window
-    sums = np.zeros(image.shape, np.float32)
+    sums = np.zeros(image.shape[:3], np.float32)
     where = _batch_sizes(plan, depth)
     groups: dict[tuple, list] = {}
     for k in range(z1 - z0):
@@ -111,7 +123,7 @@ def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float
     for size, *jobs in groups.values():
         batch = [image[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in jobs]
         batch += [batch[0]] * (size - len(batch))  # the whole slice's batch size, filled with copies
-        probs = np.asarray(predict(np.stack(batch)[..., None]), np.float32)[..., 0]
+        probs = np.asarray(predict(np.stack(batch)), np.float32)[..., 0]
         for (k, y, x), p in zip(jobs, probs):
             sums[k, y:y + plan.tile_h, x:x + plan.tile_w] += p * window
     del image
@@ -269,6 +281,9 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
     mode = instance_mode(params, voxel_size)
     low, high = (params.low, params.high) if params.low is not None else stack_stats(volume)
     blocks, tiles = plan_for(shape, params, segmenter.multiple, budget, block, halo, mode)
+    # The forward of the params' engine and precision, where the segmenter has several (`forward_for`).
+    forward = segmenter.forward_for(params) if hasattr(segmenter, "forward_for") else segmenter.forward
+    context = int(getattr(segmenter, "context", 0))  # a 2.5-D network's neighbouring slices
     overlaps = plan_overlaps(blocks)
     of_block = overlaps_by_block(overlaps)
     report = progress or (lambda done, total: None)
@@ -285,7 +300,7 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
             pairs, written = [], {}
             for n in slab:
                 blk = blocks[n]
-                prob = block_probabilities(segmenter.forward, volume, tiles, low, high, blk.read, params.tta, shape[0])
+                prob = block_probabilities(forward, volume, tiles, low, high, blk.read, params.tta, shape[0], context)
                 labels = label_block(prob, params, mode)
                 core = tuple(slice(c0 - r0, c1 - r0) for (c0, c1), (r0, _) in zip(blk.core, blk.read))
                 place = (slice(None), slice(*blk.core[1]), slice(*blk.core[2]))
