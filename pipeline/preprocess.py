@@ -14,7 +14,7 @@ unannotated slice is the special case of a slice all `ignore_label`; with `ignor
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -26,7 +26,8 @@ from emunet.registry.cli import run_entry
 from emunet.core.dataset import (MASK_IGNORE, NO_IGNORE, check_output_dir, encode_labels, mask_parts, safe_name,
                                  write_dataset)
 from emunet.core.errors import InputError
-from emunet.core.io import check_same_shape, list_stack_paths, open_volume, read_mask
+from emunet.core.io import (ReadOptions, check_labels, list_stack_paths, open_volume, read_label_slices, read_mask,
+                            read_options)
 from emunet.core.normalize import normalize, stack_stats
 from emunet.core.overlay import montage, overlay
 from emunet.core.synthetic import synthetic_dataset
@@ -70,6 +71,10 @@ class PreprocessConfig:
     ignore_label: int = NO_IGNORE  # label value meaning "not annotated" (e.g. 255 or the highest value, as nnU-Net): those voxels count in neither loss nor metrics; -1 (any negative) = none, every voxel is annotated (a 0/255 mask keeps 255 as foreground)
     level: str = ""  # level of OME-Zarr multiscale images (labels too); "" = 0, full resolution
     region: str = ""  # z0:z1,y0:y1,x0:x1: train on this block of every stack (and its labels), read alone; "" = all
+    allow_missing_chunks: bool = False  # a Zarr with chunk files missing (an interrupted copy) is an error; true reads them as the fill value, with a warning
+    voxel_size: str = ""  # z,y,x of the images where their files lack it (a part may be empty: "50,,"); "" = the files' own, never guessed
+    unit: str = ""  # unit of voxel_size (nm, um, A, mm); "" = the files'
+    allow_voxel_mismatch: bool = False  # labels whose voxel size differs from the image's by > 1 % are an error; true accepts them with a warning
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
@@ -107,15 +112,16 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
     return [b for b in blocks if b["image"].shape[0]]
 
 
-def read_labels(path: Path, image_shape: tuple, image_path: Path, ignore_label: int, **where) -> np.ndarray:
-    """The stored mask of a label stack (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE`
-    where the label is `ignore_label` (>= 0); `where` are `open_volume`'s `level` and `region`. Raises
-    `InputError` for a shape that is not the image's, or when no annotated voxel is foreground."""
+def read_labels(path: Path, image, ignore_label: int, allow_voxel_mismatch: bool = False, **where) -> np.ndarray:
+    """The stored mask of a label stack for `image` (its `Volume`: shape and voxel size are checked,
+    `check_labels`) (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE` where the label is
+    `ignore_label` (>= 0); `where` are `open_volume`'s options. Raises `InputError` for a shape or voxel size
+    that is not the image's, NaN or infinite labels, or when no annotated voxel is foreground."""
     if ignore_label < 0:
-        return read_mask(path, image_shape, image_path, **where)
+        return read_mask(path, image, allow_voxel_mismatch=allow_voxel_mismatch, **where)
     with open_volume(path, **where) as labels:
-        check_same_shape(labels, image_shape, image_path)
-        mask = np.stack([encode_labels(labels[z], ignore_label) for z in range(labels.shape[0])])
+        check_labels(labels, image, allow_voxel_mismatch)
+        mask = read_label_slices(labels, lambda page: encode_labels(page, ignore_label))
     foreground, annotated = mask_parts(mask)
     if not foreground.any():
         raise InputError(f"{path}: no annotated voxel is foreground (every label is 0 or the ignore_label "
@@ -138,11 +144,14 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
     stacks, names = [], set()
     pairs = list(zip(images, labels))
     for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
-        where = {"level": cfg.level, "region": cfg.region}
-        with open_volume(image_path, **where) as volume:
+        options = read_options(cfg)
+        with open_volume(image_path, **asdict(options)) as volume:
             image = np.asarray(volume)
             calibration = {"voxel_size": list(volume.voxel_size), "unit": volume.unit} if volume.voxel_size else {}
-        mask = read_labels(label_path, image.shape, image_path, cfg.ignore_label, **where)
+        # The labels' own calibration is compared with the image's, not replaced by the user's voxel_size.
+        label_options = asdict(ReadOptions(options.level, options.region, options.allow_missing_chunks))
+        mask = read_labels(label_path, volume, cfg.ignore_label, cfg.allow_voxel_mismatch, **label_options)
+        where = {"level": cfg.level, "region": cfg.region}
         try:
             low, high = stack_stats(image)
         except InputError as exc:
