@@ -652,11 +652,6 @@ def _ome_multiscale(where: Path, attrs: dict) -> dict | None:
                 raise _bad_field(where, f"multiscales[0].axes[{i}].name", name, 'an axis name ("z", "y", "x", "c")')
             if isinstance(axis, dict) and axis.get("unit") is not None and not isinstance(axis["unit"], str):
                 raise _bad_field(where, f"multiscales[0].axes[{i}].unit", axis["unit"], 'a unit name ("nanometer")')
-        n = len(axes)
-        _ome_scale(where, "multiscales[0].coordinateTransformations", multiscale.get("coordinateTransformations"), n)
-        for i, dataset in enumerate(datasets):
-            _ome_scale(where, f"multiscales[0].datasets[{i}].coordinateTransformations",
-                       dataset.get("coordinateTransformations"), n)
     return multiscale
 
 
@@ -698,6 +693,9 @@ def _open_ome_image(path: Path, group, multiscale: dict, level) -> tuple:
                          f"{level}'s array {tuple(array.shape)}")
     names = [a["name"] if isinstance(a, dict) else a for a in axes]
     units = [a.get("unit") if isinstance(a, dict) else None for a in axes]
+    for i, dataset in enumerate(datasets):  # every level's, not only the one read: the metadata is one document
+        _ome_scale(where, f"multiscales[0].datasets[{i}].coordinateTransformations",
+                   dataset.get("coordinateTransformations"), len(names))
     unknown = dict(group.attrs).get(UNKNOWN_AXES_ATTR)
     return array, names, _ome_calibration(where, multiscale, level, names, units, unknown)
 
