@@ -26,8 +26,8 @@ from emunet.registry.cli import run_entry
 from emunet.core.dataset import (MASK_IGNORE, NO_IGNORE, check_output_dir, encode_labels, mask_parts, safe_name,
                                  write_dataset)
 from emunet.core.errors import InputError
-from emunet.core.io import (ReadOptions, check_labels, list_stack_paths, open_volume, read_label_slices, read_mask,
-                            read_options)
+from emunet.core.io import (ReadOptions, Volume, check_labels, check_same_shape, list_stack_paths, open_volume,
+                            read_label_slices, read_mask, read_options)
 from emunet.core.normalize import normalize, stack_stats
 from emunet.core.overlay import montage, overlay
 from emunet.core.synthetic import synthetic_dataset
@@ -112,15 +112,19 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
     return [b for b in blocks if b["image"].shape[0]]
 
 
-def read_labels(path: Path, image, ignore_label: int, allow_voxel_mismatch: bool = False, **where) -> np.ndarray:
+def read_labels(path: Path, image, image_path: Path | None = None, ignore_label: int = NO_IGNORE,
+                allow_voxel_mismatch: bool = False, **where) -> np.ndarray:
     """The stored mask of a label stack for `image` (its `Volume`: shape and voxel size are checked,
-    `check_labels`) (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE` where the label is
+    `check_labels`; or only its shape, with `image_path`) (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE` where the label is
     `ignore_label` (>= 0); `where` are `open_volume`'s options. Raises `InputError` for a shape or voxel size
     that is not the image's, NaN or infinite labels, or when no annotated voxel is foreground."""
     if ignore_label < 0:
-        return read_mask(path, image, allow_voxel_mismatch=allow_voxel_mismatch, **where)
+        return read_mask(path, image, image_path, allow_voxel_mismatch, **where)
     with open_volume(path, **where) as labels:
-        check_labels(labels, image, allow_voxel_mismatch)
+        if isinstance(image, Volume):
+            check_labels(labels, image, allow_voxel_mismatch)
+        else:
+            check_same_shape(labels, image, image_path)
         mask = read_label_slices(labels, lambda page: encode_labels(page, ignore_label))
     foreground, annotated = mask_parts(mask)
     if not foreground.any():
@@ -150,7 +154,7 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
             calibration = {"voxel_size": list(volume.voxel_size), "unit": volume.unit} if volume.voxel_size else {}
         # The labels' own calibration is compared with the image's, not replaced by the user's voxel_size.
         label_options = asdict(ReadOptions(options.level, options.region, options.allow_missing_chunks))
-        mask = read_labels(label_path, volume, cfg.ignore_label, cfg.allow_voxel_mismatch, **label_options)
+        mask = read_labels(label_path, volume, None, cfg.ignore_label, cfg.allow_voxel_mismatch, **label_options)
         where = {"level": cfg.level, "region": cfg.region}
         try:
             low, high = stack_stats(image)
