@@ -13,6 +13,7 @@ import pytest
 import tifffile
 import zarr
 
+from emunet.core import io
 from emunet.core.errors import InputError
 from emunet.core.io import (CalibrationWarning, check_finite_labels, check_labels, open_volume, read_mask,
                             read_volume)
@@ -176,9 +177,13 @@ def chunk_files(folder):
     return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != "zarr.json")
 
 
+@pytest.mark.parametrize("few", [0, 256], ids=["listed", "looked-up"])
 @pytest.mark.parametrize("fmt, encoding", [(2, None), (2, {"name": "v2", "separator": "/"}), (3, None),
                                            (3, {"name": "default", "separator": "."})])
-def test_missing_chunks_are_refused_with_their_count_or_read_as_fill_when_allowed(tmp_path, fmt, encoding):
+def test_missing_chunks_are_refused_with_their_count_or_read_as_fill_when_allowed(tmp_path, monkeypatch, fmt,
+                                                                                  encoding, few):
+    """Both ways of finding the keys: one listing of the folder, or (a small block) one look-up per chunk."""
+    monkeypatch.setattr(io, "FEW_CHUNKS", few)
     data = np.arange(1, 1 + 4 * 6 * 8, dtype=np.uint16).reshape(4, 6, 8)  # no zero: every chunk is stored
     path = tmp_path / "raw.zarr"
     extra = {"chunk_key_encoding": encoding} if encoding else {}

@@ -454,6 +454,9 @@ def _chunk_keys(directory: Path) -> set[str]:
     return keys
 
 
+FEW_CHUNKS = 256  # up to this many chunks (a tile, a Spark task's block) are looked up one by one, not listed
+
+
 def _chunk_checker(array, axes: list, sparse: bool):
     """For a local Zarr array not written sparse: `((zs, ys, xs)) -> (missing, total, first missing keys,
     fill value)` over the stored chunks (shards when sharded) that the block meets; None otherwise."""
@@ -466,19 +469,21 @@ def _chunk_checker(array, axes: list, sparse: bool):
     listing = {}
 
     def check(block: tuple) -> tuple:
-        if "keys" not in listing:
-            listing["keys"] = _chunk_keys(directory)
-        present = listing["keys"]
         spans = dict(zip("zyx", block))
         ranges = []
         for name, n, c in zip(axes, array.shape, grid):
             span = spans.get(name, slice(0, 1)) if name else slice(0, 1)
             ranges.append(range(span.start // c, -(-min(span.stop, n) // c)))
         total = int(np.prod([len(r) for r in ranges]))
+        if total <= FEW_CHUNKS and "keys" not in listing:  # a small block of a big array: ask for its keys only
+            present = None
+        else:
+            listing.setdefault("keys", _chunk_keys(directory))
+            present = listing["keys"]
         first, missing = [], 0
         for coords in np.ndindex(*[len(r) for r in ranges]):
             key = encode(tuple(r[i] for r, i in zip(ranges, coords)))
-            if key not in present:
+            if (key not in present) if present is not None else not (directory / key).is_file():
                 missing += 1
                 if len(first) < 3:
                     first.append(key)
