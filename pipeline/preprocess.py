@@ -4,6 +4,12 @@ artifact out (see `emunet.core.dataset`), logged to MLflow with its provenance.
     python -m pipeline.preprocess --images a.tif,b.tif --labels a_labels.tif,b_labels.tif
     python -m pipeline.preprocess --images stack.tif --labels labels.tif --val_slices 24:30
     python -m pipeline.preprocess --images stack.tif --labels sparse.tif --ignore_label 255
+    python -m pipeline.preprocess --images sections.tif --labels labels.tif --voxel_size 50,, --unit nm
+
+The image files' voxel size is what they say, an axis they do not give stays unknown (`voxel_size` and
+`unit` supply it; `emunet.core.io`); labels must be on the image's grid (`check_labels`: same shape, voxel
+size within 1 %, else an error unless `allow_voxel_mismatch`) and finite; missing Zarr chunks are an error
+unless `allow_missing_chunks`.
 
 Sparse labels (`ignore_label`, as nnU-Net's "ignore" label): voxels labelled with that value were not
 annotated. They are stored as `MASK_IGNORE` in the artifact and the value is recorded in its manifest, so
@@ -71,10 +77,10 @@ class PreprocessConfig:
     ignore_label: int = NO_IGNORE  # label value meaning "not annotated" (e.g. 255 or the highest value, as nnU-Net): those voxels count in neither loss nor metrics; -1 (any negative) = none, every voxel is annotated (a 0/255 mask keeps 255 as foreground)
     level: str = ""  # level of OME-Zarr multiscale images (labels too); "" = 0, full resolution
     region: str = ""  # z0:z1,y0:y1,x0:x1: train on this block of every stack (and its labels), read alone; "" = all
-    allow_missing_chunks: bool = False  # a Zarr with chunk files missing (an interrupted copy) is an error; true reads them as the fill value, with a warning
-    voxel_size: str = ""  # z,y,x of the images where their files lack it (a part may be empty: "50,,"); "" = the files' own, never guessed
+    allow_missing_chunks: bool = False  # missing Zarr chunks (an interrupted copy) are an error; true: fill value, warned
+    voxel_size: str = ""  # z,y,x of the images where their files lack it ("50,," gives z only); "" = the files' own
     unit: str = ""  # unit of voxel_size (nm, um, A, mm); "" = the files'
-    allow_voxel_mismatch: bool = False  # labels whose voxel size differs from the image's by > 1 % are an error; true accepts them with a warning
+    allow_voxel_mismatch: bool = False  # labels on another voxel grid (> 1 % off) are an error; true: accepted, warned
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
@@ -114,10 +120,11 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
 
 def read_labels(path: Path, image, image_path: Path | None = None, ignore_label: int = NO_IGNORE,
                 allow_voxel_mismatch: bool = False, **where) -> np.ndarray:
-    """The stored mask of a label stack for `image` (its `Volume`: shape and voxel size are checked,
-    `check_labels`; or only its shape, with `image_path`) (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE` where the label is
-    `ignore_label` (>= 0); `where` are `open_volume`'s options. Raises `InputError` for a shape or voxel size
-    that is not the image's, NaN or infinite labels, or when no annotated voxel is foreground."""
+    """The stored mask (`emunet.core.dataset.encode_labels`) of a label stack for `image`: its `Volume`
+    (shape and voxel size are checked, `check_labels`) or only its shape, with `image_path`. {0, 1}, and
+    `MASK_IGNORE` where the label is `ignore_label` (>= 0); `where` are `open_volume`'s options. Raises
+    `InputError` for a shape or voxel size that is not the image's, NaN or infinite labels, or when no
+    annotated voxel is foreground."""
     if ignore_label < 0:
         return read_mask(path, image, image_path, allow_voxel_mismatch, **where)
     with open_volume(path, **where) as labels:

@@ -478,7 +478,8 @@ def _chunk_checker(array, axes: list, sparse: bool):
         if total <= FEW_CHUNKS and "keys" not in listing:  # a small block of a big array: ask for its keys only
             present = None
         else:
-            listing.setdefault("keys", _chunk_keys(directory))
+            if "keys" not in listing:  # one walk of the folder per opened volume
+                listing["keys"] = _chunk_keys(directory)
             present = listing["keys"]
         first, missing = [], 0
         for coords in np.ndindex(*[len(r) for r in ranges]):

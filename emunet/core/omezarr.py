@@ -6,9 +6,11 @@ chunking where it had one. NGFF needs a scale for every axis: an axis whose size
 gets the placeholder 1.0 and no unit, and is listed in the group attribute `em-unet.unknown_axes` so that
 `open_volume` reads it back as unknown (other readers see an axis without a unit). Chunks that hold only
 zeros are not stored (zarr-python's default); the array's attribute `sparse_chunks: true` says so, which
-`open_volume` takes to mean that an absent chunk is not a missing one. Slices are buffered until a whole row of chunks along Z is complete and then
-written at once, so memory holds one chunk depth of slices, whatever the volume's size; several writers
-(Spark tasks) may write disjoint chunk-aligned Z ranges of the same array at the same time.
+`open_volume` takes to mean that an absent chunk is not a missing one.
+
+Slices are buffered until a whole row of chunks along Z is complete and then written at once, so memory
+holds one chunk depth of slices, whatever the volume's size; several writers (Spark tasks) may write
+disjoint chunk-aligned Z ranges of the same array at the same time.
 
     create_image(path, (Z, Y, X), np.uint8, chunks=(16, 256, 256), voxel_size=(40, 8, 8), unit="nm")
     with SliceWriter(open_image(path)) as write:
