@@ -265,12 +265,12 @@ def test_labels_on_another_voxel_grid_are_refused_unless_allowed(tmp_path):
         assert read_mask(imagej("micron.tif", 0.004, 0.05, "micron"), volume).sum() == 9  # same size, other unit
         coarse = imagej("coarse.tif", 8.0, 50.0)
         with pytest.raises(InputError, match=r"coarse.tif has voxel size 50 x 8 x 8 nm but image.tif has 50 x 4 x 4 nm "
-                                             r"\(z x y x x; y, x differ by more than 1%\); .*allow_voxel_mismatch=true"):
+                                             r"\(z, y, x; y, x differ by more than 1%\); .*allow_voxel_mismatch=true"):
             read_mask(coarse, volume)
         with pytest.warns(CalibrationWarning, match="coarse.tif has voxel size 50 x 8 x 8 nm.*accepted"):
             assert read_mask(coarse, volume, allow_voxel_mismatch=True).sum() == 9
         with open_volume(imagej("thick.tif", 4.0, 60.0)) as labels:
-            with pytest.raises(InputError, match=r"thick.tif has voxel size 60 x 4 x 4 nm.*\(z x y x x; z differ"):
+            with pytest.raises(InputError, match=r"thick.tif has voxel size 60 x 4 x 4 nm.*\(z, y, x; z differ"):
                 check_labels(labels, volume)
         tifffile.imwrite(tmp_path / "plain.tif", stack, photometric="minisblack")  # no calibration: nothing to compare
         assert read_mask(tmp_path / "plain.tif", volume).sum() == 9

@@ -163,7 +163,7 @@ def _one_unit(path, axes: dict) -> dict:
 
 
 def describe_voxel(voxel_size, unit: str | None) -> str:
-    """`"50 x 4 x 4 nm"` (z x y x x), `?` for an unknown axis, `"unknown"` for none."""
+    """`"50 x 4 x 4 nm"` (z, y, x), `?` for an unknown axis, `"unknown"` for none."""
     if voxel_size is None:
         return "unknown"
     return " x ".join("?" if v is None else f"{float(v):g}" for v in voxel_size) + (f" {unit}" if unit else "")
@@ -1078,7 +1078,7 @@ def check_labels(labels: Volume, image: Volume, allow_voxel_mismatch: bool = Fal
     if not axes:
         return
     text = (f"{Path(labels.path).name} has voxel size {describe_voxel(labels.voxel_size, labels.unit)} but "
-            f"{Path(image.path).name} has {describe_voxel(image.voxel_size, image.unit)} (z x y x x; "
+            f"{Path(image.path).name} has {describe_voxel(image.voxel_size, image.unit)} (z, y, x; "
             f"{', '.join(axes)} differ by more than {VOXEL_TOLERANCE:.0%})")
     if not allow_voxel_mismatch:
         raise InputError(f"{text}; resample the labels to the image's grid, or pass allow_voxel_mismatch=true "
