@@ -29,6 +29,10 @@ class MainConfig:
     ignore_label: int = PreprocessConfig.ignore_label
     level: str = PreprocessConfig.level
     region: str = PreprocessConfig.region
+    allow_missing_chunks: bool = PreprocessConfig.allow_missing_chunks
+    voxel_size: str = PreprocessConfig.voxel_size
+    unit: str = PreprocessConfig.unit
+    allow_voxel_mismatch: bool = PreprocessConfig.allow_voxel_mismatch
     synthetic_stacks: int = PreprocessConfig.synthetic_stacks
     synthetic_shape: str = PreprocessConfig.synthetic_shape
     preset: str = TrainConfig.preset

@@ -4,6 +4,12 @@ artifact out (see `emunet.core.dataset`), logged to MLflow with its provenance.
     python -m pipeline.preprocess --images a.tif,b.tif --labels a_labels.tif,b_labels.tif
     python -m pipeline.preprocess --images stack.tif --labels labels.tif --val_slices 24:30
     python -m pipeline.preprocess --images stack.tif --labels sparse.tif --ignore_label 255
+    python -m pipeline.preprocess --images sections.tif --labels labels.tif --voxel_size 50,, --unit nm
+
+The image files' voxel size is what they say, an axis they do not give stays unknown (`voxel_size` and
+`unit` supply it; `emunet.core.io`); labels must be on the image's grid (`check_labels`: same shape, voxel
+size within 1 %, else an error unless `allow_voxel_mismatch`) and finite; missing Zarr chunks are an error
+unless `allow_missing_chunks`.
 
 Sparse labels (`ignore_label`, as nnU-Net's "ignore" label): voxels labelled with that value were not
 annotated. They are stored as `MASK_IGNORE` in the artifact and the value is recorded in its manifest, so
@@ -14,7 +20,7 @@ unannotated slice is the special case of a slice all `ignore_label`; with `ignor
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -26,7 +32,8 @@ from emunet.registry.cli import run_entry
 from emunet.core.dataset import (MASK_IGNORE, NO_IGNORE, check_output_dir, encode_labels, mask_parts, safe_name,
                                  write_dataset)
 from emunet.core.errors import InputError
-from emunet.core.io import check_same_shape, list_stack_paths, open_volume, read_mask
+from emunet.core.io import (ReadOptions, Volume, check_labels, check_same_shape, list_stack_paths, open_volume,
+                            read_label_slices, read_mask, read_options)
 from emunet.core.normalize import normalize, stack_stats
 from emunet.core.overlay import montage, overlay
 from emunet.core.synthetic import synthetic_dataset
@@ -70,6 +77,10 @@ class PreprocessConfig:
     ignore_label: int = NO_IGNORE  # label value meaning "not annotated" (e.g. 255 or the highest value, as nnU-Net): those voxels count in neither loss nor metrics; -1 (any negative) = none, every voxel is annotated (a 0/255 mask keeps 255 as foreground)
     level: str = ""  # level of OME-Zarr multiscale images (labels too); "" = 0, full resolution
     region: str = ""  # z0:z1,y0:y1,x0:x1: train on this block of every stack (and its labels), read alone; "" = all
+    allow_missing_chunks: bool = False  # missing Zarr chunks (an interrupted copy) are an error; true: fill value, warned
+    voxel_size: str = ""  # z,y,x of the images where their files lack it ("50,," gives z only); "" = the files' own
+    unit: str = ""  # unit of voxel_size (nm, um, A, mm); "" = the files'
+    allow_voxel_mismatch: bool = False  # labels on another voxel grid (> 1 % off) are an error; true: accepted, warned
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
@@ -107,15 +118,21 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
     return [b for b in blocks if b["image"].shape[0]]
 
 
-def read_labels(path: Path, image_shape: tuple, image_path: Path, ignore_label: int, **where) -> np.ndarray:
-    """The stored mask of a label stack (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE`
-    where the label is `ignore_label` (>= 0); `where` are `open_volume`'s `level` and `region`. Raises
-    `InputError` for a shape that is not the image's, or when no annotated voxel is foreground."""
+def read_labels(path: Path, image, image_path: Path | None = None, ignore_label: int = NO_IGNORE,
+                allow_voxel_mismatch: bool = False, **where) -> np.ndarray:
+    """The stored mask (`emunet.core.dataset.encode_labels`) of a label stack for `image`: its `Volume`
+    (shape and voxel size are checked, `check_labels`) or only its shape, with `image_path`. {0, 1}, and
+    `MASK_IGNORE` where the label is `ignore_label` (>= 0); `where` are `open_volume`'s options. Raises
+    `InputError` for a shape or voxel size that is not the image's, NaN or infinite labels, or when no
+    annotated voxel is foreground."""
     if ignore_label < 0:
-        return read_mask(path, image_shape, image_path, **where)
+        return read_mask(path, image, image_path, allow_voxel_mismatch, **where)
     with open_volume(path, **where) as labels:
-        check_same_shape(labels, image_shape, image_path)
-        mask = np.stack([encode_labels(labels[z], ignore_label) for z in range(labels.shape[0])])
+        if isinstance(image, Volume):
+            check_labels(labels, image, allow_voxel_mismatch)
+        else:
+            check_same_shape(labels, image, image_path)
+        mask = read_label_slices(labels, lambda page: encode_labels(page, ignore_label))
     foreground, annotated = mask_parts(mask)
     if not foreground.any():
         raise InputError(f"{path}: no annotated voxel is foreground (every label is 0 or the ignore_label "
@@ -138,11 +155,14 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
     stacks, names = [], set()
     pairs = list(zip(images, labels))
     for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
-        where = {"level": cfg.level, "region": cfg.region}
-        with open_volume(image_path, **where) as volume:
+        options = read_options(cfg)
+        with open_volume(image_path, **asdict(options)) as volume:
             image = np.asarray(volume)
             calibration = {"voxel_size": list(volume.voxel_size), "unit": volume.unit} if volume.voxel_size else {}
-        mask = read_labels(label_path, image.shape, image_path, cfg.ignore_label, **where)
+        # The labels' own calibration is compared with the image's, not replaced by the user's voxel_size.
+        label_options = asdict(ReadOptions(options.level, options.region, options.allow_missing_chunks))
+        mask = read_labels(label_path, volume, None, cfg.ignore_label, cfg.allow_voxel_mismatch, **label_options)
+        where = {"level": cfg.level, "region": cfg.region}
         try:
             low, high = stack_stats(image)
         except InputError as exc:
