@@ -23,6 +23,7 @@ class MainConfig:
 
     images: str = PreprocessConfig.images
     labels: str = PreprocessConfig.labels
+    label_kind: str = PreprocessConfig.label_kind
     dataset: str = PreprocessConfig.dataset
     val_slices: str = PreprocessConfig.val_slices
     unlabelled: str = PreprocessConfig.unlabelled
