@@ -130,3 +130,28 @@ def test_a_bad_parameter_is_one_error_line_and_exit_2(store, tmp_path, module, f
     proc = run_module(module, *flags, cwd=tmp_path, env_uri=store, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert own_lines(proc.stderr) == [message], proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "state.json: not a training backup"),
+    ("[1, 2]", "holds the backup of another training \\(key None"),
+])
+def test_a_checkpoint_dir_holding_something_else_is_the_users_to_fix(tmp_path, text, message):
+    from emunet.training.checkpoint import STATE, Backup
+
+    (tmp_path / STATE).write_text(text)
+    with Backup(tmp_path, "abc") as backup, pytest.raises(InputError, match=message):
+        backup.load()
+
+
+def test_a_foreign_model_and_a_too_small_sample_are_the_users_to_fix():
+    import keras
+
+    from emunet.core.model import spec_of
+    from emunet.inference.export import test_slice
+
+    inputs = keras.Input((None, None, 1))
+    with pytest.raises(InputError, match="is not an em-unet U-Net"):
+        spec_of(keras.Model(inputs, keras.layers.Conv2D(1, 1, name="head")(inputs), name="foreign"))
+    with pytest.raises(InputError, match="a test slice needs at least 16 x 16 pixels"):
+        test_slice(np.zeros((8, 40), np.uint8), 16)
