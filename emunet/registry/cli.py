@@ -20,9 +20,10 @@ from emunet.core.errors import InputError
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # MLflow error codes that mean "the user asked for something that is not there or not valid".
 USER_ERROR_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")
-# OSErrors without a file name that are still the user's file system to fix: a full disk or quota, a
-# read-only mount, missing permissions (a write to an open file reports ENOSPC without naming it).
-USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+# OSErrors without a file name that are still the user's file system to fix: a full disk or quota, a file
+# larger than the file system allows, a read-only mount, missing permissions (a write to an open file
+# reports ENOSPC without naming it).
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 DEBUG_ENV = "EM_UNET_DEBUG"  # set to 1 to see the traceback behind an `error:` line
 
 
