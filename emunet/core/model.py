@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from emunet.core.errors import InputError
+
 
 INPUT_SCALES = (1, 2, 4)
 
@@ -55,10 +57,10 @@ def spec_of(model: keras.Model) -> UNetSpec:
     """The `UNetSpec` a model made by `build_unet` was built from, read from its layers (their names are
     deterministic), not from metadata: what a saved model holds is what fine-tuning must rebuild.
     `sync_batch_norm` is left at its default: it depends on the devices, not on the weights. Raises
-    `ValueError` for a model that is not such a U-Net."""
+    `InputError` for a model that is not such a U-Net (the user's `init_model`)."""
     layers_by_name = {layer.name: layer for layer in model.layers}
     if "enc1_conv1" not in layers_by_name:
-        raise ValueError(f"model {model.name!r} is not an em-unet U-Net (it has no layer enc1_conv1)")
+        raise InputError(f"model {model.name!r} is not an em-unet U-Net (it has no layer enc1_conv1)")
     depth = sum(1 for n in layers_by_name if n.startswith("enc") and n.endswith("_pool"))
     bn = layers_by_name.get("enc1_bn1")
     dropout = layers_by_name.get("bottleneck_dropout")

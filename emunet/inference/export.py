@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emunet.core.errors import InputError
 from emunet.core.normalize import HIGH_PERCENTILE, LOW_PERCENTILE, normalize, stack_stats
 
 # ONNX opset 17: read by onnxruntime >= 1.11, OpenCV >= 4.7 (QuPath) and ilastik's runtime alike.
@@ -144,11 +145,11 @@ def write_saved_model_zip(keras_model, path: str | Path) -> Path:
 
 def test_slice(image: np.ndarray, multiple: int, side: int = TEST_SIDE) -> np.ndarray:
     """The centre of a `(H, W)` slice, each side the largest multiple of `multiple` up to `side` (at
-    least `multiple`). Raises `ValueError` for a slice smaller than `multiple`."""
+    least `multiple`). Raises `InputError` for a slice smaller than `multiple` (the user's sample stack)."""
     height, width = image.shape
     keep = [min(n, max(side, multiple)) // multiple * multiple for n in (height, width)]
     if min(keep) < multiple:
-        raise ValueError(f"a test slice needs at least {multiple} x {multiple} pixels (this model's multiple), "
+        raise InputError(f"a test slice needs at least {multiple} x {multiple} pixels (this model's multiple), "
                          f"got {height} x {width}")
     top, left = (height - keep[0]) // 2, (width - keep[1]) // 2
     return np.ascontiguousarray(image[top:top + keep[0], left:left + keep[1]])
