@@ -92,6 +92,9 @@ class Truth:
 
     def parts(self, z: int, min_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         label = np.asarray(self.volume[z])
+        if self.kind == "instances" and label.size and label.min() < 0:
+            where = getattr(self.volume, "path", "the labels")
+            raise InputError(f"{where}: instance labels must be ids >= 0 (0 = background); slice {z} has {label.min()}")
         annotated = None
         if self.kind == "stored":
             ignored = label == MASK_IGNORE
