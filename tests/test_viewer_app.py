@@ -504,12 +504,14 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             uploader.filter(has_text="Ground truth").locator("input[type=file]").set_input_files(tmp_path / "cells_gt.tif")
             expect(page.get_by_text("with ground truth")).to_be_visible()
             expect(page.get_by_text(f"A: {MODEL} v1")).to_be_visible()
-            expect(page.get_by_test_id("stImage")).to_have_count(5)
+            slices = page.locator(".st-key-slices")  # the keyed container of the slice panels
+            expect(slices.get_by_test_id("stImage")).to_have_count(5)
+            expect(page.locator(".st-key-planes").get_by_test_id("stImage")).to_have_count(12)  # 3 planes x 4
             expect(page.get_by_test_id("stMetric").first).to_contain_text("Object F1")
             expect(page.get_by_test_id("stMetric").nth(1)).to_contain_text("Dice")
             screenshot(page, tmp_path, "1_uploaded")
             before = slice_caption(page)
-            sources = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
+            sources = [img.get_attribute("src") for img in slices.get_by_test_id("stImage").locator("img").all()]
             assert "Slice 0 (0–5)" in before
 
             # Move the slider: other panels, other per-slice scores.
@@ -522,10 +524,21 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             after = slice_caption(page)
             assert before.split("Dice")[1] != after.split("Dice")[1]
             # While Streamlit swaps the panels (slow on a loaded machine) the old ones may still be there.
-            expect(page.get_by_test_id("stImage")).to_have_count(5)
-            moved = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
+            expect(slices.get_by_test_id("stImage")).to_have_count(5)
+            moved = [img.get_attribute("src") for img in slices.get_by_test_id("stImage").locator("img").all()]
             assert len(moved) == 5 and all(a != b for a, b in zip(sources, moved))
             screenshot(page, tmp_path, "2_slice3")
+
+            # Move the point: the xz plane follows y, the slice stays.
+            expect(page.get_by_text("xz at y = 48 ·")).to_be_visible()
+            thumb = page.get_by_test_id("stSlider").filter(has_text="Point y").get_by_role("slider")
+            thumb.focus()
+            for _ in range(2):
+                page.keyboard.press("ArrowRight")
+            expect(page.get_by_text("xz at y = 50 ·")).to_be_visible()
+            expect(page.get_by_text("xy at z = 3 ·")).to_be_visible()
+            expect(page.locator(".st-key-planes").get_by_test_id("stImage")).to_have_count(12)
+            screenshot(page, tmp_path, "3_planes")
 
             # Download the mask stack: the pyfunc's own mask of the same stack, as 0 / 255.
             with page.expect_download() as download:
@@ -540,8 +553,8 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             page.get_by_test_id("stSelectbox").filter(has_text="Compare with").click()
             page.get_by_role("option", name="v2", exact=True).click()
             expect(page.get_by_text(f"B: {MODEL} v2")).to_be_visible()
-            expect(page.get_by_test_id("stImage")).to_have_count(8)
-            screenshot(page, tmp_path, "3_compare")
+            expect(slices.get_by_test_id("stImage")).to_have_count(8)
+            screenshot(page, tmp_path, "4_compare")
             assert "Traceback" not in page.content()
         finally:
             browser.close()
