@@ -271,6 +271,13 @@ def test_comparing_two_versions_shows_both(viewer_store, monkeypatch):
     assert at.download_button(key="download_mask_b")
     assert any("with the stack's calibration as Fiji reads it (voxel 2.0 × 0.5 × 0.5 nm (z, y, x))" in c.value
                for c in at.container(key="downloads").caption)
+    # The planes show one model at a time: A first, B on request (v2 finds no object at all).
+    assert at.radio(key="planes_model").options == [f"A: {MODEL} v1", f"B: {MODEL} v2"]
+    assert at.container(key="planes").caption[-1].value.startswith(f"A: {MODEL} v1")
+    assert "stretched ×4 in z" in at.container(key="planes").caption[-1].value  # 2 nm slices, 0.5 nm pixels
+    at.radio(key="planes_model").set_value("B").run()
+    assert_no_leak(at)
+    assert at.container(key="planes").caption[-1].value.startswith(f"B: {MODEL} v2")
 
 
 def imagej_tiff(array: np.ndarray, pixel: float, spacing: float) -> bytes:
