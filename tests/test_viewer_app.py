@@ -350,14 +350,14 @@ def test_3d_scores_get_their_own_row_only_when_the_summary_has_them(viewer_store
     per_slice_labels = [m.label for m in at.container(key="stack_scores").metric]
 
     three_d = {"object_f1_3d": 0.5, "adapted_rand_error_3d": 0.25, "vi_split_3d": 0.125, "vi_merge_3d": 0.75,
-               "ap50_3d": 0.375, "ap75_3d": 0.07}
+               "ap50_3d": 0.375, "ap75_3d": float("nan")}  # NaN: not measured
     monkeypatch.setattr(scoring, "summary", lambda *a, **k: {**flat(*a, **k), **three_d})
     at.slider(key="threshold").set_value(0.6).run()  # a threshold not scored yet: the new summary
     assert_no_leak(at)
     row = at.container(key="stack_scores_3d")
     assert [m.value for m in row.markdown] == ["**3-D (whole objects)**"]
     assert [(m.label, m.value) for m in row.metric] == [
-        ("Object F1", "0.500"), ("AP50", "0.375"), ("AP75", "0.070"), ("Adapted Rand error", "0.250"),
+        ("Object F1", "0.500"), ("AP50", "0.375"), ("AP75", "—"), ("Adapted Rand error", "0.250"),
         ("VI split", "0.125"), ("VI merge", "0.750")]
     assert [m.label for m in at.container(key="stack_scores").metric] == per_slice_labels  # the row is apart
 

@@ -31,6 +31,9 @@ def test_z_stretch_is_the_slice_spacing_over_the_pixel_size_and_unknown_stays_un
     assert planes.z_stretch((2.0, 0.5, 0.25), "yz") == 4.0  # z / y
     assert planes.z_stretch((2.0, 0.5, 0.25), "xy") == 1.0
     assert planes.z_stretch(None, "xz") is None and planes.z_stretch((0, 1, 1), "yz") is None
+    assert planes.z_stretch((None, 0.5, 0.5), "xz") is None  # an ImageJ stack without slice spacing
+    assert planes.z_stretch((2.0, None, 0.5), "xz") == 4.0 and planes.z_stretch((2.0, None, 0.5), "yz") is None
+    assert planes.stretch_note((None, 0.5, 0.5)).startswith("Voxel size unknown")
     assert planes.scales(None) == (1.0, 1.0) and planes.scales(3.0) == (3.0, 1.0)
     assert planes.scales(0.5) == (1.0, 2.0)  # thinner slices than pixels: widen, never drop a slice
 
@@ -113,6 +116,19 @@ def test_object_ids_are_linked_through_the_slices():
     assert len(column) == 1 and column != {0}
     assert ids[1, 11, 11] not in (0, *column) and (ids[[0, 2], 9:15, 9:15] == 0).all()
     assert planes.object_ids(prob, 0.99).max() == 0  # above every probability: nothing
+
+
+def test_near_isotropic_stacks_get_solid_3d_objects_and_serial_sections_linked_slices():
+    """Two blobs in slice 0 that join in slices 1 and 2 (a Y): one solid object in 3-D; slice by slice,
+    the join continues one blob and the other ends, so two ids."""
+    prob = np.zeros((3, 20, 20), np.float32)
+    prob[0, 2:8, 2:8] = prob[0, 2:8, 11:17] = 0.95
+    prob[1:, 2:8, 2:17] = 0.95
+    for voxel_size, count in ((None, 2), ((4.0, 1.0, 1.0), 2), ((1.0, 1.0, 1.0), 1)):
+        ids = planes.object_ids(prob, 0.5, voxel_size)
+        assert len(np.unique(ids[ids > 0])) == count, voxel_size
+        assert ((ids > 0) == (prob >= 0.5)).all()
+    assert len(np.unique(planes.object_ids(prob, 0.5, (1.0, 1.0, 1.0), instances="2d"))) == 3  # 0 and two ids
 
 
 def test_scores_3d_are_the_summary_keys_ending_in_3d():

@@ -223,15 +223,24 @@ def segment(info, image: dict, options: dict, uri: str):
     return prob
 
 
-def object_ids(key: tuple, prob: np.ndarray, threshold: float) -> np.ndarray:
+def object_ids(key: tuple, prob: np.ndarray, threshold: float, voxel_size) -> np.ndarray:
     """The `(Z, H, W)` 3-D object ids of a segmentation at `threshold`, made once from its cached
-    probabilities (never from the model) and cached: the slices and the planes are cut out of them."""
+    probabilities (never from the model) and cached: the slices and the planes are cut out of them.
+    Near-isotropic stacks get solid 3-D objects; one too large for that in memory is linked slice by
+    slice instead, with a note."""
     cache = ids_cache()
-    ids = cache.get((key, float(threshold)))
+    cache_key = (key, float(threshold), None if voxel_size is None else tuple(voxel_size))
+    ids = cache.get(cache_key)
     if ids is None:
-        with st.spinner("Linking the objects through the slices…"):
-            ids = planes.object_ids(prob, threshold)
-        cache.put((key, float(threshold)), ids)
+        with st.spinner("Finding the objects in 3-D…"):
+            try:
+                ids = planes.object_ids(prob, threshold, voxel_size)
+            except InputError as exc:  # the 3-D watershed would not fit in memory
+                log.warning("3-D objects: %s", exc)
+                ids = planes.object_ids(prob, threshold, voxel_size, instances="2d")
+                st.warning("The stack is too large for 3-D objects in this server's memory: its objects are "
+                           "found in each slice and linked through the slices.", icon="ℹ️")
+        cache.put(cache_key, ids)
     return ids
 
 
@@ -266,7 +275,9 @@ def show_3d_scores(results: list[dict]) -> None:
         tag = f" · {result['tag']}" if len(results) > 1 else ""
         st.markdown(f"**3-D (whole objects){tag}**")
         for cell, (label, value) in zip(st.columns(len(SCORE_LABELS) + 1), scores.values()):
-            cell.metric(f"{label}{tag}", f"{value:.3f}")
+            cell.metric(f"{label}{tag}", "—" if np.isnan(value) else f"{value:.3f}",
+                        help="not measured: whole objects are scored only where every slice is annotated"
+                        if np.isnan(value) else None)
 
 
 def show_slices(image: dict, truth, results: list[dict], threshold: float) -> int:
@@ -402,7 +413,7 @@ def main() -> None:
                                      prob, truth)
         results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob, "version": version,
                         "file_tag": f"v{version.version}", "rows": rows, "summary": summary,
-                        "ids": object_ids(key, prob, options["threshold"])})
+                        "ids": object_ids(key, prob, options["threshold"], image["calibration"].get("voxel_size"))})
     with st.container(key="stack_scores"):
         show_stack_scores(results, truth)
     with st.container(key="stack_scores_3d"):

@@ -45,16 +45,17 @@ def mark(plane: str, point: tuple[int, int, int]) -> tuple[int, int]:
 
 def z_stretch(voxel_size, plane: str) -> float | None:
     """How many times a slice is thicker than a pixel of `plane`'s other axis (`z / x` for xz, `z / y`
-    for yz; 1 for xy), from `voxel_size` `(z, y, x)`; None when the voxel size is unknown (never guessed)."""
+    for yz; 1 for xy), from `voxel_size` `(z, y, x)`; None when the voxel size, or the part of it needed,
+    is unknown (an entry None; never guessed)."""
     if plane == "xy":
         return 1.0
     if voxel_size is None:
         return None
-    vz, vy, vx = (float(v) for v in voxel_size)
+    vz, vy, vx = voxel_size
     across = vx if plane == "xz" else vy
-    if not (vz > 0 and across > 0):
+    if vz is None or across is None or not (float(vz) > 0 and float(across) > 0):
         return None
-    return vz / across
+    return float(vz) / float(across)
 
 
 def scales(stretch: float | None) -> tuple[float, float]:
@@ -135,13 +136,15 @@ def stretch_note(voxel_size) -> str:
             "distances look the same along every axis.")
 
 
-def object_ids(prob: np.ndarray, threshold: float) -> np.ndarray:
-    """The objects of a `(Z, H, W)` probability stack as `(Z, H, W)` int32 ids linked through the slices
-    (one id per cell followed from slice to slice), by the one segmentation path
-    (`emunet.inference.segment.segment_probabilities`, as `output="labels"` finds them)."""
+def object_ids(prob: np.ndarray, threshold: float, voxel_size=None, instances: str = "auto") -> np.ndarray:
+    """The objects of a `(Z, H, W)` probability stack as `(Z, H, W)` int32 3-D ids, by the one segmentation
+    path (`emunet.inference.segment.segment_probabilities`, as `output="labels"` finds them): with
+    `instances="auto"`, solid 3-D objects where `voxel_size` `(z, y, x)` says near-isotropic, else the
+    objects of each slice linked through the slices (one id per cell followed from slice to slice)."""
     prob = np.asarray(prob, np.float32)
     out = np.zeros(prob.shape, np.int32)
-    for result in segment_probabilities(prob, DEFAULTS.replace(threshold=threshold)):
+    params = DEFAULTS.replace(threshold=threshold, instances=instances)
+    for result in segment_probabilities(prob, params, voxel_size=voxel_size):
         out[result.z] = result.ids
     return out
 
@@ -150,4 +153,5 @@ def scores_3d(summary: dict) -> dict[str, tuple[str, float]]:
     """The 3-D (whole-object) scores in a `scoring.summary` dict: `{key: (label, value)}` for every key
     ending in `_3d`, known ones first in `LABELS_3D`'s order; `{}` when there are none."""
     keys = [k for k in LABELS_3D if k in summary] + sorted(k for k in summary if k.endswith("_3d") and k not in LABELS_3D)
+    # (A value may be NaN: not measured, e.g. on a stack whose slices are not all fully annotated.)
     return {k: (LABELS_3D.get(k, k.removesuffix("_3d").replace("_", " ").capitalize()), float(summary[k])) for k in keys}
