@@ -335,6 +335,34 @@ def test_planes_through_a_point_are_cut_from_cached_ids_and_stretched_by_the_vox
     assert (model_calls, id_calls) == ([1], [1])  # segmented and linked once, for every view of it
 
 
+def test_a_near_isotropic_stack_too_large_for_3d_objects_is_linked_slice_by_slice(viewer_store, monkeypatch):
+    """Near-isotropic voxels ask for solid 3-D objects; when the 3-D watershed would not fit in memory (the
+    one path refuses with an InputError) the page says so and shows the objects linked through the slices."""
+    modes = []
+    real = planes.object_ids
+
+    def refusing(prob, threshold, voxel_size=None, instances="auto"):
+        modes.append((voxel_size, instances))
+        if instances == "auto":
+            raise InputError("3-D instances of 4 slices need about 99 GiB but 1 GiB are available")
+        return real(prob, threshold, voxel_size, instances)
+
+    monkeypatch.setattr(planes, "object_ids", refusing)
+    image, _ = stack_and_truth(8)
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    at.file_uploader(key="image_upload").upload("cells.tif", imagej_tiff(image, 0.5, 0.5), "image/tiff")
+    at.run()
+    assert_no_leak(at)
+    assert modes == [((0.5, 0.5, 0.5), "auto"), ((0.5, 0.5, 0.5), "2d")]
+    assert any("too large for 3-D objects" in w.value for w in at.warning)
+    at.slider(key="point_x").set_value(32).run()  # a rerun: the ids from the cache, the note still there
+    assert len(modes) == 2 and any("too large for 3-D objects" in w.value for w in at.warning)
+    assert [i.captions[0] for i in at.container(key="plane_yz").image] == [
+        "Image · yz at x = 32", "Prediction · yz at x = 32", "Objects · yz at x = 32"]
+    assert at.container(key="planes").caption[-1].value.endswith("Isotropic voxels: the xz and yz planes are drawn as they are.")
+
+
 def test_3d_scores_get_their_own_row_only_when_the_summary_has_them(viewer_store, monkeypatch):
     real = scoring.summary
     flat = lambda *a, **k: {k: v for k, v in real(*a, **k).items() if not k.endswith("_3d")}  # noqa: E731

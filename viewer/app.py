@@ -75,6 +75,12 @@ def ids_cache() -> inference.ProbabilityCache:
     return inference.ProbabilityCache()
 
 
+@st.cache_resource
+def linked_instead() -> set:
+    """The ids-cache keys whose stack was too large for 3-D objects: the page says so on every rerun."""
+    return set()
+
+
 @st.cache_data(max_entries=32, show_spinner=False)
 def stack_scores(key: tuple, threshold: float, truth_digest: str | None, _prob, _truth) -> tuple[list[dict], dict]:
     """`(per-slice rows, summary)` of one segmentation at one threshold: moving the slice or the point
@@ -238,9 +244,11 @@ def object_ids(key: tuple, prob: np.ndarray, threshold: float, voxel_size) -> np
             except InputError as exc:  # the 3-D watershed would not fit in memory
                 log.warning("3-D objects: %s", exc)
                 ids = planes.object_ids(prob, threshold, voxel_size, instances="2d")
-                st.warning("The stack is too large for 3-D objects in this server's memory: its objects are "
-                           "found in each slice and linked through the slices.", icon="ℹ️")
+                linked_instead().add(cache_key)
         cache.put(cache_key, ids)
+    if cache_key in linked_instead():
+        st.warning("The stack is too large for 3-D objects in this server's memory: its objects are found in "
+                   "each slice and linked through the slices.", icon="ℹ️")
     return ids
 
 
