@@ -82,9 +82,11 @@ def linked_instead() -> set:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def stack_scores(key: tuple, threshold: float, truth_digest: str | None, _prob, _truth) -> tuple[list[dict], dict]:
+def stack_scores(key: tuple, threshold: float, truth_digest: str | None, voxel_size, _prob, _truth
+                 ) -> tuple[list[dict], dict]:
     """`(per-slice rows, summary)` of one segmentation at one threshold: moving the slice or the point
-    reruns the page, and must not score the stack again."""
+    reruns the page, and must not score the stack again. (The voxel size is part of the key: how objects
+    are found may follow it.)"""
     return scoring.slice_rows(_prob, _truth, threshold=threshold), scoring.summary(_prob, _truth, threshold)
 
 
@@ -282,7 +284,7 @@ def show_3d_scores(results: list[dict]) -> None:
             continue
         tag = f" · {result['tag']}" if len(results) > 1 else ""
         st.markdown(f"**3-D (whole objects){tag}**")
-        for cell, (label, value) in zip(st.columns(len(SCORE_LABELS) + 1), scores.values()):
+        for cell, (label, value) in zip(st.columns(max(len(SCORE_LABELS) + 1, len(scores))), scores.values()):
             cell.metric(f"{label}{tag}", "—" if np.isnan(value) else f"{value:.3f}",
                         help="not measured: whole objects are scored only where every slice is annotated"
                         if np.isnan(value) else None)
@@ -340,9 +342,10 @@ def show_planes(image: dict, truth, results: list[dict], threshold: float, z: in
                                      planes.cut(result["prob"], plane, point) >= threshold,
                                      planes.cut(result["ids"], plane, point))
         stretch = planes.z_stretch(voxel_size, plane)
+        fixed = planes.FIXED[plane]
         for column, (kind, rgb) in zip(row.columns(4), panels.items()):
             column.image(planes.display(rgb, plane, point, stretch, factor), width="stretch",
-                         caption=f"{kind} · {plane} at {planes.FIXED[plane]} = {dict(zip('zyx', point))[planes.FIXED[plane]]}")
+                         caption=f"{kind} · {plane} at {fixed} = {dict(zip('zyx', point))[fixed]}")
     st.caption(f"{result['tag']}: {result['label']} · z is the slice chosen above · the dashed crosshair marks "
                f"the point · objects keep one colour through the volume (their 3-D ids). "
                + planes.stretch_note(voxel_size))
@@ -417,11 +420,12 @@ def main() -> None:
     for tag, version in zip("AB", [v for v in (info, other) if v is not None]):
         prob = segment(version, image, options, uri)
         key = segmentation_key(version, image, options, uri)
+        voxel_size = image["calibration"].get("voxel_size")
         rows, summary = stack_scores(key, options["threshold"], None if truth is None else stacks.digest(truth),
-                                     prob, truth)
+                                     voxel_size, prob, truth)
         results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob, "version": version,
                         "file_tag": f"v{version.version}", "rows": rows, "summary": summary,
-                        "ids": object_ids(key, prob, options["threshold"], image["calibration"].get("voxel_size"))})
+                        "ids": object_ids(key, prob, options["threshold"], voxel_size)})
     with st.container(key="stack_scores"):
         show_stack_scores(results, truth)
     with st.container(key="stack_scores_3d"):
