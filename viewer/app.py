@@ -87,7 +87,7 @@ def stack_scores(key: tuple, threshold: float, truth_digest: str | None, voxel_s
     """`(per-slice rows, summary)` of one segmentation at one threshold: moving the slice or the point
     reruns the page, and must not score the stack again. (The voxel size is part of the key: how objects
     are found may follow it.)"""
-    return scoring.slice_rows(_prob, _truth, threshold=threshold), scoring.summary(_prob, _truth, threshold)
+    return scoring.rows_and_summary(_prob, _truth, threshold, voxel_size)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the stack…")

@@ -160,6 +160,11 @@ def _slice_objects(ids: np.ndarray) -> np.ndarray:
     return dense if values[0] == 0 else dense + 1
 
 
+def fits_3d(shape: tuple) -> bool:
+    """Whether 3-D instances of a `(Z, H, W)` volume fit in the memory available now."""
+    return int(np.prod(shape, dtype=np.float64)) * BYTES_PER_VOXEL_3D <= available_memory()
+
+
 def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[tuple]:
     """`(prob, mask, objects, ids)` of each slice, objects found in 3-D (`volume_instances`) over the whole
     volume's probabilities, which must fit in memory."""
@@ -167,7 +172,7 @@ def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[
     if not probs:
         return
     needed = len(probs) * probs[0].size * BYTES_PER_VOXEL_3D
-    if needed > available_memory():
+    if not fits_3d((len(probs), *probs[0].shape)):
         raise InputError(f"3-D instances of {len(probs)} slices of {probs[0].shape} need about {needed / 2**30:.1f} "
                          f"GiB but {available_memory() / 2**30:.1f} GiB are available; pass instances=2d, or a "
                          f"region=z0:z1,y0:y1,x0:x1 of the volume")
