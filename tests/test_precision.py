@@ -85,3 +85,20 @@ def test_model_trained_in_mixed_bfloat16_loads_and_predicts_in_float32_and_back(
     assert bf16.precision == "bfloat16" and out.dtype == np.float32 and out.shape == (4, 32, 32, 1)
     assert np.abs(out - np.asarray(loaded.predict(x, verbose=0), np.float32)).max() < 0.02
     assert np.abs(out - reference).max() < 0.02
+
+
+def test_training_runs_and_logs_the_resolved_policy(world):
+    """The session's tiny model was trained with precision=auto: on a CPU with bfloat16 units that is
+    mixed_bfloat16, end to end (fit, validation on the float32 copy, logging), and the param says so."""
+    import mlflow
+
+    from emunet.core.hardware import has_bf16_units
+    from emunet.inference.engines import gpu_visible
+    from emunet.training.config import resolve_precision as training_policy
+
+    params = mlflow.get_run(world["trained"]["run_id"]).data.params
+    assert params["precision"] == "auto"
+    assert params["dtype_policy"] == training_policy("auto")
+    if not gpu_visible():
+        assert params["dtype_policy"] == ("mixed_bfloat16" if has_bf16_units() else "float32")
+    assert 0 <= float(mlflow.get_run(world["trained"]["run_id"]).data.metrics["best_val_dice"]) <= 1
