@@ -227,7 +227,8 @@ def compare_engines(model, spec, sides=(512, 1024)):
     flags = ", ".join(f"{flag} {'yes' if flag in features else 'no'}" for flag in (*BF16_FLAGS, "amx_tile", "avx512f"))
     print(f"CPU: {cpu_model()}, {cpu_count()} CPUs for this process; {flags}", flush=True)
     f32, bf16 = matmul_peak("float32"), matmul_peak("bfloat16")
-    print(f"TF 2048^2 matmul peak: float32 {f32:.0f} GFLOP/s, bfloat16 {bf16:.0f} GFLOP/s ({bf16 / f32:.1f}x)", flush=True)
+    print(f"TF 2048^2 matmul peak: float32 {f32:.0f} GFLOP/s, bfloat16 {bf16:.0f} GFLOP/s ({bf16 / f32:.1f}x)",
+          flush=True)
     start = time.perf_counter()
     engines = {"TF float32": TensorFlowForward(model, "float32"),
                "TF mixed_bfloat16": TensorFlowForward(model, "bfloat16")}
@@ -301,7 +302,8 @@ def tiled_path(model, engines: dict, stacks: dict, sides):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_uri", default="", help="a logged pyfunc segmenter; default: a fresh 16-filter, depth-4 U-Net")
+    parser.add_argument("--model_uri", default="",
+                        help="a logged pyfunc segmenter; default: a fresh 16-filter, depth-4 U-Net")
     parser.add_argument("--memory_slices", type=int, default=200, help="0: skip the memory run")
     parser.add_argument("--no_speed", action="store_true", help="skip the speed comparison")
     parser.add_argument("--base_filters", type=int, default=16, help="of the fresh U-Net (16: the `fast` preset's)")

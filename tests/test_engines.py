@@ -95,7 +95,8 @@ def test_several_input_channels_and_input_scale_2(rng):
         with pytest.raises(ValueError, match=f"expected a \\(n, h, w, {channels}\\) batch"):
             forward(batch[..., :1] if channels > 1 else np.repeat(batch, 2, axis=-1))
     tf_bf16 = make_forward(context, engine="tensorflow", precision="bfloat16")
-    assert np.abs(tf_bf16(batch := rng.random((1, 32, 32, 3), np.float32)) - context.predict(batch, verbose=0)).max() < 0.02
+    batch = rng.random((1, 32, 32, 3), np.float32)
+    assert np.abs(tf_bf16(batch) - context.predict(batch, verbose=0)).max() < 0.02
 
 
 def test_engine_choice():

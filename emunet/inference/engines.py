@@ -1,8 +1,9 @@
 """Inference engines: the U-Net as a function of a batch of tiles, run by OpenVINO or TensorFlow.
 
 On a CPU OpenVINO is the fast engine: on the 2-core Xeon test machine (AMX-BF16) the default network at
-512 x 512 runs 91 ms a slice in float32 and 22 ms in bfloat16, against 118 ms for TensorFlow + XLA float32
-(bench/inference.py). TensorFlow stays the engine on a GPU, and the fallback where OpenVINO is absent.
+512 x 512 ran 91 ms a slice in float32 and 22 ms in bfloat16, against 118 ms for TensorFlow + XLA float32
+(issue 24; bench/inference.py: 4.5-5.7x in bfloat16, probabilities within 0.007). TensorFlow stays the
+engine on a GPU, and the fallback where OpenVINO is absent.
 
 How the Keras model reaches OpenVINO: it is traced once as a `tf.function` of a `(None, None, None, c)`
 float32 batch and handed to `openvino.convert_model`, in this process, with no file in between.
@@ -15,6 +16,10 @@ compilation) with the precision hint, and keeps the compilations.
 Precision: "bfloat16" is OpenVINO's `INFERENCE_PRECISION_HINT` bf16 (weights and activations in
 bfloat16, accumulation in float32), or for TensorFlow a copy of the model under Keras' mixed_bfloat16
 policy (same float32 weights, bfloat16 compute). The output is float32 probabilities either way.
+
+BatchNorm is not folded into the convolutions here: OpenVINO does it when it compiles (its compiled graph
+of the default network is the same 19 convolutions with or without a fold in the Keras graph), and with
+TensorFlow + XLA a folded copy ran 0.94x and 1.12x as fast at 512 and 1024 (bench/inference.py): noise.
 """
 
 import importlib.util

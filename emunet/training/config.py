@@ -130,7 +130,8 @@ def batch_sizes(cfg: TrainConfig, replicas: int) -> tuple[int, int]:
 def resolve_precision(name: str, features=None) -> str:
     """Keras dtype policy for `precision`: "auto" is mixed_float16 where a GPU is visible, mixed_bfloat16 on
     a CPU with bfloat16 units (`features`: its flags, default this machine's; `emunet.core.hardware`), where
-    a training step runs about 1.4x as fast, else float32. The policy is logged as the `dtype_policy` param."""
+    the `fast` preset's training step ran 3.05x as fast (bench/train_throughput.py --compare_precision), else
+    float32. The policy is logged as the `dtype_policy` param."""
     if name != "auto":
         return name
     import tensorflow as tf
