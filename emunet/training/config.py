@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import keras
 
+from emunet.core import hardware
 from emunet.core.errors import InputError
 from emunet.core.losses import LOSSES
 from emunet.core.model import INPUT_SCALES, UNetSpec
@@ -58,7 +59,7 @@ class TrainConfig:
     # The best epoch (the weights kept) and early stopping follow the metric the registry chooses the
     # champion by, computed by the same code as evaluate: training and the registry agree on "better".
     champion_metric: str = DEFAULT_CHAMPION_METRIC
-    precision: str = "auto"  # auto (mixed_float16 on GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16
+    precision: str = "auto"  # auto (mixed_float16 on GPU, mixed_bfloat16 on a CPU with AMX/AVX512 bfloat16 units, float32 on other CPUs), float32, mixed_float16 or mixed_bfloat16
     jit_compile: str = "auto"  # XLA for the training step: auto (Keras' rule: on a GPU without tf.distribute), true, false
     global_batch: int = 0  # if set: a fixed global batch split over the replicas (must divide evenly); 0 = batch_size x replicas
     workers: int = 2  # augmentation processes; 1 = in the training process
@@ -126,13 +127,17 @@ def batch_sizes(cfg: TrainConfig, replicas: int) -> tuple[int, int]:
     return cfg.global_batch // replicas, cfg.global_batch
 
 
-def resolve_precision(name: str) -> str:
-    """Keras dtype policy for `precision`: "auto" is mixed_float16 where a GPU is visible, else float32."""
+def resolve_precision(name: str, features=None) -> str:
+    """Keras dtype policy for `precision`: "auto" is mixed_float16 where a GPU is visible, mixed_bfloat16 on
+    a CPU with bfloat16 units (`features`: its flags, default this machine's; `emunet.core.hardware`), where
+    the `fast` preset's training step ran 3.05x as fast (bench/train_throughput.py --compare_precision), else
+    float32. The policy is logged as the `dtype_policy` param."""
     if name != "auto":
         return name
     import tensorflow as tf
 
-    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "float32"
+    precision = hardware.resolve_precision(name, features, gpu=bool(tf.config.list_logical_devices("GPU")))
+    return "mixed_bfloat16" if precision == "bfloat16" else precision
 
 
 @contextmanager
