@@ -53,6 +53,8 @@ class PredictConfig:
     seed_threshold: float = DEFAULTS.seed_threshold  # cores that seed one object each; <= threshold: no split
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
+    precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
     label_kind: str = "mask"  # `labels` are a mask (objects: its components) or "instances" (values are ids)
     output_format: str = "auto"  # auto: OME-Zarr (<name>_mask.ome.zarr...) for a Zarr input, TIFF otherwise; tif; zarr
@@ -117,6 +119,9 @@ def predict(cfg: PredictConfig) -> dict:
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
+        forward = segmenter.forward_for(SegmentParams.from_config(cfg))  # chosen on this machine: say which
+        print(f"network on {forward.engine} in {forward.precision}", flush=True)
+        mlflow.set_tags({"engine": forward.engine, "precision": forward.precision})
         written, scores = [], VolumeScores(options(cfg).min_object_size)
         where = {"level": cfg.level, "region": cfg.region}
         for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):

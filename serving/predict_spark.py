@@ -75,6 +75,8 @@ class PredictSparkConfig:
     seed_threshold: float = DEFAULTS.seed_threshold  # as in predict: touching cells counted apart
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
+    precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     output_format: str = "auto"  # as in predict: auto (OME-Zarr for a Zarr input, else TIFF), tif or zarr
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT

@@ -55,11 +55,16 @@ class Segmenter:
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray] | None = None, multiple: int = 1):
         self.forward, self.multiple = forward, int(multiple)  # (None until a pyfunc's load_context sets them)
 
+    def forward_for(self, params: SegmentParams) -> Callable[[np.ndarray], np.ndarray]:
+        """The forward that runs `params.engine` in `params.precision` (here: the one given; the pyfunc
+        makes and keeps one per engine and precision)."""
+        return self.forward
+
     def probabilities(self, volume, params: SegmentParams) -> Iterator[np.ndarray]:
         """The `(H, W)` float32 probability of each slice of a raw `(Z, H, W)` volume (an array or a
         lazily read volume), normalised with the params' window or, without one, the volume's own."""
         low, high = (params.low, params.high) if params.low is not None else stack_stats(volume)
-        return iter_probabilities(self.forward, volume, low, high, tile_size=tile_side(params.tile_size, self.multiple),
+        return iter_probabilities(self.forward_for(params), volume, low, high, tile_size=tile_side(params.tile_size, self.multiple),
                                   overlap=params.overlap, batch_size=params.batch_size, multiple=self.multiple,
                                   tta=params.tta)
 
