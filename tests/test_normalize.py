@@ -59,3 +59,24 @@ def test_a_subsample_sees_the_whole_slice_not_a_few_columns():
     low, high = stack_stats(stack, max_samples=4000)  # 256 000 voxels: one in 64 is sampled
     assert (low, high) == (0.0, 200.0)
     assert stack_stats(stack) == (0.0, 200.0)
+
+
+@pytest.mark.parametrize("value, dtype", [(0, np.uint8), (7, np.uint8), (65535, np.uint16), (-3.25, np.float32),
+                                          (1e9, np.float32)])
+def test_a_constant_stack_gets_a_proper_window_that_maps_it_to_a_constant(value, dtype):
+    """A constant stack gave the window (v, v), which every user of a window refuses (the pyfunc's `high
+    must be above low`): predict stopped on a flat image, naming parameters the user never passed."""
+    const = np.full((3, 9, 11), value, dtype)
+    low, high = stack_stats(const)
+    assert high > low
+    out = normalize(const, low, high)
+    assert np.all(out == out.flat[0]) and out.flat[0] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_one_value_nearly_everywhere_is_a_flat_image_with_clipped_outliers():
+    stack = np.zeros((1, 100, 100), np.uint8)
+    stack[0, 0, :20] = 255  # 0.2 % of the voxels: below the 99.5th percentile
+    low, high = stack_stats(stack)
+    assert low < 0 < high
+    out = normalize(stack, low, high)
+    assert out[0, 50, 50] == pytest.approx(0.5) and out[0, 0, 0] == 1.0

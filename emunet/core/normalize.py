@@ -32,8 +32,9 @@ def stack_stats(stack, max_samples: int = MAX_SAMPLES) -> tuple[float, float]:
     """Return `(low, high)` intensity percentiles of a stack.
 
     `stack` is a `(Z, H, W)` or `(H, W)` array of any numeric dtype, or anything with `shape` that
-    yields `(H, W)` slices by index (a lazily read volume): it is read one slice at a time. Raises
-    `InputError` for an empty stack or one with no finite value.
+    yields `(H, W)` slices by index (a lazily read volume): it is read one slice at a time. Always
+    `high > low`: when the percentiles meet (a constant stack, or one value in nearly every voxel) it is
+    `flat_window` around that value. Raises `InputError` for an empty stack or one with no finite value.
     """
     shape = tuple(stack.shape)
     if len(shape) == 2:
@@ -47,7 +48,18 @@ def stack_stats(stack, max_samples: int = MAX_SAMPLES) -> tuple[float, float]:
         if sample.size == 0:
             raise InputError("the stack has no usable intensity values (all NaN or infinite)")
     low, high = np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:  # a flat stack, or one value in nearly every voxel (the rest are outliers, clipped)
+        return flat_window(float(low))
     return float(low), float(high)
+
+
+def flat_window(value: float) -> tuple[float, float]:
+    """The window of a constant stack: centred on its value, so it normalises to 0.5 everywhere (as
+    `normalize` maps a zero-width window) and the network's answer is its answer on a flat image; wide
+    enough (relative to the value) to stay a proper window after float32 rounding. Every user of a window
+    (the pyfunc's `low`, `high` included) needs `high > low`."""
+    half = max(0.5, abs(value) * 2.0 ** -12)
+    return value - half, value + half
 
 
 def normalize(stack: np.ndarray, low: float, high: float) -> np.ndarray:
