@@ -13,13 +13,17 @@ Each size runs in a process of its own: it segments a 1024 x 1024 slice first (T
 forward pass compiled for the 1024 tile every size uses), then resets the kernel's peak-RSS mark
 (`/proc/self/clear_refs`), segments the measured slice and reads the new peak (`VmHWM`). Two variants:
 `plain` (predict's defaults: mask and objects tables) and `full` (also probabilities, instance labels and
-scoring against a label slice: the most predict does per slice).
+scoring against a label slice: the most predict does per slice). And two networks: the tiny U-Net, and an
+'identity' one whose probabilities are the image (the watershed on most of the slice: the costly case).
 
-    python bench/slice_memory.py                         # 1024, 2048, 4096 (about a minute on 2 cores)
-    python bench/slice_memory.py --sizes 2048 4096 8192
+    python bench/slice_memory.py                         # 2048, 4096, 8192 (10-20 minutes on 2 cores)
+    python bench/slice_memory.py --sizes 1024 2048 --seeds 0 1 2 -1 --variants plain
 
 Prints, per size and variant, the added peak and bytes per pixel beside the slice's own bytes (1 per
-pixel), then the slope between the two largest sizes: the figure `emunet.core.preflight` uses.
+pixel), then the slope between the two largest sizes: the figure `emunet.inference.preflight` uses. Small
+slices understate it (memory the warm-up freed stays resident and is reused, and arrays under glibc's
+mmap threshold come from the heap); from 4096 x 4096 on, every per-slice array is mapped and unmapped
+on its own, and the slope is the cost of one more pixel.
 """
 
 import argparse
@@ -61,20 +65,26 @@ def write_inputs(folder: Path, side: int) -> tuple[Path, Path]:
     return paths
 
 
-def segmenter():
-    """Our pyfunc's segmenter around a tiny fresh U-Net, without MLflow (what `load_context` sets up)."""
+def segmenter(seed: int):
+    """Our pyfunc's segmenter around a tiny fresh U-Net (weights drawn with `seed`), without MLflow (what
+    `load_context` sets up). `seed` -1: the 'identity' network, whose probabilities are the normalised image
+    itself (the synthetic cells' bright interiors, noisy cores): touching objects with several cores each,
+    so the watershed runs on most of the slice, which a fresh network's near-flat output rarely makes it do."""
+    import keras
+
     from emunet.core.model import UNetSpec, build_unet, multiple_of
     from emunet.inference.segmenter import StackSegmenter, compiled_forward
 
+    keras.utils.set_random_seed(max(seed, 0))
     spec = UNetSpec(depth=2, base_filters=4)
     seg = StackSegmenter()
     seg.keras_model = build_unet(spec)
     seg.meta = {"multiple_of": multiple_of(spec)}
-    seg.forward = compiled_forward(seg.keras_model)
+    seg.forward = compiled_forward(seg.keras_model) if seed >= 0 else lambda tiles: np.asarray(tiles, np.float32)
     return seg
 
 
-def child(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, out: Path) -> None:
+def child(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, seed: int, out: Path) -> None:
     """Segment `warm`, reset the peak mark, segment `image`; print the added peak in bytes."""
     from emunet.core.io import open_volume
     from emunet.core.metrics import ObjectScorer
@@ -82,7 +92,7 @@ def child(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, out: 
 
     full = variant == "full"
     cfg = PredictConfig(save_probability=full, save_labels=full)
-    seg = segmenter()
+    seg = segmenter(seed)
 
     def run(paths: tuple[Path, Path], name: str) -> None:
         with open_volume(paths[0]) as stack, open_volume(paths[1]) as labels:
@@ -96,11 +106,11 @@ def child(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, out: 
     print(f"added {(status_kib('VmHWM') - base) * 1024}")
 
 
-def measure(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, folder: Path) -> int:
-    out = folder / f"out-{image.stem}-{variant}"
+def measure(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, seed: int, folder: Path) -> int:
+    out = folder / f"out-{image.stem}-{variant}-{seed}"
     out.mkdir()
     proc = subprocess.run([sys.executable, __file__, "--child", str(image), str(truth), str(warm[0]), str(warm[1]),
-                           variant, str(out)], capture_output=True, text=True, cwd=ROOT)
+                           variant, str(seed), str(out)], capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
     subprocess.run(["rm", "-rf", str(out)], check=True)
@@ -109,13 +119,17 @@ def measure(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, fol
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--variants", nargs="+", default=["plain", "full"])
-    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, -1],
+                        help="networks per size: a fresh U-Net's weights drawn with this seed, -1 the 'identity' "
+                             "network (see `segmenter`); the largest figure counts, as the instances step costs "
+                             "more where the network finds more touching objects")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        image, truth, warm_image, warm_truth, variant, out = args.child
-        child(Path(image), Path(truth), (Path(warm_image), Path(warm_truth)), variant, Path(out))
+        image, truth, warm_image, warm_truth, variant, seed, out = args.child
+        child(Path(image), Path(truth), (Path(warm_image), Path(warm_truth)), variant, int(seed), Path(out))
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -125,10 +139,11 @@ def main() -> None:
             added = {}
             for side in sorted(args.sizes):
                 paths = write_inputs(folder, side)
-                added[side] = measure(*paths, warm, variant, folder)
-                pixels = side * side
+                runs = [measure(*paths, warm, variant, seed, folder) for seed in args.seeds]
+                added[side], pixels = max(runs), side * side
                 print(f"{variant:5s} {side:5d} x {side:<5d} slice {pixels / 2**20:6.1f} MiB (1 B/pixel, uint8): "
-                      f"peak +{added[side] / 2**20:7.1f} MiB = {added[side] / pixels:5.1f} B/pixel", flush=True)
+                      f"peak +{added[side] / 2**20:7.1f} MiB = {added[side] / pixels:5.1f} B/pixel (largest of "
+                      f"{', '.join(f'{r / pixels:.1f} (seed {s})' for s, r in zip(args.seeds, runs))})", flush=True)
             a, b = sorted(args.sizes)[-2:]
             slope[variant] = (added[b] - added[a]) / (b * b - a * a)
             fixed = added[b] - slope[variant] * b * b

@@ -80,3 +80,19 @@ def test_one_value_nearly_everywhere_is_a_flat_image_with_clipped_outliers():
     assert low < 0 < high
     out = normalize(stack, low, high)
     assert out[0, 50, 50] == pytest.approx(0.5) and out[0, 0, 0] == 1.0
+
+
+def test_predict_segments_a_constant_stack(world, tmp_path):
+    """The README says constant images are segmented; predict stopped with `high must be above low ...
+    low 0.0 and high 0.0`. The answer is the network's on a flat image: a mask of the stack's shape."""
+    import tifffile
+
+    from tests.conftest import run_module
+
+    tifffile.imwrite(tmp_path / "flat.tif", np.zeros((2, 40, 48), np.uint16), photometric="minisblack")
+    proc = run_module("serving.predict", "--model_uri", world["trained"]["model_uri"], "--input",
+                      str(tmp_path / "flat.tif"), "--output_dir", str(tmp_path / "out"), cwd=tmp_path, env_uri=world["uri"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mask = tifffile.imread(tmp_path / "out" / "flat_mask.tif")
+    assert mask.shape == (2, 40, 48) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
