@@ -122,9 +122,6 @@ def check_results(reads: Iterable[str | Path], out_dir: str | Path, names: list[
 # components and watershed, 3-D ids, writers) on square uint8 slices; see SLICE_BYTES_MEASURED.
 SLICE_BYTES_PER_PIXEL = 60.0  # provisional: 1024 -> 2048 slope, identity network; replaced by the full bench
 SLICE_BYTES_MEASURED = ""
-# What the runtime (TensorFlow, the network's forward pass: at most `MAX_BATCH_PIXELS` pixels whatever the
-# slice) needs besides, whatever the slice size.
-FIXED_BYTES = 0
 
 
 def slice_working_bytes(height: int, width: int, itemsize: int = 1) -> int:
@@ -139,7 +136,7 @@ def check_slice_memory(path: str | Path, shape: tuple, dtype, available: int | N
     segment than is available (`available`, default `available_memory()`), with the figures and the
     remedy; the up-front checks of the readers count pixels only, and the work per slice is many times that."""
     height, width = int(shape[-2]), int(shape[-1])
-    needed = slice_working_bytes(height, width, np.dtype(dtype).itemsize) + FIXED_BYTES
+    needed = slice_working_bytes(height, width, np.dtype(dtype).itemsize)
     free = available_memory() if available is None else int(available)
     if needed > free:
         raise InputError(f"{path}: one {height} x {width} slice needs about {needed / 2**30:.1f} GiB of memory to "
