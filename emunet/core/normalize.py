@@ -4,6 +4,8 @@ Robust percentile scaling of a whole stack to [0, 1] float32. Percentiles (not m
 so that 16-bit and float data, hot pixels and empty borders all land in the same range.
 """
 
+import math
+
 import numpy as np
 
 from emunet.core.errors import InputError
@@ -54,11 +56,12 @@ def stack_stats(stack, max_samples: int = MAX_SAMPLES) -> tuple[float, float]:
 
 
 def flat_window(value: float) -> tuple[float, float]:
-    """The window of a constant stack: centred on its value, so it normalises to 0.5 everywhere (as
-    `normalize` maps a zero-width window) and the network's answer is its answer on a flat image; wide
-    enough (relative to the value) to stay a proper window after float32 rounding. Every user of a window
-    (the pyfunc's `low`, `high` included) needs `high > low`."""
-    half = max(0.5, abs(value) * 2.0 ** -12)
+    """The window of a constant stack: centred on its value, so it normalises to exactly 0.5 everywhere (as
+    `normalize` maps a zero-width window), whatever the value and dtype, and the network's answer is its
+    answer on a flat image. Every user of a window (the pyfunc's `low`, `high` included) needs `high > low`.
+    The half-width is a power of two, at least 0.5 and 1/4096 of the value: float32 then holds `value - half`
+    exactly (for a value float32 holds), so the subtraction and the scaling in `normalize` are exact."""
+    half = 2.0 ** math.ceil(math.log2(max(0.5, abs(value) * 2.0 ** -12)))
     return value - half, value + half
 
 
