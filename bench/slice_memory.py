@@ -20,7 +20,8 @@ scoring against a label slice: the most predict does per slice). And two network
     python bench/slice_memory.py --sizes 1024 2048 --seeds 0 1 2 -1 --variants plain
 
 Prints, per size and variant, the added peak and bytes per pixel beside the slice's own bytes (1 per
-pixel), then the slope between the two largest sizes: the figure `emunet.inference.preflight` uses. Small
+pixel), then the slope between the two largest sizes; `emunet.inference.preflight` takes the larger of the
+slope and the settled per-pixel figures (BYTES_PER_PIXEL, SCORED_BYTES_PER_PIXEL for `full`). Small
 slices understate it (memory the warm-up freed stays resident and is reused, and arrays under glibc's
 mmap threshold come from the heap); from 4096 x 4096 on, every per-slice array is mapped and unmapped
 on its own, and the slope is the cost of one more pixel.

@@ -115,7 +115,7 @@ def predict(cfg: PredictConfig) -> dict:
     formats = [output_format(cfg.output_format, p) for p in inputs]
     options(cfg)
     check_results([*inputs, *labels], cfg.output_dir, names, formats, cfg.save_probability, cfg.save_labels)
-    check_slices_fit(inputs, level=cfg.level, region=cfg.region)
+    check_slices_fit(inputs, scored=bool(labels), level=cfg.level, region=cfg.region)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)

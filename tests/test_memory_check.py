@@ -12,21 +12,22 @@ import tifffile
 
 from emunet.core.errors import InputError
 from emunet.core.io import available_memory
-from emunet.inference.preflight import SLICE_BYTES_PER_PIXEL, check_slice_memory, slice_working_bytes
+from emunet.inference.preflight import BYTES_PER_PIXEL, check_slice_memory, slice_working_bytes
 from serving.predict_spark import PredictSparkConfig, _checked_inputs
 from tests.conftest import run_module
 
 
 def test_working_bytes_grow_with_the_slice_and_its_pixel_size():
-    assert SLICE_BYTES_PER_PIXEL > 10  # the measured figure: many times a pixel's own bytes
+    assert BYTES_PER_PIXEL > 10  # the measured figure: many times a pixel's own bytes
     assert slice_working_bytes(2000, 3000) == pytest.approx(4 * slice_working_bytes(1000, 1500), rel=1e-6)
     assert slice_working_bytes(1000, 1000, itemsize=4) - slice_working_bytes(1000, 1000) == 3_000_000
+    assert slice_working_bytes(1000, 1000, scored=True) > slice_working_bytes(1000, 1000)  # labels cost more
 
 
 def test_the_refusal_gives_both_figures_and_the_remedies():
     needed = slice_working_bytes(40000, 40000)
     with pytest.raises(InputError) as caught:
-        check_slice_memory("big.tif", (1, 40000, 40000), np.uint8, available=8 * 2**30)
+        check_slice_memory("big.tif", (1, 40000, 40000), np.uint8, available=8 * 2**30)  # issue 21's slice
     message = str(caught.value)
     assert message.startswith("big.tif: one 40000 x 40000 slice needs about")
     assert f"{needed / 2**30:.1f} GiB" in message and "only 8.0 GiB is available" in message

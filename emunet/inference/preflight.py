@@ -116,27 +116,35 @@ def check_results(reads: Iterable[str | Path], out_dir: str | Path, names: list[
     check_writes(reads, [*targets, *map(Path, extra)])
 
 
-# Peak memory that segmenting one slice adds, per pixel of the slice, on top of reading it (its own
-# itemsize per pixel): bench/slice_memory.py, predict's real per-slice path (read, normalise to float32,
-# mirror-pad, Gaussian-blended tile sums and weights, probabilities, mask, instances with their
-# components and watershed, 3-D ids, writers) on square uint8 slices; see SLICE_BYTES_MEASURED.
-SLICE_BYTES_PER_PIXEL = 60.0  # provisional: 1024 -> 2048 slope, identity network; replaced by the full bench
-SLICE_BYTES_MEASURED = ""
+# Peak memory that segmenting one slice adds, per pixel, uint8 slice read included: bench/slice_memory.py,
+# predict's real per-slice path (read, normalise to float32, mirror-pad, Gaussian-blended tile sums and
+# weights, probabilities, mask, instances with their components and watershed, 3-D ids, writers), square
+# uint8 slices, the larger of a fresh tiny U-Net and an 'identity' network (watershed on most of the slice);
+# `python bench/slice_memory.py` on 2 CPU cores, 24 GiB:
+#   plain (mask, tables):                   2048^2 46.9, 4096^2 55.6, 8192^2 56.6 B/pixel (slope 56.9)
+#   full (+ probabilities, instance labels, scored against a label slice):
+#                                           2048^2 108.5, 4096^2 100.0, 8192^2 96.5 B/pixel (slope 95.4)
+# Below 4096^2 the figures mix in the runtime's fixed part and reuse of memory freed earlier; from there on
+# they settle. The largest of the settled figures and the slope, rounded up:
+BYTES_PER_PIXEL = 57
+SCORED_BYTES_PER_PIXEL = 100
 
 
-def slice_working_bytes(height: int, width: int, itemsize: int = 1) -> int:
-    """Peak bytes that segmenting one `(height, width)` slice of `itemsize`-byte pixels needs (measured:
-    `SLICE_BYTES_PER_PIXEL`), besides the runtime."""
-    pixels = float(height) * float(width)
-    return int(pixels * (SLICE_BYTES_PER_PIXEL + itemsize))
+def slice_working_bytes(height: int, width: int, itemsize: int = 1, scored: bool = False) -> int:
+    """Peak bytes that segmenting one `(height, width)` slice of `itemsize`-byte pixels adds to the
+    runtime (measured, see `BYTES_PER_PIXEL`); `scored`: also against a label slice (predict with labels)."""
+    per_pixel = (SCORED_BYTES_PER_PIXEL if scored else BYTES_PER_PIXEL) + int(itemsize) - 1
+    return int(float(height) * float(width) * per_pixel)
 
 
-def check_slice_memory(path: str | Path, shape: tuple, dtype, available: int | None = None) -> None:
+def check_slice_memory(path: str | Path, shape: tuple, dtype, scored: bool = False,
+                       available: int | None = None) -> None:
     """Before any work: refuse a volume of `shape` `(Z, Y, X)` whose one slice needs more memory to
-    segment than is available (`available`, default `available_memory()`), with the figures and the
-    remedy; the up-front checks of the readers count pixels only, and the work per slice is many times that."""
+    segment (`slice_working_bytes`; `scored`: with labels) than is available (`available`, default
+    `available_memory()`), with the figures and the remedy. The readers' up-front checks count a slice's
+    pixels only; the work on it takes some 60 to 100 times that."""
     height, width = int(shape[-2]), int(shape[-1])
-    needed = slice_working_bytes(height, width, np.dtype(dtype).itemsize)
+    needed = slice_working_bytes(height, width, np.dtype(dtype).itemsize, scored)
     free = available_memory() if available is None else int(available)
     if needed > free:
         raise InputError(f"{path}: one {height} x {width} slice needs about {needed / 2**30:.1f} GiB of memory to "
@@ -144,9 +152,9 @@ def check_slice_memory(path: str | Path, shape: tuple, dtype, available: int | N
                          f"region=z0:z1,y0:y1,x0:x1 (a block of y and x), or use a machine with more memory")
 
 
-def check_slices_fit(paths: Iterable[str | Path], **where) -> None:
-    """`check_slice_memory` for every input, opened lazily (headers only); `where`: `open_volume`'s `level`
-    and `region`, as the run will read them."""
+def check_slices_fit(paths: Iterable[str | Path], scored: bool = False, **where) -> None:
+    """`check_slice_memory` for every input, opened lazily (headers only); `scored`: the run scores against
+    labels; `where`: `open_volume`'s `level` and `region`, as the run will read them."""
     for path in paths:
         with open_volume(path, **where) as volume:
-            check_slice_memory(path, volume.shape, volume.dtype)
+            check_slice_memory(path, volume.shape, volume.dtype, scored)
