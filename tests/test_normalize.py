@@ -91,7 +91,8 @@ def test_predict_segments_a_constant_stack(world, tmp_path):
 
     tifffile.imwrite(tmp_path / "flat.tif", np.zeros((2, 40, 48), np.uint16), photometric="minisblack")
     proc = run_module("serving.predict", "--model_uri", world["trained"]["model_uri"], "--input",
-                      str(tmp_path / "flat.tif"), "--output_dir", str(tmp_path / "out"), cwd=tmp_path, env_uri=world["uri"])
+                      str(tmp_path / "flat.tif"), "--output_dir", str(tmp_path / "out"), cwd=tmp_path,
+                      env_uri=world["uri"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     mask = tifffile.imread(tmp_path / "out" / "flat_mask.tif")
     assert mask.shape == (2, 40, 48) and mask.dtype == np.uint8

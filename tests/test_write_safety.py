@@ -117,7 +117,8 @@ def test_a_rerun_into_the_same_output_dir_replaces_its_own_results(world, tmp_pa
     """What em-unet wrote it may replace: calibrated TIFFs (whose first description Fiji's calibration
     rewrites), OME-Zarr images, the tables."""
     tifffile.imwrite(tmp_path / "tomo.tif", np.random.default_rng(2).integers(0, 255, (3, 32, 48), dtype=np.uint8),
-                     imagej=True, resolution=(1 / 0.004, 1 / 0.004), metadata={"spacing": 0.05, "unit": "um", "axes": "ZYX"})
+                     imagej=True, resolution=(1 / 0.004, 1 / 0.004),
+                     metadata={"spacing": 0.05, "unit": "um", "axes": "ZYX"})
     write_zarr(tmp_path / "vol.ome.zarr", np.random.default_rng(3).integers(0, 255, (4, 32, 32), dtype=np.uint8))
     out = tmp_path / "out"
     args = ("--input", f"{tmp_path / 'tomo.tif'},{tmp_path / 'vol.ome.zarr'}", "--output_dir", str(out),

@@ -1,5 +1,5 @@
-"""Checks a run (predict, predict_spark) makes before any work: that its results never land on the user's data, and that its
-largest slice fits in memory.
+"""Checks a run (predict, predict_spark) makes before any work: that its results never land on the user's
+data, and that its largest slice fits in memory.
 
 What a run reads is a *container*: a file (TIFF, MRC, .npy; an HDF5 `file.h5:/dataset` is the file), or a
 whole folder tree (a Zarr image, `x.ome.zarr/0` included, or a folder of slices): writing anywhere inside
@@ -10,6 +10,9 @@ A result path that already exists is replaced only when em-unet wrote it: a TIFF
 so (Software or ImageDescription "em-unet"), an OME-Zarr image with our marker
 (`emunet.core.omezarr.written_by_us`), a CSV whose first line is one of our headers. A user's file of that
 name (their `cells_mask.tif` ground truth, say) is never overwritten.
+
+    check_results([*inputs, *labels], output_dir, names, formats, probability, labels)  # before output_dir is made
+    check_slices_fit(inputs, scored=bool(labels), level=level, region=region)
 """
 
 import os
