@@ -1,7 +1,8 @@
 """What one slice costs to segment (issue 21): peak resident memory that predict's per-slice path adds,
 per pixel of the slice, measured on square uint8 slices of a few sizes.
 
-The path measured is predict's own (`serving.predict.predict_stack`): the slice read from a TIFF, normalised
+The path measured is predict's own (`serving.predict.predict_stack`, through the one segmentation path
+`emunet.inference.segment.segment_volume`, objects per slice): the slice read from a TIFF, normalised
 to float32, mirror-padded, cut into tiles whose outputs are blended into Gaussian-weighted sums and
 weights, the probabilities, the mask, the instances (`emunet.inference.instances.slice_instances`:
 connected components, seeds, watershed), their 3-D ids, and the writers (`result_files`). The network is a
@@ -16,7 +17,7 @@ forward pass compiled for the 1024 tile every size uses), then resets the kernel
 scoring against a label slice: the most predict does per slice). And two networks: the tiny U-Net, and an
 'identity' one whose probabilities are the image (the watershed on most of the slice: the costly case).
 
-    python bench/slice_memory.py                         # 2048, 4096, 8192 (10-20 minutes on 2 cores)
+    python bench/slice_memory.py                         # 2048, 4096, 8192 (20-30 minutes on 2 cores)
     python bench/slice_memory.py --sizes 1024 2048 --seeds 0 1 2 -1 --variants plain
 
 Prints, per size and variant, the added peak and bytes per pixel beside the slice's own bytes (1 per
@@ -67,28 +68,26 @@ def write_inputs(folder: Path, side: int) -> tuple[Path, Path]:
 
 
 def segmenter(seed: int):
-    """Our pyfunc's segmenter around a tiny fresh U-Net (weights drawn with `seed`), without MLflow (what
-    `load_context` sets up). `seed` -1: the 'identity' network, whose probabilities are the normalised image
+    """The segmenter of our pyfunc around a tiny fresh U-Net (weights drawn with `seed`), without MLflow
+    (what `StackSegmenter.load_context` sets up). `seed` -1: the 'identity' network, whose probabilities are the normalised image
     itself (the synthetic cells' bright interiors, noisy cores): touching objects with several cores each,
     so the watershed runs on most of the slice, which a fresh network's near-flat output rarely makes it do."""
     import keras
 
     from emunet.core.model import UNetSpec, build_unet, multiple_of
-    from emunet.inference.segmenter import StackSegmenter, compiled_forward
+    from emunet.inference.segment import Segmenter
+    from emunet.inference.segmenter import compiled_forward
 
     keras.utils.set_random_seed(max(seed, 0))
     spec = UNetSpec(depth=2, base_filters=4)
-    seg = StackSegmenter()
-    seg.keras_model = build_unet(spec)
-    seg.meta = {"multiple_of": multiple_of(spec)}
-    seg.forward = compiled_forward(seg.keras_model) if seed >= 0 else lambda tiles: np.asarray(tiles, np.float32)
-    return seg
+    forward = compiled_forward(build_unet(spec)) if seed >= 0 else lambda tiles: np.asarray(tiles, np.float32)
+    return Segmenter(forward, multiple_of(spec))
 
 
 def child(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, seed: int, out: Path) -> None:
     """Segment `warm`, reset the peak mark, segment `image`; print the added peak in bytes."""
     from emunet.core.io import open_volume
-    from emunet.core.metrics import ObjectScorer
+    from emunet.inference.segment import VolumeScores
     from serving.predict import PredictConfig, predict_stack
 
     full = variant == "full"
@@ -97,7 +96,7 @@ def child(image: Path, truth: Path, warm: tuple[Path, Path], variant: str, seed:
 
     def run(paths: tuple[Path, Path], name: str) -> None:
         with open_volume(paths[0]) as stack, open_volume(paths[1]) as labels:
-            predict_stack(seg, stack, name, cfg, out, labels if full else None, scorer=ObjectScorer())
+            predict_stack(seg, stack, name, cfg, out, labels if full else None, scores=VolumeScores())
 
     run(warm, "warm")
     gc.collect()

@@ -123,14 +123,16 @@ def check_results(reads: Iterable[str | Path], out_dir: str | Path, names: list[
 # predict's real per-slice path (read, normalise to float32, mirror-pad, Gaussian-blended tile sums and
 # weights, probabilities, mask, instances with their components and watershed, 3-D ids, writers), square
 # uint8 slices, the larger of a fresh tiny U-Net and an 'identity' network (watershed on most of the slice);
-# `python bench/slice_memory.py` on 2 CPU cores, 24 GiB:
-#   plain (mask, tables):                   2048^2 46.9, 4096^2 55.6, 8192^2 56.6 B/pixel (slope 56.9)
+# `python bench/slice_memory.py [--sizes 2048 4096]` on 2 CPU cores, 24 GiB:
+#   plain (mask, tables):   2048^2 55.8, 4096^2 57.0 B/pixel, slope 57.3 (one segmentation path, 03:40 UTC)
+#                           [before it: 2048^2 46.9, 4096^2 55.6, 8192^2 56.6, slope 4096->8192 56.9]
 #   full (+ probabilities, instance labels, scored against a label slice):
-#                                           2048^2 108.5, 4096^2 100.0, 8192^2 96.5 B/pixel (slope 95.4)
-# Below 4096^2 the figures mix in the runtime's fixed part and reuse of memory freed earlier; from there on
-# they settle. The largest of the settled figures and the slope, rounded up:
-BYTES_PER_PIXEL = 57
-SCORED_BYTES_PER_PIXEL = 100
+#                           2048^2 118.0, 4096^2 111.2 B/pixel, slope 108.9
+#                           [before it: 2048^2 108.5, 4096^2 100.0, 8192^2 96.5, slope 95.4]
+# At 2048^2 the figures still mix in the runtime's fixed part and reuse of memory freed earlier; from
+# 4096^2 on they settle. The largest of the settled figures and the slopes, rounded up:
+BYTES_PER_PIXEL = 58
+SCORED_BYTES_PER_PIXEL = 112
 
 
 def slice_working_bytes(height: int, width: int, itemsize: int = 1, scored: bool = False) -> int:
@@ -145,7 +147,7 @@ def check_slice_memory(path: str | Path, shape: tuple, dtype, scored: bool = Fal
     """Before any work: refuse a volume of `shape` `(Z, Y, X)` whose one slice needs more memory to
     segment (`slice_working_bytes`; `scored`: with labels) than is available (`available`, default
     `available_memory()`), with the figures and the remedy. The readers' up-front checks count a slice's
-    pixels only; the work on it takes some 60 to 100 times that."""
+    pixels only; the work on it takes some 60 to 110 times that."""
     height, width = int(shape[-2]), int(shape[-1])
     needed = slice_working_bytes(height, width, np.dtype(dtype).itemsize, scored)
     free = available_memory() if available is None else int(available)
