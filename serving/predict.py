@@ -30,6 +30,7 @@ from emunet.core.files import output_folder
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
+from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.outputs import output_format, output_names, result_files, rows_to_csv
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.segment import Truth, VolumeScores, segment_volume
@@ -115,6 +116,8 @@ def predict(cfg: PredictConfig) -> dict:
     names = output_names(inputs)  # before any work: a second input must not overwrite the first's results
     formats = [output_format(cfg.output_format, p) for p in inputs]
     options(cfg)
+    check_results([*inputs, *labels], cfg.output_dir, names, formats, cfg.save_probability, cfg.save_labels)
+    check_slices_fit(inputs, scored=bool(labels), level=cfg.level, region=cfg.region)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)

@@ -47,6 +47,7 @@ from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_con
 from emunet.inference.outputs import (check_targets, mask_page, object_row, output_format, output_names, result_files,
                                      result_targets)
 from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.segment import segment_volume
 from emunet.inference.tiling import plan_tiles
 
@@ -224,8 +225,9 @@ def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
 
 
 def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], list[str]]:
-    """Input paths, output names and formats ("tif", "zarr"), refused before any Spark work if missing or
-    clashing."""
+    """Input paths, output names and formats ("tif", "zarr"), refused before any Spark work if missing,
+    clashing (two inputs, one name; a result onto or inside what is read, or onto a file em-unet did not
+    write) or too large to segment a slice at a time."""
     paths = input_paths(cfg.input)
     if not paths:
         raise InputError("no input given: pass input=a.tif,b.tif or input=stacks.txt (one path per line)")
@@ -236,7 +238,11 @@ def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], lis
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
     names = output_names(paths)
-    return paths, names, [output_format(cfg.output_format, p) for p in paths]
+    formats = [output_format(cfg.output_format, p) for p in paths]
+    out_dir = Path(cfg.output_dir).absolute()
+    check_results(paths, out_dir, names, formats, objects=False, extra=[out_dir / "objects.csv"])
+    check_slices_fit(paths)  # on the driver: executors like it are assumed
+    return paths, names, formats
 
 
 def calibrations(paths: list[Path], formats: list[str]) -> list[dict]:

@@ -146,7 +146,7 @@ def _tiff_pages(tmp: dict, kinds: list[str], voxel_size, unit):
         options = page_options(voxel_size)
 
         def write(kind: str, page: np.ndarray) -> None:
-            first = {"description": "em-unet", "metadata": None} if kind not in shape else {}
+            first = {"description": "em-unet", "software": "em-unet", "metadata": None} if kind not in shape else {}
             writers[kind].write(page, **options, **first)
             shape[kind] = np.shape(page)
             count[kind] = count.get(kind, 0) + 1
