@@ -112,7 +112,8 @@ class StackSegmenter(mlflow.pyfunc.PythonModel, Segmenter):
 
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        Segmenter.__init__(self, compiled_forward(self.keras_model), int(self.meta["multiple_of"]))
+        Segmenter.__init__(self, compiled_forward(self.keras_model), int(self.meta["multiple_of"]),
+                           int(self.meta.get("context_slices", 0)))  # models logged before 2.5-D have none
 
     def segment(self, stack, low: float | None = None, high: float | None = None, **params) -> np.ndarray:
         """Segment a raw `(Z, H, W)` stack. Returns `(Z, H, W)` uint8 {0, 1} mask, or float32
