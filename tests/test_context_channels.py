@@ -2,7 +2,9 @@
 channels, mirrored at the stack's ends, through the model, the training crops, the tiler, the segmenter,
 training and the logged pyfunc."""
 
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -184,3 +186,49 @@ def test_a_2_5d_training_logs_a_pyfunc_that_segments_stacks_and_slices(store, tm
     np.testing.assert_allclose(alone, model.predict(np.stack([stack[1]] * 3), params=params)[1], atol=1e-5)
     # Inside the stack, slice 1 sees slices 0 and 2: another answer than alone.
     assert np.abs(alone - prob[1]).max() > 1e-4
+
+
+@pytest.mark.slow
+def test_a_2_5d_model_exports_a_package_with_2k_plus_1_input_channels(tmp_path, monkeypatch, rng):
+    """The BioImage.IO package declares the 2k + 1 channels, bioimageio.core's own test passes on it, and
+    its graphs (ONNX too) answer as the Keras model does on the stack of context slices."""
+    import keras
+    import onnxruntime
+    import yaml
+    from bioimageio.core import create_prediction_pipeline, predict, test_model
+    from bioimageio.spec import load_model_description
+
+    from emunet.inference.export import probabilities, write_onnx, write_package
+
+    monkeypatch.setenv("BIOIMAGEIO_CACHE_PATH", str(tmp_path / "bioimageio-cache"))
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    keras.utils.set_random_seed(0)
+    model = build_unet(UNetSpec(depth=2, base_filters=4, context_slices=1))
+    stack = (rng.random((5, 40, 48)) * 200 + 20).astype(np.uint8)
+    image = context_stack(stack, 2, 1)
+    path, formats = write_package(tmp_path / "m.zip", model, image, multiple=4, name="em-unet", description="test",
+                                  documentation="# test", authors=["a"], license="CC-BY-4.0",
+                                  cite=[("U-Net", "10.1007/978-3-319-24574-4_28")])
+    summary = test_model(path)
+    assert summary.status == "passed", summary.format()
+    with zipfile.ZipFile(path) as archive:
+        rdf = yaml.safe_load(archive.read("rdf.yaml"))
+        test_input = np.load(io.BytesIO(archive.read("test_input.npy")))
+    assert rdf["inputs"][0]["axes"][1]["channel_names"] == ["z_minus_1", "z", "z_plus_1"]
+    assert test_input.shape == (1, 3, 40, 48)
+    np.testing.assert_array_equal(test_input[0, 0], stack[1])
+    expected = probabilities(model, image)
+    descr = load_model_description(path)
+    for wf in formats:
+        got = predict(model=create_prediction_pipeline(descr, weight_format=wf),
+                      inputs=image.transpose(2, 0, 1)[None].astype(np.float32))
+        assert np.abs(got.members["probability"].data.to_numpy()[0, 0] - expected).max() < 1e-5, wf
+    with pytest.raises(ValueError, match=r"takes 3 channels: pass \(H, W, 3\)"):
+        write_package(tmp_path / "n.zip", model, stack[2], multiple=4, name="em-unet", description="test",
+                      documentation="# test", authors=["a"], license="CC-BY-4.0", cite=[])
+    session = onnxruntime.InferenceSession(str(write_onnx(model, tmp_path / "m.onnx")),
+                                           providers=["CPUExecutionProvider"])
+    batch = rng.random((2, 3, 16, 24), dtype=np.float32)
+    keras_out = np.asarray(model(batch.transpose(0, 2, 3, 1), training=False)).transpose(0, 3, 1, 2)
+    (got,) = session.run(None, {"raw": batch})
+    assert got.shape == (2, 1, 16, 24) and np.abs(got - keras_out).max() < 1e-5

@@ -109,9 +109,11 @@ def random_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
     Returns `(crop, crop)` float32 image in [0, 1] (normalised with the stack's `low`, `high`) and
     `(crop, crop)` uint8 mask of slice z; with `context` k > 0 the image is `(crop, crop, 2k + 1)`: the
     same crop (one geometric and one intensity transform) of slices z-k .. z+k, mirrored at the stack's
-    ends (`emunet.inference.context`), the mask still slice z's. `foreground_points`: `(N, 3)` (z, y, x) foreground voxels; a share
-    `spec.foreground` of crops is centred on one of them. Other crops come from a random slice, one of
-    `slices` if given (sparse labels: the annotated ones), or are centred on voxel `at` (z, y, x) if given.
+    ends (`emunet.inference.context`), the mask still slice z's.
+
+    `foreground_points`: `(N, 3)` (z, y, x) foreground voxels; a share `spec.foreground` of crops is
+    centred on one of them. Other crops come from a random slice, one of `slices` if given (sparse
+    labels: the annotated ones), or are centred on voxel `at` (z, y, x) if given.
     Pixels mapped from outside the slice are mirrored, never black.
     """
     z_size, h, w = image.shape
