@@ -60,6 +60,21 @@ def test_tiler_stacks_neighbours_in_order_mirrored_at_the_ends(rng, k, tile, tta
     np.testing.assert_allclose(first[2], normalize(stack[0], 0, 255), atol=1e-6)
 
 
+def test_a_chunk_of_a_stack_keeps_the_context_it_has_in_the_stack(rng):
+    """Slices `start .. stop - 1` (a Spark task's chunk) see their true neighbours, not the chunk's mirror,
+    and only the chunk and its k neighbouring slices are read, once."""
+    stack = (rng.random((9, 20, 24)) * 255).astype(np.uint8)
+    whole = [predict_probabilities(channel(j), stack, 0, 255, tile_size=32, multiple=16, context=2) for j in range(5)]
+    for start, stop in [(0, 3), (3, 6), (6, 9), (4, 5)]:
+        for j in range(5):
+            volume = CountingVolume(stack)
+            segmenter = Segmenter(channel(j), multiple=16, context=2)
+            got = list(segmenter.probabilities(volume, DEFAULTS.replace(low=0, high=255, tile_size=32), start, stop))
+            np.testing.assert_allclose(np.stack(got), whole[j][start:stop], atol=1e-6)
+            needed = set(range(max(0, start - 2), min(9, stop + 2)))
+            assert volume.reads.tolist() == [int(z in needed) for z in range(9)]
+
+
 def test_a_single_slice_fills_every_channel(rng):
     image = (rng.random((1, 20, 20)) * 255).astype(np.uint8)
     for j in range(5):

@@ -42,15 +42,17 @@ class Segmenter:
         # (None until a pyfunc's load_context sets them)
         self.forward, self.multiple, self.context = forward, int(multiple), int(context)
 
-    def probabilities(self, volume, params: SegmentParams) -> Iterator[np.ndarray]:
+    def probabilities(self, volume, params: SegmentParams, start: int = 0, stop: int | None = None
+                      ) -> Iterator[np.ndarray]:
         """The `(H, W)` float32 probability of each slice of a raw `(Z, H, W)` volume (an array or a
         lazily read volume), normalised with the params' window or, without one, the volume's own. With
         `context`, each slice's neighbours come from `volume` itself, mirrored at its ends: a volume of
-        one slice is that slice in every channel."""
+        one slice is that slice in every channel. `start`, `stop`: only those slices (a chunk of the
+        stack, e.g. a Spark task's), each with the context it has in the whole volume."""
         low, high = (params.low, params.high) if params.low is not None else stack_stats(volume)
         return iter_probabilities(self.forward, volume, low, high, tile_size=tile_side(params.tile_size, self.multiple),
                                   overlap=params.overlap, batch_size=params.batch_size, multiple=self.multiple,
-                                  tta=params.tta, context=self.context)
+                                  tta=params.tta, context=self.context, start=start, stop=stop)
 
 
 class Truth:

@@ -152,16 +152,18 @@ def with_tta(predict: Callable[[np.ndarray], np.ndarray], mode: str) -> Callable
     return averaged
 
 
-def slice_groups(stack, count: int, context: int = 0) -> Iterator[np.ndarray]:
-    """The raw slices of a `(Z, H, W)` stack (array or lazy volume) in order, `count` at a time, as
-    `(n, H, W, 2 * context + 1)`: each slice with its `context` neighbours on each side as channels
-    (`emunet.inference.context.iter_context`, which reads each slice once)."""
+def slice_groups(stack, count: int, context: int = 0, start: int = 0, stop: int | None = None
+                 ) -> Iterator[np.ndarray]:
+    """The raw slices `start .. stop - 1` of a `(Z, H, W)` stack (array or lazy volume) in order, `count`
+    at a time, as `(n, H, W, 2 * context + 1)`: each slice with its `context` neighbours on each side as
+    channels (`emunet.inference.context.iter_context`, which reads each slice once)."""
+    stop = stack.shape[0] if stop is None else stop
     if not context:
-        for z0 in range(0, stack.shape[0], count):
-            yield np.asarray(stack[z0:z0 + count])[..., None]
+        for z0 in range(start, stop, count):
+            yield np.asarray(stack[z0:min(z0 + count, stop)])[..., None]
         return
     group = []
-    for _, channels in iter_context(stack, context):
+    for _, channels in iter_context(stack, context, start, stop):
         group.append(channels)
         if len(group) == count:
             yield np.stack(group)
@@ -172,8 +174,10 @@ def slice_groups(stack, count: int, context: int = 0) -> Iterator[np.ndarray]:
 
 def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.ndarray, low: float, high: float,
                        tile_size: int = 1024, overlap: float = DEFAULT_OVERLAP, batch_size: int = 4,
-                       multiple: int = 16, tta: str = "none", context: int = 0) -> Iterator[np.ndarray]:
-    """Yield the `(H, W)` float32 foreground probability of each slice of a raw `(Z, H, W)` stack in order.
+                       multiple: int = 16, tta: str = "none", context: int = 0, start: int = 0,
+                       stop: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the `(H, W)` float32 foreground probability of each slice of a raw `(Z, H, W)` stack in order
+    (of slices `start .. stop - 1` only, when given; their context still comes from the whole stack).
 
     `predict` maps a `(n, h, w, 2 * context + 1)` float32 batch in [0, 1] to `(n, h, w, 1)`
     probabilities; `low`, `high` are the stack's normalisation percentiles; `multiple` is the network's
@@ -189,7 +193,7 @@ def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.nd
     weight_sum = np.zeros((plan.pad_h, plan.pad_w), np.float32)
     for y, x in plan.boxes:
         weight_sum[y:y + plan.tile_h, x:x + plan.tile_w] += window
-    for group in slice_groups(stack, plan.slices_per_pass, context):
+    for group in slice_groups(stack, plan.slices_per_pass, context, start, stop):
         slices = mirror_pad(normalize(group, low, high), plan.pad_h, plan.pad_w)
         jobs = [(k, y, x) for k in range(len(slices)) for y, x in plan.boxes]
         sums = np.zeros(slices.shape[:3], np.float32)
