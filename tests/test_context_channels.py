@@ -97,6 +97,15 @@ def test_context_slices_is_validated():
             resolve(TrainConfig(context_slices=bad))
 
 
+def test_fine_tuning_takes_the_source_models_context():
+    from emunet.training.finetune import adopt_spec
+
+    assert adopt_spec(TrainConfig(init_model="runs:/r/model"), UNetSpec(context_slices=2)).context_slices == 2
+    with pytest.raises(InputError, match="context_slices=1 contradicts init_model runs:/r/model, which has "
+                                         "context_slices 0"):
+        adopt_spec(TrainConfig(init_model="runs:/r/model", context_slices=1), UNetSpec())
+
+
 def test_a_2_5d_model_gives_the_same_answer_tiled_and_whole(rng):
     import keras
 
