@@ -224,6 +224,7 @@ def test_a_2_5d_model_exports_a_package_with_2k_plus_1_input_channels(tmp_path, 
 
     from emunet.inference.export import probabilities, write_onnx, write_package
 
+    monkeypatch.chdir(tmp_path)  # bioimageio.core unzips the SavedModel weights into the current folder
     monkeypatch.setenv("BIOIMAGEIO_CACHE_PATH", str(tmp_path / "bioimageio-cache"))
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     keras.utils.set_random_seed(0)
