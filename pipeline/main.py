@@ -54,6 +54,7 @@ class MainConfig:
     bn_momentum: float = TrainConfig.bn_momentum
     ema: float = TrainConfig.ema
     patience: int = TrainConfig.patience
+    context_slices: int = TrainConfig.context_slices
     precision: str = TrainConfig.precision
     workers: int = TrainConfig.workers
     gpus: str = TrainConfig.gpus

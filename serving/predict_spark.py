@@ -48,7 +48,7 @@ from emunet.inference.outputs import (check_targets, mask_page, object_row, outp
                                      result_targets)
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.preflight import check_results, check_slices_fit
-from emunet.inference.segment import segment_volume
+from emunet.inference.segment import segment_probabilities
 from emunet.inference.tiling import plan_tiles
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
@@ -152,12 +152,14 @@ def stack_facts(frames):
 def _segment_range(stack, row, segmenter, params: SegmentParams) -> list[tuple]:
     """Rows of SLICES for the block, through the one segmentation path; with a `row.target` (an OME-Zarr
     image) the masks are written there, not returned."""
-    block = SliceRange(stack, row.z_start, row.z_end)
-    results = segment_volume(segmenter, block, params.replace(low=row.low, high=row.high))
+    # The block's slices with the context they have in the whole stack (a 2.5-D model's neighbours).
+    params = params.replace(low=row.low, high=row.high)
+    probs = segmenter.probabilities(stack, params, row.z_start, row.z_end)
+    results = segment_probabilities(probs, params, voxel_size=getattr(stack, "voxel_size", None))
     out = []
     with SliceWriter(open_image(row.target), start=row.z_start) if row.target else contextlib.nullcontext() as write:
         for result in results:
-            z = row.z_start + result.z
+            z = row.z_start + result.z  # results count from 0 within the block
             if write:
                 write(z, mask_page(result.mask))
             out.append((row.stack, b"" if write else np.packbits(result.mask).tobytes(), *object_row(z, result.areas)))

@@ -17,6 +17,9 @@ from emunet.training.augment import AUGMENTATIONS
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# 2.5-D context beyond 4 slices on each side (9 channels): slices that far apart in serial sections
+# share little, and each channel is read and augmented for every crop.
+MAX_CONTEXT_SLICES = 4
 JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
 
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
@@ -40,6 +43,7 @@ class TrainConfig:
     base_filters: int = 0  # filters of the first level, doubled at each level
     depth: int = 0  # number of poolings
     input_scale: int = 0  # the network works at 1/input_scale of the image resolution (1, 2 or 4); 0 = auto: the largest that keeps the thinnest labelled structure 16 px thick (emunet.training.plan); preset crops grow with it
+    context_slices: int = 0  # 2.5-D: the k slices above and below each slice are extra input channels (2k + 1, mirrored at the stack's ends); helps where structures continue across slices (near-isotropic FIB-SEM); 0 = the 2-D network; at most 4
     batch_size: int = 0  # per replica; global batch = batch_size x replicas
     learning_rate: float = 0.0  # Adam; scaled linearly with the number of replicas
     steps_per_epoch: int = 0  # batches between validations
@@ -75,6 +79,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     """Refuse values that cannot mean anything, naming the field, the value and what it may be."""
     rules = [
         ("input_scale", cfg.input_scale in (0, *INPUT_SCALES), f"0 (auto) or one of {', '.join(map(str, INPUT_SCALES))}"),
+        ("context_slices", 0 <= cfg.context_slices <= MAX_CONTEXT_SLICES,
+         f"between 0 (one slice, 2-D) and {MAX_CONTEXT_SLICES} slices on each side"),
         ("bn_momentum", 0 < cfg.bn_momentum < 1, "between 0 and 1, e.g. 0.99"),
         ("ema", 0 <= cfg.ema < 1, "a momentum between 0 (off) and 1, e.g. 0.99"),
         ("foreground", 0 <= cfg.foreground <= 1, "a share of crops, between 0 and 1"),
