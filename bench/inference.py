@@ -48,7 +48,7 @@ from emunet.core.model import UNetSpec, build_unet, spec_of  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
 from emunet.inference.instances import label_instances  # noqa: E402
-from emunet.inference.engines import OpenVINOForward, TensorFlowForward, cpu_count  # noqa: E402
+from emunet.inference.engines import OpenVINOForward, TensorFlowForward, cpu_count, make_forward  # noqa: E402
 from emunet.inference.tiling import MAX_BATCH_PIXELS, iter_probabilities, predict_probabilities  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -79,7 +79,9 @@ def speed(model, spec, naive_too: bool = True):
             continue
         stack = tifffile.imread(path)
         low, high = stack_stats(stack)
-        forward = compiled_forward(model)  # what the pyfunc segmenter runs
+        forward = make_forward(model)  # what the pyfunc segmenter runs: engine and precision "auto"
+        print(f"{name}: network on {forward.engine} in {forward.precision}", flush=True)
+        forward(np.zeros((1, *stack.shape[1:], 1), np.float32))  # compiled before the clock starts
         ours = timed(lambda: predict_probabilities(forward, stack, low, high, multiple=2**spec.depth))
         n = stack.shape[0]
         if naive_too:
