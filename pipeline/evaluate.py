@@ -45,6 +45,8 @@ class EvaluateConfig:
     seed_threshold: float = DEFAULTS.seed_threshold  # as output="labels" separates touching cells
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
+    precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     register: bool = True  # false: score only
     experiment: str = DEFAULT_EXPERIMENT
 
@@ -162,6 +164,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     with step_run("evaluate", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
+        forward = segmenter.forward_for(SegmentParams.from_config(cfg))  # chosen on this machine: say which
+        print(f"network on {forward.engine} in {forward.precision}", flush=True)
+        mlflow.set_tags({"engine": forward.engine, "precision": forward.precision})
         metrics, rows, pictures, manifest = score(segmenter, dataset_dir, cfg)
         fingerprint = manifest["eval_fingerprint"]
         mlflow.set_tag("data_fingerprint", fingerprint)

@@ -23,12 +23,17 @@ class MainConfig:
 
     images: str = PreprocessConfig.images
     labels: str = PreprocessConfig.labels
+    label_kind: str = PreprocessConfig.label_kind
     dataset: str = PreprocessConfig.dataset
     val_slices: str = PreprocessConfig.val_slices
     unlabelled: str = PreprocessConfig.unlabelled
     ignore_label: int = PreprocessConfig.ignore_label
     level: str = PreprocessConfig.level
     region: str = PreprocessConfig.region
+    allow_missing_chunks: bool = PreprocessConfig.allow_missing_chunks
+    voxel_size: str = PreprocessConfig.voxel_size
+    unit: str = PreprocessConfig.unit
+    allow_voxel_mismatch: bool = PreprocessConfig.allow_voxel_mismatch
     synthetic_stacks: int = PreprocessConfig.synthetic_stacks
     synthetic_shape: str = PreprocessConfig.synthetic_shape
     preset: str = TrainConfig.preset
@@ -49,6 +54,7 @@ class MainConfig:
     bn_momentum: float = TrainConfig.bn_momentum
     ema: float = TrainConfig.ema
     patience: int = TrainConfig.patience
+    context_slices: int = TrainConfig.context_slices
     precision: str = TrainConfig.precision
     workers: int = TrainConfig.workers
     gpus: str = TrainConfig.gpus

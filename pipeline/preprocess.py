@@ -4,6 +4,19 @@ artifact out (see `emunet.core.dataset`), logged to MLflow with its provenance.
     python -m pipeline.preprocess --images a.tif,b.tif --labels a_labels.tif,b_labels.tif
     python -m pipeline.preprocess --images stack.tif --labels labels.tif --val_slices 24:30
     python -m pipeline.preprocess --images stack.tif --labels sparse.tif --ignore_label 255
+    python -m pipeline.preprocess --images sections.tif --labels labels.tif --voxel_size 50,, --unit nm
+
+The image files' voxel size is what they say, an axis they do not give stays unknown (`voxel_size` and
+`unit` supply it; `emunet.core.io`); labels must be on the image's grid (`check_labels`: same shape, voxel
+size within 1 %, else an error unless `allow_voxel_mismatch`) and finite; missing Zarr chunks are an error
+unless `allow_missing_chunks`.
+
+Instance labels (`label_kind=instances`: touching cells with different ids, as napari, Cellpose or
+connectomics ground truth give them): the training target is the cells' interiors, the ids with every voxel
+on an id change set to background (in-plane for anisotropic voxels, in 3-D where the voxel size says
+near-isotropic: `emunet.core.labels`), and the ids are kept in the artifact, so validation and evaluate score
+objects against the real cells. A label image given as a mask that looks like instances (almost all
+foreground, or many ids touching) gets one warning saying so. The embedded synthetic data carries its ids.
 
 Sparse labels (`ignore_label`, as nnU-Net's "ignore" label): voxels labelled with that value were not
 annotated. They are stored as `MASK_IGNORE` in the artifact and the value is recorded in its manifest, so
@@ -14,7 +27,7 @@ unannotated slice is the special case of a slice all `ignore_label`; with `ignor
 
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
@@ -26,15 +39,18 @@ from emunet.registry.cli import run_entry
 from emunet.core.dataset import (MASK_IGNORE, NO_IGNORE, check_output_dir, encode_labels, mask_parts, safe_name,
                                  write_dataset)
 from emunet.core.errors import InputError
-from emunet.core.io import check_same_shape, list_stack_paths, open_volume, read_mask
+from emunet.core.io import (ReadOptions, Volume, check_labels, check_same_shape, list_stack_paths, open_volume,
+                            read_label_slices, read_mask, read_options)
 from emunet.core.normalize import normalize, stack_stats
 from emunet.core.overlay import montage, overlay
+from emunet.core.labels import interiors, is_near_isotropic, looks_like_instances
 from emunet.core.synthetic import synthetic_dataset
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, log_config, step_run
 from emunet.inference.outputs import stack_name
 
 DATASETS = ("synthetic",)
 UNLABELLED = ("skip", "keep")
+LABEL_KINDS = ("mask", "instances")
 
 
 def unlabelled_slices(mask: np.ndarray) -> list[int]:
@@ -54,7 +70,8 @@ def keep_slices(part: dict, start: int, unlabelled: list[int]) -> dict:
     if not dropped:
         return part
     keep = [z - start for z in range(start, start + part["image"].shape[0]) if z not in dropped]
-    return {**part, "image": part["image"][keep], "mask": part["mask"][keep],
+    ids = {"ids": part["ids"][keep]} if part.get("ids") is not None else {}
+    return {**part, "image": part["image"][keep], "mask": part["mask"][keep], **ids,
             "source": {**part["source"], "unlabelled_slices_left_out": dropped}}
 
 
@@ -64,12 +81,17 @@ class PreprocessConfig:
 
     images: str = ""  # comma-separated stacks (TIFF, PNG, .npy, or folders of slices); empty: `dataset`
     labels: str = ""  # label stacks in the same order; any non-zero value is foreground (but ignore_label)
+    label_kind: str = "mask"  # mask: non-zero = foreground; instances: values are cell ids (touching cells differ), trained on their interiors
     dataset: str = "synthetic"  # used when `images` is empty: the embedded synthetic EM samples
     val_slices: str = ""  # single stack only: held-out block "start:stop"; empty = the last 20 %
     unlabelled: str = "skip"  # skip: leave out slices with no labelled pixel in a stack where most slices have some (annotation missing, not empty tissue), or with ignore_label mark them not annotated; keep
     ignore_label: int = NO_IGNORE  # label value meaning "not annotated" (e.g. 255 or the highest value, as nnU-Net): those voxels count in neither loss nor metrics; -1 (any negative) = none, every voxel is annotated (a 0/255 mask keeps 255 as foreground)
     level: str = ""  # level of OME-Zarr multiscale images (labels too); "" = 0, full resolution
     region: str = ""  # z0:z1,y0:y1,x0:x1: train on this block of every stack (and its labels), read alone; "" = all
+    allow_missing_chunks: bool = False  # missing Zarr chunks (an interrupted copy) are an error; true: fill value, warned
+    voxel_size: str = ""  # z,y,x of the images where their files lack it ("50,," gives z only); "" = the files' own
+    unit: str = ""  # unit of voxel_size (nm, um, A, mm); "" = the files'
+    allow_voxel_mismatch: bool = False  # labels on another voxel grid (> 1 % off) are an error; true: accepted, warned
     seed: int = 0  # seed of the synthetic samples
     synthetic_stacks: int = 9  # the original study had 9 samples: 8 train, 1 validation
     synthetic_shape: str = "24,256,256"  # Z,H,W per synthetic sample: big enough to look like EM, small for a CPU
@@ -93,7 +115,8 @@ def parse_block(text: str, depth: int) -> tuple[int, int]:
 
 
 def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[int, int], source: dict,
-                 unlabelled: list[int] = (), window: tuple[float, float] | None = None) -> list[dict]:
+                 unlabelled: list[int] = (), window: tuple[float, float] | None = None,
+                 ids: np.ndarray | None = None) -> list[dict]:
     """Contiguous blocks of one stack: before, held-out, after. Neighbouring sections are nearly the
     same image, so random slices would leak into validation. `unlabelled` slices (numbered in the
     whole stack) are left out of their block; a block left with none is dropped. `window` is the whole
@@ -102,20 +125,27 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
     start, stop = block
     parts = [(0, start, "train"), (start, stop, "val"), (stop, image.shape[0], "train")]
     blocks = [keep_slices(dict(name=f"{name}_z{a}-{b}", split=split, image=image[a:b], mask=mask[a:b], low=low,
-                               high=high, source={**source, "slices": f"{a}:{b}"}), a, list(unlabelled))
+                               high=high, source={**source, "slices": f"{a}:{b}"},
+                               ids=None if ids is None else ids[a:b]), a, list(unlabelled))
               for a, b, split in parts if b > a]
     return [b for b in blocks if b["image"].shape[0]]
 
 
-def read_labels(path: Path, image_shape: tuple, image_path: Path, ignore_label: int, **where) -> np.ndarray:
-    """The stored mask of a label stack (`emunet.core.dataset.encode_labels`): {0, 1}, and `MASK_IGNORE`
-    where the label is `ignore_label` (>= 0); `where` are `open_volume`'s `level` and `region`. Raises
-    `InputError` for a shape that is not the image's, or when no annotated voxel is foreground."""
+def read_labels(path: Path, image, image_path: Path | None = None, ignore_label: int = NO_IGNORE,
+                allow_voxel_mismatch: bool = False, **where) -> np.ndarray:
+    """The stored mask (`emunet.core.dataset.encode_labels`) of a label stack for `image`: its `Volume`
+    (shape and voxel size are checked, `check_labels`) or only its shape, with `image_path`. {0, 1}, and
+    `MASK_IGNORE` where the label is `ignore_label` (>= 0); `where` are `open_volume`'s options. Raises
+    `InputError` for a shape or voxel size that is not the image's, NaN or infinite labels, or when no
+    annotated voxel is foreground."""
     if ignore_label < 0:
-        return read_mask(path, image_shape, image_path, **where)
+        return read_mask(path, image, image_path, allow_voxel_mismatch, **where)
     with open_volume(path, **where) as labels:
-        check_same_shape(labels, image_shape, image_path)
-        mask = np.stack([encode_labels(labels[z], ignore_label) for z in range(labels.shape[0])])
+        if isinstance(image, Volume):
+            check_labels(labels, image, allow_voxel_mismatch)
+        else:
+            check_same_shape(labels, image, image_path)
+        mask = read_label_slices(labels, lambda page: encode_labels(page, ignore_label))
     foreground, annotated = mask_parts(mask)
     if not foreground.any():
         raise InputError(f"{path}: no annotated voxel is foreground (every label is 0 or the ignore_label "
@@ -126,10 +156,43 @@ def read_labels(path: Path, image_shape: tuple, image_path: Path, ignore_label: 
     return mask
 
 
+def read_instances(path: Path, image: Volume, ignore_label: int, allow_voxel_mismatch: bool, **where) -> tuple:
+    """`(stored mask, ids)` of an instance label stack: the mask is the cells' interiors (voxels on an id
+    change are background; in 3-D where the image's voxel size is near-isotropic, else in-plane), with
+    `MASK_IGNORE` where the label is `ignore_label`; `ids` uint32 (0 there)."""
+    with open_volume(path, **where) as labels:
+        check_labels(labels, image, allow_voxel_mismatch)
+        ids = read_label_slices(labels, lambda page: np.asarray(page))
+    if ids.dtype.kind == "f":
+        if (ids != np.round(ids)).any() or (ids < 0).any():
+            raise InputError(f"{path}: label_kind=instances needs whole, non-negative cell ids; found values such "
+                             f"as {ids[(ids != np.round(ids)) | (ids < 0)][0]}")
+    elif (ids < 0).any():
+        raise InputError(f"{path}: label_kind=instances needs non-negative cell ids; found {int(ids.min())}")
+    if ids.max(initial=0) >= 2**32:
+        raise InputError(f"{path}: cell ids up to {int(ids.max())} do not fit uint32")
+    ignored = (ids == ignore_label) if ignore_label >= 0 else None
+    ids = ids.astype(np.uint32)
+    if ignored is not None:
+        ids[ignored] = 0
+    isotropic = is_near_isotropic(image.voxel_size) is True
+    mask = interiors(ids, isotropic)
+    if ignored is not None:
+        mask[ignored] = MASK_IGNORE
+    if not (mask == 1).any():
+        raise InputError(f"{path}: no cell interior is left once the voxels on an id change are set to background "
+                         f"(are the ids per voxel, not per slice?)")
+    print(f"preprocess: {path.name}: {len(np.unique(ids)) - 1} cell ids; training target = their interiors "
+          f"({'3-D' if isotropic else 'in-plane'} boundaries, {float((mask == 1).mean()):.1%} of voxels)", flush=True)
+    return mask, ids
+
+
 def load_files(cfg: PreprocessConfig) -> list[dict]:
     """Read the user's stacks and labels and split them by stack (last one held out)."""
     if cfg.unlabelled not in UNLABELLED:
         raise InputError(f"unlabelled must be one of {', '.join(UNLABELLED)}, got {cfg.unlabelled!r}")
+    if cfg.label_kind not in LABEL_KINDS:
+        raise InputError(f"label_kind must be one of {', '.join(LABEL_KINDS)}, got {cfg.label_kind!r}")
     images, labels = list_stack_paths(cfg.images), list_stack_paths(cfg.labels)
     if len(images) != len(labels):
         raise InputError(f"got {len(images)} image stacks but {len(labels)} label stacks; pass one label stack per image stack")
@@ -138,11 +201,22 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
     stacks, names = [], set()
     pairs = list(zip(images, labels))
     for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
-        where = {"level": cfg.level, "region": cfg.region}
-        with open_volume(image_path, **where) as volume:
+        options = read_options(cfg)
+        with open_volume(image_path, **asdict(options)) as volume:
             image = np.asarray(volume)
             calibration = {"voxel_size": list(volume.voxel_size), "unit": volume.unit} if volume.voxel_size else {}
-        mask = read_labels(label_path, image.shape, image_path, cfg.ignore_label, **where)
+        # The labels' own calibration is compared with the image's, not replaced by the user's voxel_size.
+        label_options = asdict(ReadOptions(options.level, options.region, options.allow_missing_chunks))
+        ids = None
+        if cfg.label_kind == "instances":
+            mask, ids = read_instances(label_path, volume, cfg.ignore_label, cfg.allow_voxel_mismatch, **label_options)
+        else:
+            with open_volume(label_path, **label_options) as labels:
+                warning = looks_like_instances(labels)
+            if warning:
+                print(f"preprocess: warning: {label_path.name}: {warning}", flush=True)
+            mask = read_labels(label_path, volume, None, cfg.ignore_label, cfg.allow_voxel_mismatch, **label_options)
+        where = {"level": cfg.level, "region": cfg.region}
         try:
             low, high = stack_stats(image)
         except InputError as exc:
@@ -166,9 +240,9 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
                   f"(unlabelled=keep keeps them)", flush=True)
         if len(images) == 1:
             return split_single(name, image, mask, parse_block(cfg.val_slices, image.shape[0]), source, unlabelled,
-                                (low, high))
+                                (low, high), ids)
         stack = keep_slices(dict(name=name, split="val" if i == len(images) - 1 else "train", image=image,
-                                 mask=mask, source=source, low=low, high=high), 0, unlabelled)
+                                 mask=mask, source=source, low=low, high=high, ids=ids), 0, unlabelled)
         if stack["image"].shape[0]:
             stacks.append(stack)
     return stacks
@@ -185,9 +259,9 @@ def load_synthetic(cfg: PreprocessConfig) -> list[dict]:
     if cfg.synthetic_stacks < 2:
         raise InputError(f"synthetic_stacks must be at least 2 (train and validation), got {cfg.synthetic_stacks}")
     samples = synthetic_dataset(cfg.seed, cfg.synthetic_stacks, shape)
-    return [dict(name=name, split="val" if i == len(samples) - 1 else "train", image=image, mask=mask,
+    return [dict(name=name, split="val" if i == len(samples) - 1 else "train", image=image, mask=mask, ids=ids,
                  source={"generator": "emunet.core.synthetic", "seed": cfg.seed, "index": i, "shape": list(shape)})
-            for i, (name, image, mask) in enumerate(samples)]
+            for i, (name, image, mask, ids) in enumerate(samples)]
 
 
 def preview(stacks: list[dict], per_stack: int = 3) -> np.ndarray:
@@ -226,7 +300,9 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             raise InputError("need at least one training and one validation stack")
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(cfg.output_dir) if cfg.output_dir else Path(tmp) / "dataset"
-            manifest = write_dataset(out, stacks, montage=preview(stacks), ignore_label=cfg.ignore_label)
+            kind = "instances" if all(s.get("ids") is not None for s in stacks) else "mask"
+            manifest = write_dataset(out, stacks, montage=preview(stacks), ignore_label=cfg.ignore_label,
+                                     label_kind=kind)
             mlflow.log_artifacts(str(out), artifact_path="dataset")
         with warnings.catch_warnings():  # MLflow cannot tell which local source class to use; either is right
             warnings.simplefilter("ignore", UserWarning)

@@ -58,7 +58,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
     chief = is_chief(cluster)
     policy = resolve_precision(cfg.precision)
     spec = UNetSpec(depth=cfg.depth, base_filters=cfg.base_filters, batch_norm=cfg.batch_norm, dropout=cfg.dropout,
-                    bn_momentum=cfg.bn_momentum, sync_batch_norm=replicas > 1, input_scale=cfg.input_scale)
+                    bn_momentum=cfg.bn_momentum, sync_batch_norm=replicas > 1, input_scale=cfg.input_scale,
+                    context_slices=cfg.context_slices)
     # Linear scaling rule (Goyal et al. 2017): the rate grows with the global batch, from the recipe's
     # rate for one replica's batch; the warm-up is what makes large multiples stable.
     peak_rate = cfg.learning_rate * global_batch / cfg.batch_size
@@ -89,7 +90,9 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             if chief:
                 mlflow.log_metrics({"best_val_dice": state.best_dice, f"best_val_{cfg.champion_metric}": state.best_score,
                                     "best_epoch": state.best_epoch, "epochs_trained": state.next_epoch})
-                meta = {"multiple_of": plan["multiple_of"], "spec": asdict(spec), "crop_size": cfg.crop_size,
+                # context_slices: what every caller must stack as channels (emunet.inference.context).
+                meta = {"multiple_of": plan["multiple_of"], "context_slices": cfg.context_slices,
+                        "spec": asdict(spec), "crop_size": cfg.crop_size,
                         "data_fingerprint": manifest["eval_fingerprint"],
                         **({"init_model": source.lineage} if source else {})}
                 log_segmenter(keras_path, meta, name="model")

@@ -8,7 +8,9 @@ The package's test image is a slice of the model's own held-out data (or of `sam
 is what the model computes on it, and its documentation holds what the model was trained on, its test
 scores from the registry and the MLflow run it came from (`emunet.inference.export` writes the files).
 Both outputs expect a slice normalised as the package's preprocessing says (percentiles 0.5 / 99.5,
-clipped); the BioImage.IO consumers do it themselves, an ONNX user must (see the file's metadata).
+clipped); the BioImage.IO consumers do it themselves, an ONNX user must (see the file's metadata). A 2.5-D
+model (trained with `context_slices` k) takes the slice and its k neighbours above and below as 2k + 1
+channels; its test image is such a stack of slices.
 """
 
 import re
@@ -29,6 +31,7 @@ from emunet.core.files import atomic_write
 from emunet.core.io import NM_PER_UNIT, open_volume
 from emunet.core.normalize import HIGH_PERCENTILE, LOW_PERCENTILE
 from emunet.registry.tracking import load_segmenter
+from emunet.inference.context import context_stack
 from emunet.inference.export import PREPROCESSING, package_formats, write_onnx, write_package
 
 FORMATS = {"bioimageio": ".zip", "onnx": ".onnx"}
@@ -76,9 +79,10 @@ def nanometres(voxel_size, unit) -> tuple[float, float] | None:
     return tuple(float(s) * NM_PER_UNIT[unit] for s in voxel_size[1:])
 
 
-def training_slice(params: dict) -> dict:
+def training_slice(params: dict, context: int = 0) -> dict:
     """A held-out slice of the data the model was trained on: `{"image", "truth", "stack", "source",
-    "voxel_nm", "stacks"}`. Raises `InputError` when the dataset cannot be read (then pass `sample`)."""
+    "voxel_nm", "stacks"}`; `image` is `(H, W)`, or `(H, W, 2 * context + 1)` with the slice's context.
+    Raises `InputError` when the dataset cannot be read (then pass `sample`)."""
     uri = params.get("dataset_uri", "")
 
     def fetch(part: str) -> Path:  # a folder's file, or one file of an MLflow artifact (not the whole dataset)
@@ -99,18 +103,21 @@ def training_slice(params: dict) -> dict:
     z = image.shape[0] // 2
     source = info.source
     foreground, _ = mask_parts(truth[z])  # a sparse dataset's not-annotated voxels are not cells
-    return {"image": np.array(image[z]), "truth": foreground.astype(np.uint8), "stack": f"{info.name}, slice {z}",
+    return {"image": context_stack(image, z, context) if context else np.array(image[z]),
+            "truth": foreground.astype(np.uint8), "stack": f"{info.name}, slice {z}",
             "source": source, "voxel_nm": nanometres(source.get("voxel_size"), source.get("unit")),
             "stacks": [f"{s.name} ({s.split}, {' x '.join(map(str, s.shape))})" for s in manifest["stacks"]]}
 
 
-def sample_slice(path: str) -> dict:
-    """The middle slice of the user's stack `path`, with its voxel size where the file has one."""
+def sample_slice(path: str, context: int = 0) -> dict:
+    """The middle slice of the user's stack `path` (with its `context` slices on each side as channels),
+    with its voxel size where the file has one."""
     if not Path(path).exists():
         raise InputError(f"{path}: file not found")
     with open_volume(path) as volume:
         z = volume.shape[0] // 2
-        return {"image": np.asarray(volume[z]), "truth": None, "stack": f"{Path(path).name}, slice {z}",
+        image = context_stack(volume, z, context) if context else np.asarray(volume[z])
+        return {"image": image, "truth": None, "stack": f"{Path(path).name}, slice {z}",
                 "source": {"file": Path(path).name}, "voxel_nm": nanometres(volume.voxel_size, volume.unit),
                 "stacks": []}
 
@@ -126,6 +133,10 @@ def documentation(record: dict, data: dict, cfg: ExportConfig, formats: tuple[st
     params, metrics, registry = record["params"], record["metrics"], record["registry"]
     scores = registry.get("scores", {})
     voxel = f"{data['voxel_nm'][0]:g} x {data['voxel_nm'][1]:g} nm (y, x)" if data["voxel_nm"] else "not recorded"
+    k = record.get("context", 0)
+    channels = "1" if not k else (f"{2 * k + 1}: slice z and its {k} neighbours above and below, z-{k} .. z+{k} in "
+                                  f"order, mirrored at the stack's ends without repeating the end slice (a single "
+                                  f"slice: the same slice in every channel), normalised together")
     lines = [
         "# em-unet: cells in electron microscopy slices",
         "",
@@ -134,7 +145,8 @@ def documentation(record: dict, data: dict, cfg: ExportConfig, formats: tuple[st
         "a mask.",
         "",
         "## Input and output",
-        f"- input `raw`: `(batch, 1, y, x)`, y and x multiples of {record['multiple']}; {PREPROCESSING} "
+        f"- input `raw`: `(batch, channels, y, x)`, channels {channels}; y and x multiples of {record['multiple']}; "
+        f"{PREPROCESSING} "
         f"(the package's preprocessing does it: `scale_range` {LOW_PERCENTILE} / {HIGH_PERCENTILE}, then `clip`).",
         "- output `probability`: `(batch, 1, y, x)` float32 in [0, 1] (sigmoid inside the network).",
         f"- pixel size the model was trained at: {voxel}; rescale other data to it.",
@@ -170,6 +182,7 @@ def model_record(model_uri: str) -> dict:
     client = MlflowClient()
     run = client.get_run(run_id) if run_id else None
     return {"segmenter": segmenter, "multiple": int(segmenter.meta["multiple_of"]), "run_id": run_id,
+            "context": int(segmenter.meta.get("context_slices", 0)),
             "params": run.data.params if run else {}, "metrics": run.data.metrics if run else {},
             "user": run.info.user_id if run else "", "registry": registry_record(client, model_uri, run_id)}
 
@@ -186,7 +199,9 @@ def export(cfg: ExportConfig) -> dict:
     record = model_record(cfg.model_uri)
     keras_model = record["segmenter"].keras_model
     meta = {"mlflow_run_id": record["run_id"], "model_uri": cfg.model_uri, "multiple_of": record["multiple"],
-            "preprocessing": PREPROCESSING, "input": "raw (batch, 1, y, x) float32",
+            "preprocessing": PREPROCESSING, "context_slices": record["context"],
+            "input": f"raw (batch, {2 * record['context'] + 1}, y, x) float32"
+                     + (f": slices z-{record['context']} .. z+{record['context']}" if record["context"] else ""),
             "output": "probability (batch, 1, y, x) float32, threshold 0.5",
             **{f"registry_{k}": v for k, v in record["registry"].items() if k != "scores"}}
     with atomic_write(output) as tmp:
@@ -194,7 +209,8 @@ def export(cfg: ExportConfig) -> dict:
             write_onnx(keras_model, tmp, meta)
             formats = ("onnx",)
         else:
-            data = sample_slice(cfg.sample) if cfg.sample else training_slice(record["params"])
+            data = sample_slice(cfg.sample, record["context"]) if cfg.sample else \
+                training_slice(record["params"], record["context"])
             cites = [UNET_CITATION] + [c for c in [citation(cfg.data_citation)] if c]
             authors = [a.strip() for a in cfg.authors.split(",") if a.strip()] or [record["user"] or "em-unet"]
             formats = package_formats(keras_model)

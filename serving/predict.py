@@ -33,6 +33,7 @@ from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stac
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
 from emunet.inference.blockwise import combine_measures, needs_blocks, segment_in_blocks
+from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.outputs import (OBJECT_COLUMNS, check_targets, object_row, output_format, output_names,
                                       result_files, result_targets, rows_to_csv)
 from emunet.inference.stitch import merge_measures
@@ -59,6 +60,8 @@ class PredictConfig:
     seed_threshold: float = DEFAULTS.seed_threshold  # cores that seed one object each; <= threshold: no split
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
+    precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
     label_kind: str = "mask"  # `labels` are a mask (objects: its components) or "instances" (values are ids)
     output_format: str = "auto"  # auto: OME-Zarr (<name>_mask.ome.zarr...) for a Zarr input, TIFF otherwise; tif; zarr
@@ -153,10 +156,15 @@ def predict(cfg: PredictConfig) -> dict:
     names = output_names(inputs)  # before any work: a second input must not overwrite the first's results
     formats = [output_format(cfg.output_format, p) for p in inputs]
     options(cfg)
+    check_results([*inputs, *labels], cfg.output_dir, names, formats, cfg.save_probability, cfg.save_labels)
+    check_slices_fit(inputs, scored=bool(labels), level=cfg.level, region=cfg.region)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)
         segmenter = load_segmenter(cfg.model_uri)
+        forward = segmenter.forward_for(SegmentParams.from_config(cfg))  # chosen on this machine: say which
+        print(f"network on {forward.engine} in {forward.precision}", flush=True)
+        mlflow.set_tags({"engine": forward.engine, "precision": forward.precision})
         written, scores = [], VolumeScores(options(cfg).min_object_size)
         where = {"level": cfg.level, "region": cfg.region}
         for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):

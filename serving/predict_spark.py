@@ -47,7 +47,8 @@ from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_con
 from emunet.inference.outputs import (check_targets, mask_page, object_row, output_format, output_names, result_files,
                                      result_targets)
 from emunet.inference.params import DEFAULTS, SegmentParams
-from emunet.inference.segment import segment_volume
+from emunet.inference.preflight import check_results, check_slices_fit
+from emunet.inference.segment import segment_probabilities
 from emunet.inference.tiling import plan_tiles
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
@@ -75,6 +76,8 @@ class PredictSparkConfig:
     seed_threshold: float = DEFAULTS.seed_threshold  # as in predict: touching cells counted apart
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
+    precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     output_format: str = "auto"  # as in predict: auto (OME-Zarr for a Zarr input, else TIFF), tif or zarr
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT
@@ -149,12 +152,14 @@ def stack_facts(frames):
 def _segment_range(stack, row, segmenter, params: SegmentParams) -> list[tuple]:
     """Rows of SLICES for the block, through the one segmentation path; with a `row.target` (an OME-Zarr
     image) the masks are written there, not returned."""
-    block = SliceRange(stack, row.z_start, row.z_end)
-    results = segment_volume(segmenter, block, params.replace(low=row.low, high=row.high))
+    # The block's slices with the context they have in the whole stack (a 2.5-D model's neighbours).
+    params = params.replace(low=row.low, high=row.high)
+    probs = segmenter.probabilities(stack, params, row.z_start, row.z_end)
+    results = segment_probabilities(probs, params, voxel_size=getattr(stack, "voxel_size", None))
     out = []
     with SliceWriter(open_image(row.target), start=row.z_start) if row.target else contextlib.nullcontext() as write:
         for result in results:
-            z = row.z_start + result.z
+            z = row.z_start + result.z  # results count from 0 within the block
             if write:
                 write(z, mask_page(result.mask))
             out.append((row.stack, b"" if write else np.packbits(result.mask).tobytes(), *object_row(z, result.areas)))
@@ -222,8 +227,9 @@ def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
 
 
 def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], list[str]]:
-    """Input paths, output names and formats ("tif", "zarr"), refused before any Spark work if missing or
-    clashing."""
+    """Input paths, output names and formats ("tif", "zarr"), refused before any Spark work if missing,
+    clashing (two inputs, one name; a result onto or inside what is read, or onto a file em-unet did not
+    write) or too large to segment a slice at a time."""
     paths = input_paths(cfg.input)
     if not paths:
         raise InputError("no input given: pass input=a.tif,b.tif or input=stacks.txt (one path per line)")
@@ -234,7 +240,11 @@ def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], lis
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
     names = output_names(paths)
-    return paths, names, [output_format(cfg.output_format, p) for p in paths]
+    formats = [output_format(cfg.output_format, p) for p in paths]
+    out_dir = Path(cfg.output_dir).absolute()
+    check_results(paths, out_dir, names, formats, objects=False, extra=[out_dir / "objects.csv"])
+    check_slices_fit(paths)  # on the driver: executors like it are assumed
+    return paths, names, formats
 
 
 def calibrations(paths: list[Path], formats: list[str]) -> list[dict]:

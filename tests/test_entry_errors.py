@@ -1,6 +1,7 @@
 """Every entry point turns every error about the user's data or parameters into one line `error: ...` and
 exit code 2, whichever function deep inside raised it; never a traceback. Run in-process through the
-entry points' own `run_entry` (what `python -m <step>` runs), on a real SQLite store."""
+entry points' own `run_entry` (what `python -m <step>` runs), on a real SQLite store. (Bugs are the
+opposite: a traceback and exit code 1, tests/test_bug_vs_user_error.py.)"""
 
 import numpy as np
 import pytest
@@ -29,6 +30,9 @@ def files(tmp_path):
     (tmp_path / "afile").write_text("not a folder")
     (tmp_path / "empty_folder").mkdir()
     make_dataset(tmp_path / "data", seed=0)
+    truncated = make_dataset(tmp_path / "truncated", seed=0) / "s0" / "image.npy"  # a copy cut short
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    np.save(make_dataset(tmp_path / "reshaped", seed=0) / "s1" / "mask.npy", np.zeros((4, 64, 63), np.uint8))
     return tmp_path
 
 
@@ -41,6 +45,8 @@ CASES = [
     ("preprocess", ["--images", "empty_folder", "--labels", "ok_gt.tif"], "empty_folder: the folder holds no"),
     ("preprocess", ["--synthetic_stacks", "2.5"], "argument --synthetic_stacks: expected a whole number, got '2.5'"),
     ("train", ["--dataset_uri", "afile"], "afile: a file, not a dataset folder"),
+    ("train", ["--dataset_uri", "truncated"], "s0/image.npy: not a readable .npy array"),
+    ("train", ["--dataset_uri", "reshaped"], "s1/mask.npy has shape (4, 64, 63) but the manifest says (4, 64, 64)"),
     ("train", ["--dataset_uri", "data", "--epochs", "0"], "epochs must be at least 1"),
     ("train", ["--dataset_uri", "data", "--learning_rate", "-1"], "learning_rate must be positive"),
     ("train", ["--dataset_uri", "data", "--dropout", "1.5"], "dropout must be a rate between 0 and 1"),

@@ -59,3 +59,41 @@ def test_a_subsample_sees_the_whole_slice_not_a_few_columns():
     low, high = stack_stats(stack, max_samples=4000)  # 256 000 voxels: one in 64 is sampled
     assert (low, high) == (0.0, 200.0)
     assert stack_stats(stack) == (0.0, 200.0)
+
+
+@pytest.mark.parametrize("value, dtype", [(0, np.uint8), (7, np.uint8), (65535, np.uint16), (-3.25, np.float32),
+                                          (-3.5e5, np.float32), (1e9, np.float32), (0.1, np.float32)])
+def test_a_constant_stack_gets_a_proper_window_that_maps_it_to_a_constant(value, dtype):
+    """A constant stack gave the window (v, v), which every user of a window refuses (the pyfunc's `high
+    must be above low`): predict stopped on a flat image, naming parameters the user never passed."""
+    const = np.full((3, 9, 11), value, dtype)
+    low, high = stack_stats(const)
+    assert high > low
+    out = normalize(const, low, high)
+    assert np.all(out == 0.5)  # exactly: every constant stack, whatever its value and dtype, looks the same
+
+
+def test_one_value_nearly_everywhere_is_a_flat_image_with_clipped_outliers():
+    stack = np.zeros((1, 100, 100), np.uint8)
+    stack[0, 0, :20] = 255  # 0.2 % of the voxels: below the 99.5th percentile
+    low, high = stack_stats(stack)
+    assert low < 0 < high
+    out = normalize(stack, low, high)
+    assert out[0, 50, 50] == pytest.approx(0.5) and out[0, 0, 0] == 1.0
+
+
+def test_predict_segments_a_constant_stack(world, tmp_path):
+    """The README says constant images are segmented; predict stopped with `high must be above low ...
+    low 0.0 and high 0.0`. The answer is the network's on a flat image: a mask of the stack's shape."""
+    import tifffile
+
+    from tests.conftest import run_module
+
+    tifffile.imwrite(tmp_path / "flat.tif", np.zeros((2, 40, 48), np.uint16), photometric="minisblack")
+    proc = run_module("serving.predict", "--model_uri", world["trained"]["model_uri"], "--input",
+                      str(tmp_path / "flat.tif"), "--output_dir", str(tmp_path / "out"), cwd=tmp_path,
+                      env_uri=world["uri"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mask = tifffile.imread(tmp_path / "out" / "flat_mask.tif")
+    assert mask.shape == (2, 40, 48) and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}

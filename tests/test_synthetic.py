@@ -42,3 +42,6 @@ def test_dataset_names_and_count():
     stacks = synthetic_dataset(seed=0, n_stacks=3, shape=(2, 32, 32))
     assert [s[0] for s in stacks] == ["synthetic_00", "synthetic_01", "synthetic_02"]
     np.testing.assert_array_equal(stacks[1][1], synthetic_stack(0, 1, (2, 32, 32))[0])
+    image, mask, ids = synthetic_stack(0, 1, (2, 32, 32), with_ids=True)
+    np.testing.assert_array_equal(stacks[1][3], ids)
+    assert ((ids > 0) == (mask > 0)).all()  # the ids are the cells' interiors

@@ -99,6 +99,15 @@ def test_npy_upload_and_unknown_voxel_size():
     assert stacks.with_stats(out)["calibration"] == {}
 
 
+def test_an_imagej_stack_without_slice_spacing_has_z_unknown():
+    """ImageJ leaves `spacing` out when it is 1 or unset: the pixel size is known, the z size is not."""
+    content = tiff_bytes(np.zeros((3, 8, 8), np.uint8), imagej=True, resolution=(2.0, 2.0),
+                         metadata={"axes": "ZYX", "unit": "nm"})
+    _, calibration = stacks.read_upload([("cells.tif", content)])
+    assert calibration == {"voxel_size": (None, 0.5, 0.5), "unit": "nm"}
+    assert stacks.describe_voxel(**calibration) == "voxel ? × 0.5 × 0.5 nm (z, y, x; z not given)"
+
+
 @pytest.mark.parametrize("cut", ["garbage", "header", "data"])
 def test_bad_mrc_uploads_give_one_line_naming_the_file(tmp_path, cut):
     good = mrc_bytes(tmp_path, np.ones((4, 16, 16), np.float32), 10.0)

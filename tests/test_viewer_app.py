@@ -27,7 +27,7 @@ from emunet.core.model import UNetSpec, build_unet
 from emunet.core.synthetic import synthetic_stack
 from emunet.inference.segmenter import log_segmenter
 from tests.conftest import ROOT, _point_mlflow_at, free_port
-from viewer import inference, registry
+from viewer import inference, pictures, planes, registry, scoring
 
 MODEL = "em-unet-viewer-test"
 APP = str(ROOT / "viewer" / "app.py")
@@ -271,6 +271,123 @@ def test_comparing_two_versions_shows_both(viewer_store, monkeypatch):
     assert at.download_button(key="download_mask_b")
     assert any("with the stack's calibration as Fiji reads it (voxel 2.0 × 0.5 × 0.5 nm (z, y, x))" in c.value
                for c in at.container(key="downloads").caption)
+    # The planes show one model at a time: A first, B on request (v2 finds no object at all).
+    assert at.radio(key="planes_model").options == [f"A: {MODEL} v1", f"B: {MODEL} v2"]
+    assert at.container(key="planes").caption[-1].value.startswith(f"A: {MODEL} v1")
+    assert "stretched ×4 in z" in at.container(key="planes").caption[-1].value  # 2 nm slices, 0.5 nm pixels
+    at.radio(key="planes_model").set_value("B").run()
+    assert_no_leak(at)
+    assert at.container(key="planes").caption[-1].value.startswith(f"B: {MODEL} v2")
+
+
+def imagej_tiff(array: np.ndarray, pixel: float, spacing: float) -> bytes:
+    """A stack as Fiji saves it, calibrated: `pixel` and `spacing` (the slice distance) in nm."""
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, array, imagej=True, resolution=(1 / pixel, 1 / pixel),
+                     metadata={"axes": "ZYX", "spacing": spacing, "unit": "nm"})
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_planes_through_a_point_are_cut_from_cached_ids_and_stretched_by_the_voxel_size(
+        viewer_store, monkeypatch, calibrated):
+    """The xy, xz and yz planes through the chosen point, each with the image, truth, prediction and
+    objects: their captions, their sizes (z stretched 4x for 2 nm slices of 0.5 nm pixels, not at all
+    when the voxel size is unknown), and moving the point or the slice neither runs the model nor
+    links the objects again."""
+    model_calls, id_calls, shown = [], [], []
+    real_probabilities, real_ids, real_display = inference.probabilities, planes.object_ids, planes.display
+    monkeypatch.setattr(inference, "probabilities", lambda *a, **k: model_calls.append(1) or real_probabilities(*a, **k))
+    monkeypatch.setattr(planes, "object_ids", lambda *a, **k: id_calls.append(1) or real_ids(*a, **k))
+    monkeypatch.setattr(planes, "display", lambda rgb, plane, *a, **k: shown.append(
+        (plane, real_display(rgb, plane, *a, **k))) or shown[-1][1])
+    image, truth = stack_and_truth(5 + calibrated, (4, 64, 48))  # H != W: xz and yz differ in width
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    content = imagej_tiff(image, 0.5, 2.0) if calibrated else tiff(image)
+    at.file_uploader(key="image_upload").upload("cells.tif", content, "image/tiff")
+    at.file_uploader(key="truth_upload").upload("cells_gt.tif", tiff(truth), "image/tiff")
+    at.run()
+    assert_no_leak(at)
+    assert (at.slider(key="point_y").value, at.slider(key="point_x").value) == (32, 24)  # the centre
+    shown.clear()
+    at.slider(key="point_y").set_value(10)
+    at.slider(key="point_x").set_value(30)
+    at.slider(key="slice").set_value(2).run()
+    assert_no_leak(at)
+    for plane, fixed in (("xy", "z = 2"), ("xz", "y = 10"), ("yz", "x = 30")):
+        row = at.container(key=f"plane_{plane}")
+        assert [i.captions[0] for i in row.image] == [
+            f"{kind} · {plane} at {fixed}" for kind in ("Image", "Ground truth", "Prediction", "Objects")]
+    assert at.container(key="plane_xz").markdown[0].value == "**xz** — xz at y = 10 · z 0–3 down, x 0–47 across"
+    assert at.container(key="plane_yz").markdown[0].value == "**yz** — yz at x = 30 · z 0–3 down, y 0–63 across"
+    factor = pictures.enlarge_factor((64, 48))  # the slice's enlargement (8), for every panel
+    stretch = 4 if calibrated else 1
+    sizes = {plane: {picture.shape for p, picture in shown if p == plane} for plane in planes.PLANES}
+    assert sizes == {"xy": {(64 * factor, 48 * factor, 3)}, "xz": {(4 * stretch * factor, 48 * factor, 3)},
+                     "yz": {(4 * stretch * factor, 64 * factor, 3)}}
+    note = at.container(key="planes").caption[-1].value
+    assert ("stretched ×4 in z" in note) is calibrated and ("Voxel size unknown" in note) is not calibrated
+    # The crosshair: in the xz image, the row of slice 2 and the column of x = 30 are dashed.
+    xz = next(picture for p, picture in shown if p == "xz")
+    row, column = planes.band_centre(2, 4, xz.shape[0]), planes.band_centre(30, 48, xz.shape[1])
+    assert set(np.unique(xz[row])) == {0, 255} and set(np.unique(xz[:, column])) == {0, 255}
+    assert (model_calls, id_calls) == ([1], [1])  # segmented and linked once, for every view of it
+
+
+def test_a_near_isotropic_stack_too_large_for_3d_objects_is_linked_slice_by_slice(viewer_store, monkeypatch):
+    """Near-isotropic voxels ask for solid 3-D objects; when the 3-D watershed would not fit in memory (the
+    one path refuses with an InputError) the page says so and shows the objects linked through the slices."""
+    modes = []
+    real = planes.object_ids
+
+    def refusing(prob, threshold, voxel_size=None, instances="auto"):
+        modes.append((voxel_size, instances))
+        if instances == "auto":
+            raise InputError("3-D instances of 4 slices need about 99 GiB but 1 GiB are available")
+        return real(prob, threshold, voxel_size, instances)
+
+    monkeypatch.setattr(planes, "object_ids", refusing)
+    image, _ = stack_and_truth(8)
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    at.file_uploader(key="image_upload").upload("cells.tif", imagej_tiff(image, 0.5, 0.5), "image/tiff")
+    at.run()
+    assert_no_leak(at)
+    assert modes == [((0.5, 0.5, 0.5), "auto"), ((0.5, 0.5, 0.5), "2d")]
+    assert any("too large for 3-D objects" in w.value for w in at.warning)
+    at.slider(key="point_x").set_value(32).run()  # a rerun: the ids from the cache, the note still there
+    assert len(modes) == 2 and any("too large for 3-D objects" in w.value for w in at.warning)
+    assert [i.captions[0] for i in at.container(key="plane_yz").image] == [
+        "Image · yz at x = 32", "Prediction · yz at x = 32", "Objects · yz at x = 32"]
+    assert at.container(key="planes").caption[-1].value.endswith("Isotropic voxels: the xz and yz planes are drawn as they are.")
+
+
+def test_3d_scores_get_their_own_row_only_when_the_summary_has_them(viewer_store, monkeypatch):
+    real = scoring.summary
+    flat = lambda *a, **k: {k: v for k, v in real(*a, **k).items() if not k.endswith("_3d")}  # noqa: E731
+    monkeypatch.setattr(scoring, "summary", flat)  # the page before the 3-D scores
+    image, truth = stack_and_truth(7)
+    at = open_app(monkeypatch, viewer_store["uri"])
+    at.selectbox(key="model_name").set_value(MODEL).run()
+    at.file_uploader(key="image_upload").upload("cells.tif", tiff(image), "image/tiff")
+    at.file_uploader(key="truth_upload").upload("cells_gt.tif", tiff(truth), "image/tiff")
+    at.run()
+    assert_no_leak(at)
+    assert not at.container(key="stack_scores_3d").metric and not at.container(key="stack_scores_3d").markdown
+    per_slice_labels = [m.label for m in at.container(key="stack_scores").metric]
+
+    three_d = {"object_f1_3d": 0.5, "adapted_rand_error_3d": 0.25, "vi_split_3d": 0.125, "vi_merge_3d": 0.75,
+               "ap50_3d": 0.375, "ap75_3d": float("nan")}  # NaN: not measured
+    monkeypatch.setattr(scoring, "summary", lambda *a, **k: {**flat(*a, **k), **three_d})
+    at.slider(key="threshold").set_value(0.6).run()  # a threshold not scored yet: the new summary
+    assert_no_leak(at)
+    row = at.container(key="stack_scores_3d")
+    assert [m.value for m in row.markdown] == ["**3-D (whole objects)**"]
+    assert [(m.label, m.value) for m in row.metric] == [
+        ("Object F1", "0.500"), ("AP50", "0.375"), ("AP75", "—"), ("Adapted Rand error", "0.250"),
+        ("VI split", "0.125"), ("VI merge", "0.750")]
+    assert [m.label for m in at.container(key="stack_scores").metric] == per_slice_labels  # the row is apart
 
 
 @pytest.mark.parametrize("image_files, truth_files, message", [
@@ -422,12 +539,14 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             uploader.filter(has_text="Ground truth").locator("input[type=file]").set_input_files(tmp_path / "cells_gt.tif")
             expect(page.get_by_text("with ground truth")).to_be_visible()
             expect(page.get_by_text(f"A: {MODEL} v1")).to_be_visible()
-            expect(page.get_by_test_id("stImage")).to_have_count(5)
+            slices = page.locator(".st-key-slices")  # the keyed container of the slice panels
+            expect(slices.get_by_test_id("stImage")).to_have_count(5)
+            expect(page.locator(".st-key-planes").get_by_test_id("stImage")).to_have_count(12)  # 3 planes x 4
             expect(page.get_by_test_id("stMetric").first).to_contain_text("Object F1")
             expect(page.get_by_test_id("stMetric").nth(1)).to_contain_text("Dice")
             screenshot(page, tmp_path, "1_uploaded")
             before = slice_caption(page)
-            sources = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
+            sources = [img.get_attribute("src") for img in slices.get_by_test_id("stImage").locator("img").all()]
             assert "Slice 0 (0–5)" in before
 
             # Move the slider: other panels, other per-slice scores.
@@ -440,10 +559,21 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             after = slice_caption(page)
             assert before.split("Dice")[1] != after.split("Dice")[1]
             # While Streamlit swaps the panels (slow on a loaded machine) the old ones may still be there.
-            expect(page.get_by_test_id("stImage")).to_have_count(5)
-            moved = [img.get_attribute("src") for img in page.get_by_test_id("stImage").locator("img").all()]
+            expect(slices.get_by_test_id("stImage")).to_have_count(5)
+            moved = [img.get_attribute("src") for img in slices.get_by_test_id("stImage").locator("img").all()]
             assert len(moved) == 5 and all(a != b for a, b in zip(sources, moved))
             screenshot(page, tmp_path, "2_slice3")
+
+            # Move the point: the xz plane follows y, the slice stays.
+            expect(page.get_by_text("xz at y = 48 ·")).to_be_visible()
+            thumb = page.get_by_test_id("stSlider").filter(has_text="Point y").get_by_role("slider")
+            thumb.focus()
+            for _ in range(2):
+                page.keyboard.press("ArrowRight")
+            expect(page.get_by_text("xz at y = 50 ·")).to_be_visible()
+            expect(page.get_by_text("xy at z = 3 ·")).to_be_visible()
+            expect(page.locator(".st-key-planes").get_by_test_id("stImage")).to_have_count(12)
+            screenshot(page, tmp_path, "3_planes")
 
             # Download the mask stack: the pyfunc's own mask of the same stack, as 0 / 255.
             with page.expect_download() as download:
@@ -458,8 +588,8 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             page.get_by_test_id("stSelectbox").filter(has_text="Compare with").click()
             page.get_by_role("option", name="v2", exact=True).click()
             expect(page.get_by_text(f"B: {MODEL} v2")).to_be_visible()
-            expect(page.get_by_test_id("stImage")).to_have_count(8)
-            screenshot(page, tmp_path, "3_compare")
+            expect(slices.get_by_test_id("stImage")).to_have_count(8)
+            screenshot(page, tmp_path, "4_compare")
             assert "Traceback" not in page.content()
         finally:
             browser.close()

@@ -3,7 +3,9 @@ segmentation slice by slice beside the truth, compare two model versions, downlo
 
     streamlit run viewer/app.py        # from the project folder (it reads .streamlit/config.toml)
 
-A thin script: what it computes comes from the helpers in `viewer/`; what it shows is laid out here.
+Below the slices, the stack is seen as a volume: the xy, xz and yz planes through a chosen point, with the
+objects coloured by their 3-D ids. A thin script: what it computes comes from the helpers in `viewer/`;
+what it shows is laid out here.
 Every widget has a key (tests find them by key). Errors become a message on the page, never a traceback.
 """
 
@@ -25,7 +27,8 @@ from emunet.core.normalize import normalize  # noqa: E402
 from emunet.registry.tracking import redact  # noqa: E402
 from emunet.inference.params import DEFAULTS  # noqa: E402
 from emunet.inference.tiling import TTA_MODES  # noqa: E402
-from viewer import charts, downloads, exports, inference, messages, pictures, registry, scoring, stacks  # noqa: E402
+from viewer import (charts, downloads, exports, inference, messages, pictures, planes, registry, scoring,  # noqa: E402
+                    stacks)
 
 log = logging.getLogger("em-unet-viewer")
 # The tracking stores this server may open: from its command line or environment, never from the page.
@@ -64,6 +67,27 @@ def loaded_model(uri: str, name: str, version: str):
 @st.cache_resource
 def probability_cache() -> inference.ProbabilityCache:
     return inference.ProbabilityCache()
+
+
+@st.cache_resource
+def ids_cache() -> inference.ProbabilityCache:
+    """The 3-D object ids of each (segmentation, threshold): byte-bounded like the probabilities."""
+    return inference.ProbabilityCache()
+
+
+@st.cache_resource
+def linked_instead() -> set:
+    """The ids-cache keys whose stack was too large for 3-D objects: the page says so on every rerun."""
+    return set()
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def stack_scores(key: tuple, threshold: float, truth_digest: str | None, voxel_size, _prob, _truth
+                 ) -> tuple[list[dict], dict]:
+    """`(per-slice rows, summary)` of one segmentation at one threshold: moving the slice or the point
+    reruns the page, and must not score the stack again. (The voxel size is part of the key: how objects
+    are found may follow it.)"""
+    return scoring.rows_and_summary(_prob, _truth, threshold, voxel_size)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the stack…")
@@ -183,11 +207,15 @@ def pick_data():
     return None
 
 
+def segmentation_key(info, image: dict, options: dict, uri: str) -> tuple:
+    return inference.segmentation_key(uri, info.name, info.version, image["digest"], options["tile_size"],
+                                      options["tta"])
+
+
 def segment(info, image: dict, options: dict, uri: str):
     """Probabilities of the stack by the model version `info`, from the cache or computed with a
     progress bar."""
-    key = inference.segmentation_key(uri, info.name, info.version, image["digest"], options["tile_size"],
-                                     options["tta"])
+    key = segmentation_key(info, image, options, uri)
     cache = probability_cache()
     prob = cache.get(key)
     if prob is None:
@@ -201,6 +229,29 @@ def segment(info, image: dict, options: dict, uri: str):
         bar.empty()
         cache.put(key, prob)
     return prob
+
+
+def object_ids(key: tuple, prob: np.ndarray, threshold: float, voxel_size) -> np.ndarray:
+    """The `(Z, H, W)` 3-D object ids of a segmentation at `threshold`, made once from its cached
+    probabilities (never from the model) and cached: the slices and the planes are cut out of them.
+    Near-isotropic stacks get solid 3-D objects; one too large for that in memory is linked slice by
+    slice instead, with a note."""
+    cache = ids_cache()
+    cache_key = (key, float(threshold), None if voxel_size is None else tuple(voxel_size))
+    ids = cache.get(cache_key)
+    if ids is None:
+        with st.spinner("Finding the objects in 3-D…"):
+            try:
+                ids = planes.object_ids(prob, threshold, voxel_size)
+            except InputError as exc:  # the 3-D watershed would not fit in memory
+                log.warning("3-D objects: %s", exc)
+                ids = planes.object_ids(prob, threshold, voxel_size, instances="2d")
+                linked_instead().add(cache_key)
+        cache.put(cache_key, ids)
+    if cache_key in linked_instead():
+        st.warning("The stack is too large for 3-D objects in this server's memory: its objects are found in "
+                   "each slice and linked through the slices.", icon="ℹ️")
+    return ids
 
 
 def show_stack_scores(results: list[dict], truth) -> None:
@@ -224,6 +275,21 @@ def show_stack_scores(results: list[dict], truth) -> None:
             f"{label} {result['summary'][key]:.3f}" for key, label in OBJECT_LABELS.items()))
 
 
+def show_3d_scores(results: list[dict]) -> None:
+    """The `*_3d` scores of the summary, when the scoring gives them: objects as whole 3-D cells
+    (nothing is shown when there are none)."""
+    for result in results:
+        scores = planes.scores_3d(result["summary"])
+        if not scores:
+            continue
+        tag = f" · {result['tag']}" if len(results) > 1 else ""
+        st.markdown(f"**3-D (whole objects){tag}**")
+        for cell, (label, value) in zip(st.columns(max(len(SCORE_LABELS) + 1, len(scores))), scores.values()):
+            cell.metric(f"{label}{tag}", "—" if np.isnan(value) else f"{value:.3f}",
+                        help="not measured: whole objects are scored only where every slice is annotated"
+                        if np.isnan(value) else None)
+
+
 def show_slices(image: dict, truth, results: list[dict], threshold: float) -> int:
     st.subheader("Slices")
     stack = image["stack"]
@@ -234,8 +300,9 @@ def show_slices(image: dict, truth, results: list[dict], threshold: float) -> in
         row = st.container(key=f"panels_{result['tag']}")
         row.markdown(f"**{result['tag']}: {result['label']}** — "
                      f"{scoring.slice_caption(z, total, result['rows'][z])}")
+        # The slice's objects by their 3-D ids: the same colours as in the planes below.
         panels = pictures.slice_panels(image01, result["prob"][z], threshold, None if truth is None else truth[z],
-                                       scoring.instances(result["prob"][z], threshold))
+                                       result["ids"][z])
         if i > 0:  # the image and the truth are the same for both models
             panels = {k: v for k, v in panels.items() if k not in ("Image", "Ground truth")}
         columns = row.columns(5)[5 - len(panels):]  # B's panels sit under A's of the same kind
@@ -243,6 +310,45 @@ def show_slices(image: dict, truth, results: list[dict], threshold: float) -> in
             column.image(pictures.enlarge(rgb), caption=caption, width="stretch")
     st.markdown(pictures.LEGEND + " &nbsp; (overlay) · probability: dark blue 0 → yellow 1", unsafe_allow_html=True)
     return z
+
+
+def pick_point(shape: tuple[int, int, int], z: int) -> tuple[int, int, int]:
+    """The point the planes go through: z from the slice slider, y and x from their own sliders
+    (centred at first)."""
+    _, h, w = shape
+    left, right = st.columns(2)
+    y = left.slider("Point y (row)", 0, h - 1, h // 2, key="point_y") if h > 1 else 0
+    x = right.slider("Point x (column)", 0, w - 1, w // 2, key="point_x") if w > 1 else 0
+    return z, y, x
+
+
+def show_planes(image: dict, truth, results: list[dict], threshold: float, z: int) -> None:
+    """The xy, xz and yz planes through a point, one row each: image, truth, prediction, objects."""
+    st.subheader("Planes through a point")
+    stack = image["stack"]
+    result = results[0]
+    if len(results) > 1:
+        tag = st.radio("Model", [r["tag"] for r in results], horizontal=True, key="planes_model",
+                       format_func=lambda t: f"{t}: {next(r['label'] for r in results if r['tag'] == t)}")
+        result = next(r for r in results if r["tag"] == tag)
+    point = pick_point(stack.shape, z)
+    voxel_size = image["calibration"].get("voxel_size")
+    factor = pictures.enlarge_factor(stack.shape[1:])  # the slice's: one pixel scale for every panel
+    for plane in planes.PLANES:
+        row = st.container(key=f"plane_{plane}")
+        row.markdown(f"**{plane}** — {planes.caption(plane, point, stack.shape)}")
+        image01 = normalize(planes.cut(stack, plane, point), *image["stats"])
+        panels = planes.plane_panels(image01, None if truth is None else planes.cut(truth, plane, point),
+                                     planes.cut(result["prob"], plane, point) >= threshold,
+                                     planes.cut(result["ids"], plane, point))
+        stretch = planes.z_stretch(voxel_size, plane)
+        fixed = planes.FIXED[plane]
+        for column, (kind, rgb) in zip(row.columns(4), panels.items()):
+            column.image(planes.display(rgb, plane, point, stretch, factor), width="stretch",
+                         caption=f"{kind} · {plane} at {fixed} = {dict(zip('zyx', point))[fixed]}")
+    st.caption(f"{result['tag']}: {result['label']} · z is the slice chosen above · the dashed crosshair marks "
+               f"the point · objects keep one colour through the volume (their 3-D ids). "
+               + planes.stretch_note(voxel_size))
 
 
 def show_per_slice(results: list[dict], z: int) -> None:
@@ -313,14 +419,21 @@ def main() -> None:
     results = []
     for tag, version in zip("AB", [v for v in (info, other) if v is not None]):
         prob = segment(version, image, options, uri)
+        key = segmentation_key(version, image, options, uri)
+        voxel_size = image["calibration"].get("voxel_size")
+        rows, summary = stack_scores(key, options["threshold"], None if truth is None else stacks.digest(truth),
+                                     voxel_size, prob, truth)
         results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob, "version": version,
-                        "file_tag": f"v{version.version}",
-                        "rows": scoring.slice_rows(prob, truth, threshold=options["threshold"]),
-                        "summary": scoring.summary(prob, truth, options["threshold"])})
+                        "file_tag": f"v{version.version}", "rows": rows, "summary": summary,
+                        "ids": object_ids(key, prob, options["threshold"], voxel_size)})
     with st.container(key="stack_scores"):
         show_stack_scores(results, truth)
+    with st.container(key="stack_scores_3d"):
+        show_3d_scores(results)
     with st.container(key="slices"):
         z = show_slices(image, truth, results, options["threshold"])
+    with st.container(key="planes"):
+        show_planes(image, truth, results, options["threshold"], z)
     with st.container(key="per_slice"):
         show_per_slice(results, z)
     with st.container(key="downloads"):

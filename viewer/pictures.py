@@ -22,9 +22,15 @@ LEGEND = (f"<span style='color:{_hex(TP)}'>■</span> true positive &nbsp; "
           f"<span style='color:{_hex(FN)}'>■</span> false negative")
 
 
+def enlarge_factor(shape: tuple[int, ...], min_side: int = MIN_DISPLAY_SIDE) -> int:
+    """The smallest integer factor that makes the shorter side of an `(H, W, ...)` picture at least
+    `min_side` (1 when it already is)."""
+    return max(1, -(-min_side // max(1, min(shape[:2]))))
+
+
 def enlarge(rgb: np.ndarray, min_side: int = MIN_DISPLAY_SIDE) -> np.ndarray:
     """Repeat pixels by the smallest integer factor that makes the shorter side at least `min_side`."""
-    factor = max(1, -(-min_side // min(rgb.shape[:2])))
+    factor = enlarge_factor(rgb.shape, min_side)
     return rgb if factor == 1 else np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
 
 
@@ -47,11 +53,13 @@ def objects_rgb(labels: np.ndarray, mask: np.ndarray | None = None) -> np.ndarra
     """`(H, W)` instance ids to `(H, W, 3)` uint8: each object its own bright colour (hues a golden angle
     apart, so neighbours differ), background black, and `mask` pixels in no object (specks) gray."""
     labels = np.asarray(labels).astype(np.int64)
-    ids = np.arange(int(labels.max(initial=0)) + 1)
+    # The colour is a function of the id alone, so an object keeps its colour in every slice and plane
+    # cut from one ids volume; a palette of the ids present (not of 0..max) keeps large 3-D ids cheap.
+    ids, inverse = np.unique(labels, return_inverse=True)
     hsv = np.stack([(ids * 0.618034 % 1.0) * 180, np.full(len(ids), 200), np.full(len(ids), 255)], -1).astype(np.uint8)
     palette = cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0]
-    palette[0] = 0
-    rgb = palette[labels]
+    palette[ids == 0] = 0
+    rgb = palette[inverse.reshape(labels.shape)]
     if mask is not None:
         rgb[(np.asarray(mask) != 0) & (labels == 0)] = SPECK
     return rgb

@@ -110,10 +110,14 @@ def _size(value: float) -> str:
 
 
 def describe_voxel(voxel_size=None, unit: str | None = None) -> str:
-    """`voxel 2.0 × 1.1 × 1.1 nm (z, y, x)`, or `voxel size unknown` when the file declares none."""
+    """`voxel 2.0 × 1.1 × 1.1 nm (z, y, x)`, or `voxel size unknown` when the file declares none; a size
+    the file leaves out (an ImageJ stack without slice spacing: `(None, y, x)`) is `?`."""
     if voxel_size is None:
         return "voxel size unknown"
-    return f"voxel {' × '.join(_size(float(v)) for v in voxel_size)} {unit or '(no unit given)'} (z, y, x)"
+    sizes = [_size(float(v)) if v is not None else "?" for v in voxel_size]
+    missing = [axis for axis, v in zip("zyx", voxel_size) if v is None]
+    note = f"; {', '.join(missing)} not given" if missing else ""
+    return f"voxel {' × '.join(sizes)} {unit or '(no unit given)'} (z, y, x{note})"
 
 
 def digest(stack: np.ndarray) -> str:

@@ -235,13 +235,30 @@ def read_manifest(dataset_dir: str | Path) -> dict:
     return {**manifest, "stacks": stacks}
 
 
+def _load_array(path: Path, mode: str | None) -> np.ndarray:
+    """One array of the artifact. A truncated, emptied or replaced file is the user's to fix (run the
+    preprocess step again), not a NumPy failure to pass on: `InputError` naming the file."""
+    try:
+        return np.load(path, mmap_mode=mode, allow_pickle=False)
+    except (ValueError, EOFError) as exc:  # a bad header, too few bytes, pickled objects
+        raise InputError(f"{path}: not a readable .npy array ({exc}); the dataset artifact is damaged, run the "
+                         f"preprocess step again") from None
+
+
 def open_stack(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """`(image, mask)` of one stack, memory-mapped read-only by default (shared, not copied, by workers)."""
+    """`(image, mask)` of one stack, memory-mapped read-only by default (shared, not copied, by workers).
+    Raises `InputError` for an array that does not read or whose shape is not the manifest's: a damaged
+    artifact would otherwise fail much later, inside NumPy or Keras, as if it were a bug."""
     if not isinstance(info.name, str) or not SAFE_NAME.fullmatch(info.name):  # also for StackInfo not from read_manifest
         raise InputError(f"stack name {info.name!r} is not a folder inside {dataset_dir}; refusing to read it")
     folder = Path(dataset_dir) / info.name
     mode = "r" if mmap else None
-    return np.load(folder / "image.npy", mmap_mode=mode), np.load(folder / "mask.npy", mmap_mode=mode)
+    arrays = _load_array(folder / "image.npy", mode), _load_array(folder / "mask.npy", mode)
+    for name, array in zip(("image.npy", "mask.npy"), arrays):
+        if array.shape != tuple(info.shape):
+            raise InputError(f"{folder / name} has shape {array.shape} but the manifest says {tuple(info.shape)}; "
+                             f"the dataset artifact is damaged, run the preprocess step again")
+    return arrays
 
 
 def open_ids(dataset_dir: str | Path, info: StackInfo, mmap: bool = True) -> np.ndarray | None:

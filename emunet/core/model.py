@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from emunet.core.errors import InputError
+
 
 INPUT_SCALES = (1, 2, 4)
 
@@ -33,6 +35,14 @@ class UNetSpec:
     # then normalises alike and holds the same moving averages; a no-op on one device.
     sync_batch_norm: bool = False
     input_scale: int = 1  # 1, 2 or 4: the network runs at 1/input_scale of the image's resolution
+    # k neighbouring slices above and below as extra input channels (2.5-D): 2k + 1 channels, z-k .. z+k
+    # (emunet.inference.context); 0 = one slice, the 2-D network.
+    context_slices: int = 0
+
+
+def input_channels(spec: UNetSpec) -> int:
+    """Channels of the network's input: the slice and its `context_slices` neighbours on each side."""
+    return 2 * spec.context_slices + 1
 
 
 def _conv_block(x, filters: int, name: str, spec: UNetSpec):
@@ -55,22 +65,27 @@ def spec_of(model: keras.Model) -> UNetSpec:
     """The `UNetSpec` a model made by `build_unet` was built from, read from its layers (their names are
     deterministic), not from metadata: what a saved model holds is what fine-tuning must rebuild.
     `sync_batch_norm` is left at its default: it depends on the devices, not on the weights. Raises
-    `ValueError` for a model that is not such a U-Net."""
+    `InputError` for a model that is not such a U-Net (the user's `init_model`)."""
     layers_by_name = {layer.name: layer for layer in model.layers}
     if "enc1_conv1" not in layers_by_name:
-        raise ValueError(f"model {model.name!r} is not an em-unet U-Net (it has no layer enc1_conv1)")
+        raise InputError(f"model {model.name!r} is not an em-unet U-Net (it has no layer enc1_conv1)")
     depth = sum(1 for n in layers_by_name if n.startswith("enc") and n.endswith("_pool"))
     bn = layers_by_name.get("enc1_bn1")
     dropout = layers_by_name.get("bottleneck_dropout")
     downscale = layers_by_name.get("downscale")
+    channels = int(model.input_shape[-1])
+    if channels % 2 == 0:
+        raise ValueError(f"model {model.name!r} takes {channels} input channels; an em-unet U-Net takes 2k + 1")
     return UNetSpec(depth=depth, base_filters=int(layers_by_name["enc1_conv1"].filters), batch_norm=bn is not None,
                     dropout=float(dropout.rate) if dropout is not None else 0.0,
                     bn_momentum=float(bn.momentum) if bn is not None else UNetSpec.bn_momentum,
-                    input_scale=int(downscale.pool_size[0]) if downscale is not None else 1)
+                    input_scale=int(downscale.pool_size[0]) if downscale is not None else 1,
+                    context_slices=(channels - 1) // 2)
 
 
 def build_unet(spec: UNetSpec = UNetSpec(), name: str = "unet") -> keras.Model:
-    """U-Net mapping `(batch, H, W, 1)` float32 in [0, 1] to `(batch, H, W, 1)` foreground probability.
+    """U-Net mapping `(batch, H, W, C)` float32 in [0, 1] to `(batch, H, W, 1)` foreground probability of
+    the middle channel's slice; `C = input_channels(spec)` (1, or 2k + 1 with `context_slices` k).
 
     H and W are free (None) but must be multiples of `multiple_of(spec)`. The output layer is float32 even
     under a mixed-precision policy, so losses and thresholds see full-precision probabilities.
@@ -79,7 +94,9 @@ def build_unet(spec: UNetSpec = UNetSpec(), name: str = "unet") -> keras.Model:
         raise ValueError(f"U-Net needs depth >= 1 and base_filters >= 1, got {spec}")
     if spec.input_scale not in INPUT_SCALES:
         raise ValueError(f"input_scale must be one of {INPUT_SCALES}, got {spec.input_scale}")
-    inputs = keras.Input((None, None, 1), name="image")
+    if spec.context_slices < 0:
+        raise ValueError(f"context_slices must be 0 or more, got {spec.context_slices}")
+    inputs = keras.Input((None, None, input_channels(spec)), name="image")
     x, skips = inputs, []
     if spec.input_scale > 1:
         x = layers.AveragePooling2D(spec.input_scale, name="downscale")(x)

@@ -4,6 +4,8 @@ Robust percentile scaling of a whole stack to [0, 1] float32. Percentiles (not m
 so that 16-bit and float data, hot pixels and empty borders all land in the same range.
 """
 
+import math
+
 import numpy as np
 
 from emunet.core.errors import InputError
@@ -32,8 +34,9 @@ def stack_stats(stack, max_samples: int = MAX_SAMPLES) -> tuple[float, float]:
     """Return `(low, high)` intensity percentiles of a stack.
 
     `stack` is a `(Z, H, W)` or `(H, W)` array of any numeric dtype, or anything with `shape` that
-    yields `(H, W)` slices by index (a lazily read volume): it is read one slice at a time. Raises
-    `InputError` for an empty stack or one with no finite value.
+    yields `(H, W)` slices by index (a lazily read volume): it is read one slice at a time. Always
+    `high > low`: when the percentiles meet (a constant stack, or one value in nearly every voxel) it is
+    `flat_window` around that value. Raises `InputError` for an empty stack or one with no finite value.
     """
     shape = tuple(stack.shape)
     if len(shape) == 2:
@@ -47,7 +50,19 @@ def stack_stats(stack, max_samples: int = MAX_SAMPLES) -> tuple[float, float]:
         if sample.size == 0:
             raise InputError("the stack has no usable intensity values (all NaN or infinite)")
     low, high = np.percentile(sample, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:  # a flat stack, or one value in nearly every voxel (the rest are outliers, clipped)
+        return flat_window(float(low))
     return float(low), float(high)
+
+
+def flat_window(value: float) -> tuple[float, float]:
+    """The window of a constant stack: centred on its value, so it normalises to exactly 0.5 everywhere (as
+    `normalize` maps a zero-width window), whatever the value and dtype, and the network's answer is its
+    answer on a flat image. Every user of a window (the pyfunc's `low`, `high` included) needs `high > low`.
+    The half-width is a power of two, at least 0.5 and 1/4096 of the value: float32 then holds `value - half`
+    exactly (for a value float32 holds), so the subtraction and the scaling in `normalize` are exact."""
+    half = 2.0 ** math.ceil(math.log2(max(0.5, abs(value) * 2.0 ** -12)))
+    return value - half, value + half
 
 
 def normalize(stack: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -7,6 +7,8 @@ objects. A ground truth given as a mask has one object per component of each sli
 ids (`label_kind="instances"`), its ids are the objects.
 """
 
+import warnings
+
 import cv2
 import numpy as np
 
@@ -52,11 +54,23 @@ MEASURE_COLUMNS = ["id", "voxels", "first_slice", "last_slice", "centroid_z", "c
                    "volume", "z", "y", "x", "unit"]
 
 
+def unknown_axes_note(voxel_size) -> str | None:
+    """Why the physical columns of a partly calibrated table are empty (None when nothing is missing or
+    nothing is known: an uncalibrated table is empty for an obvious reason)."""
+    if voxel_size is None or all(s is not None for s in voxel_size) or all(s is None for s in voxel_size):
+        return None
+    missing = [a for a, s in zip("zyx", voxel_size) if s is None]
+    return (f"instances table: the input does not give the voxel size along {', '.join(missing)}: `volume` and "
+            f"the {', '.join(missing)} centroid are left empty (pass voxel_size=z,y,x to give it)")
+
+
 class ObjectMeasures:
     """Size and centroid of every object of a `(Z, H, W)` instance label volume (ids followed through the
     slices), added one slice at a time so that the volume never sits in memory: `add(z, ids)` per slice,
-    then `rows()`. With `voxel_size` (z, y, x), rows also give the volume in `unit` cubed and the centroid
-    in `unit` (physical coordinates of voxel centres, from the volume's origin)."""
+    then `rows()`. With `voxel_size` (z, y, x; an axis may be None, unknown), rows also give the volume in
+    `unit` cubed (all three known) and the centroid in `unit` along each known axis (physical coordinates
+    of voxel centres, from the volume's origin); what is unknown is left empty, with one warning per
+    process saying why (`unknown_axes_note`)."""
 
     def __init__(self, voxel_size=None, unit: str | None = None):
         self.voxel_size, self.unit = voxel_size, unit
@@ -93,17 +107,21 @@ class ObjectMeasures:
         """`MEASURE_COLUMNS` rows, one per object by id: voxel count, slices, centroid in voxels and, when
         calibrated, volume and centroid in physical units (else those are empty)."""
         out = []
+        sizes = [None] * 3 if self.voxel_size is None else [None if s is None else float(s) for s in self.voxel_size]
         for i in np.flatnonzero(self.sums[:, 0] > 0):
             if i == 0:
                 continue
             voxels = self.sums[i, 0]
             centre = self.sums[i, 1:] / voxels
             row = [int(i), int(voxels), int(self.first[i]), int(self.last[i]), *(round(float(c), 2) for c in centre)]
-            if self.voxel_size is not None:
-                size = np.asarray(self.voxel_size, float)
-                row += [float(f"{voxels * np.prod(size):.6g}"), *(float(f"{c:.6g}") for c in centre * size),
+            if any(s is not None for s in sizes):
+                volume = float(f"{voxels * np.prod(sizes):.6g}") if all(s is not None for s in sizes) else ""
+                row += [volume, *("" if s is None else float(f"{c * s:.6g}") for c, s in zip(centre, sizes)),
                         self.unit or ""]
             else:
                 row += ["", "", "", "", ""]
             out.append(row)
+        note = unknown_axes_note(self.voxel_size)
+        if out and note:
+            warnings.warn(note, UserWarning, stacklevel=2)
         return out

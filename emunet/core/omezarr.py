@@ -2,9 +2,15 @@
 napari-ome-zarr, Fiji's n5-viewer / MoBIE, neuroglancer, webKnossos, `ome-zarr-py`).
 
 A result is one single-level image `(Z, Y, X)` with the input's voxel size as its scale and the input's
-chunking where it had one. Slices are buffered until a whole row of chunks along Z is complete and then
-written at once, so memory holds one chunk depth of slices, whatever the volume's size; several writers
-(Spark tasks) may write disjoint chunk-aligned Z ranges of the same array at the same time.
+chunking where it had one. NGFF needs a scale for every axis: an axis whose size the input did not give
+gets the placeholder 1.0 and no unit, and is listed in the group attribute `em-unet.unknown_axes` so that
+`open_volume` reads it back as unknown (other readers see an axis without a unit). Chunks that hold only
+zeros are not stored (zarr-python's default); the array's attribute `sparse_chunks: true` says so, which
+`open_volume` takes to mean that an absent chunk is not a missing one.
+
+Slices are buffered until a whole row of chunks along Z is complete and then written at once, so memory
+holds one chunk depth of slices, whatever the volume's size; several writers (Spark tasks) may write
+disjoint chunk-aligned Z ranges of the same array at the same time.
 
     create_image(path, (Z, Y, X), np.uint8, chunks=(16, 256, 256), voxel_size=(40, 8, 8), unit="nm")
     with SliceWriter(open_image(path)) as write:
@@ -17,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from emunet.core.errors import InputError
+from emunet.core.io import SPARSE_ATTR, UNKNOWN_AXES_ATTR
 
 NGFF_VERSION = "0.4"
 # NGFF axis units are UDUNITS-2 names; `open_volume` reports short ones.
@@ -34,13 +41,21 @@ def chunking(shape: tuple[int, int, int], chunks: tuple | None) -> tuple[int, in
     return tuple(int(max(1, min(c, n))) for c, n in zip(chunks, shape))
 
 
+def unknown_axes(voxel_size) -> list[str]:
+    """The axes ("z", "y", "x") whose size `voxel_size` (z, y, x, entries may be None; None: all) lacks."""
+    return list("zyx") if voxel_size is None else [a for a, s in zip("zyx", voxel_size) if s is None]
+
+
 def multiscales(name: str, voxel_size, unit: str | None) -> list[dict]:
-    """NGFF 0.4 `multiscales` metadata of a single-level `(Z, Y, X)` image stored at path "0"."""
+    """NGFF 0.4 `multiscales` metadata of a single-level `(Z, Y, X)` image stored at path "0": the scale of
+    the axes `voxel_size` gives, in `unit`; 1.0 and no unit for the others (`unknown_axes`)."""
+    unknown = unknown_axes(voxel_size)
     axes = [{"name": a, "type": "space"} for a in "zyx"]
     if unit:
         for axis in axes:
-            axis["unit"] = NGFF_UNITS.get(unit, unit)
-    scale = [float(s) for s in voxel_size] if voxel_size is not None else [1.0, 1.0, 1.0]
+            if axis["name"] not in unknown:
+                axis["unit"] = NGFF_UNITS.get(unit, unit)
+    scale = [1.0 if a in unknown else float(s) for a, s in zip("zyx", voxel_size or (None,) * 3)]
     return [{"version": NGFF_VERSION, "name": name, "axes": axes,
              "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}]}]
 
@@ -52,9 +67,13 @@ def create_image(path, shape: tuple[int, int, int], dtype, chunks=None, voxel_si
     import zarr
 
     group = zarr.open_group(store=str(path), mode="w-", zarr_format=2)
-    group.create_array("0", shape=tuple(int(n) for n in shape), chunks=chunking(shape, chunks), dtype=dtype,
-                       fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})  # NGFF 0.4 asks for "/"
-    group.attrs.update({"multiscales": multiscales(name, voxel_size, unit), WRITER_TAG: True})
+    array = group.create_array("0", shape=tuple(int(n) for n in shape), chunks=chunking(shape, chunks), dtype=dtype,
+                               fill_value=0, chunk_key_encoding={"name": "v2", "separator": "/"})  # NGFF 0.4: "/"
+    array.attrs[SPARSE_ATTR] = True  # all-zero chunks are not stored: absent is zero, not missing
+    attrs = {"multiscales": multiscales(name, voxel_size, unit), WRITER_TAG: True}
+    if unknown_axes(voxel_size):
+        attrs[UNKNOWN_AXES_ATTR] = unknown_axes(voxel_size)
+    group.attrs.update(attrs)
 
 
 def open_image(path):

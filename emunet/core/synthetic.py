@@ -126,11 +126,13 @@ def _organelles(rng, labels, interior, image):
                 image[box][ring] = MEMBRANE + 0.2
 
 
-def synthetic_stack(seed: int, index: int, shape: tuple[int, int, int] = (24, 256, 256)) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_stack(seed: int, index: int, shape: tuple[int, int, int] = (24, 256, 256),
+                    with_ids: bool = False) -> tuple[np.ndarray, ...]:
     """One synthetic EM sample.
 
-    Returns `(image, mask)`: `(Z, H, W)` uint8 image and `(Z, H, W)` uint8 mask in {0, 1} (cell interiors).
-    The same `(seed, index, shape)` always gives the same arrays.
+    Returns `(image, mask)`: `(Z, H, W)` uint8 image and `(Z, H, W)` uint8 mask in {0, 1} (cell interiors);
+    with `with_ids` also the cells' instance ids `(Z, H, W)` uint32 (each 3-D cell one id on its interior,
+    0 elsewhere). The same `(seed, index, shape)` always gives the same arrays.
     """
     rng = np.random.default_rng([seed, index])
     deform = _smooth_noise(rng, shape, (3, 8))
@@ -160,14 +162,18 @@ def synthetic_stack(seed: int, index: int, shape: tuple[int, int, int] = (24, 25
     image = image * gain * illumination + offset
     image += rng.uniform(0.03, 0.07) * rng.standard_normal(shape, dtype=np.float32)
     image = np.clip(image * 255, 0, 255).astype(np.uint8)
+    if with_ids:
+        return image, interior.astype(np.uint8), np.where(interior, labels, 0).astype(np.uint32)
     return image, interior.astype(np.uint8)
 
 
 def synthetic_dataset(seed: int = 0, n_stacks: int = 9, shape: tuple[int, int, int] = (24, 256, 256)):
-    """`n_stacks` synthetic samples as a list of `(name, image, mask)`, like the original study's nine.
+    """`n_stacks` synthetic samples as a list of `(name, image, mask, ids)`, like the original study's nine
+    (`ids`: the cells' instance ids, see `synthetic_stack`).
 
     Stacks are made in parallel threads (NumPy, SciPy and OpenCV release the GIL on whole arrays); each
     is seeded by its index, so the result does not depend on the number of threads."""
     with ThreadPoolExecutor(min(n_stacks, os.cpu_count() or 1)) as pool:
-        stacks = list(pool.map(synthetic_stack, [seed] * n_stacks, range(n_stacks), [shape] * n_stacks))
-    return [(f"synthetic_{i:02d}", image, mask) for i, (image, mask) in enumerate(stacks)]
+        stacks = list(pool.map(synthetic_stack, [seed] * n_stacks, range(n_stacks), [shape] * n_stacks,
+                               [True] * n_stacks))
+    return [(f"synthetic_{i:02d}", image, mask, ids) for i, (image, mask, ids) in enumerate(stacks)]

@@ -46,14 +46,19 @@ def context_stack(volume, z: int, k: int) -> np.ndarray:
     return np.stack([block[i - lo] for i in indices], axis=-1)
 
 
-def iter_context(volume, k: int) -> Iterator[tuple[int, np.ndarray]]:
-    """`(z, context_stack(volume, z, k))` for every slice in order, reading each slice of `volume` once:
-    mirrored neighbours are always within `k` of `z` (a reflection never moves an index farther from a
-    slice inside the stack), so a window of the last `2k + 1` slices read is enough."""
+def iter_context(volume, k: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """`(z, context_stack(volume, z, k))` for every slice in order (slices `start .. stop - 1` only, when
+    given: their neighbours are still the volume's, so a chunk of a stack gets the context it has inside
+    the stack), reading each slice of `volume` once: mirrored neighbours are always within `k` of `z` (a
+    reflection never moves an index farther from a slice inside the stack), so a window of the last
+    `2k + 1` slices read is enough."""
     n = volume.shape[0]
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise IndexError(f"slices {start}..{stop - 1} are outside a stack of {n} slices")
     cache: dict[int, np.ndarray] = {}
-    read = 0  # slices 0..read-1 have been read
-    for z in range(n):
+    read = max(0, start - k)  # slices before `read` are not needed (or have been read)
+    for z in range(start, stop):
         lo, hi = max(0, z - k), min(n - 1, z + k)
         if hi >= read:
             block = np.asarray(volume[read:hi + 1])

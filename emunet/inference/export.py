@@ -4,7 +4,9 @@ ilastik, napari and QuPath run without this project.
 Every exported graph takes `(batch, 1, y, x)` float32 intensities already scaled to [0, 1] by
 `emunet.core.normalize` (percentiles 0.5 / 99.5 of the image, clipped) and returns `(batch, 1, y, x)`
 float32 foreground probabilities (the sigmoid is inside). y and x must be multiples of the model's
-`multiple_of` (2**depth x input_scale). Channels come first because ONNX consumers (QuPath's OpenCV,
+`multiple_of` (2**depth x input_scale). A 2.5-D model (`context_slices` k) takes `(batch, 2k + 1, y, x)`:
+slices z-k .. z+k of the stack as channels, mirrored at its ends, normalised together (one window for
+all channels, as in training); its output is slice z's. Channels come first because ONNX consumers (QuPath's OpenCV,
 ilastik) expect it; the Keras model itself is channels-last, so the graphs transpose in and out.
 
 Keras 3.15 cannot trace a bilinear `UpSampling2D` (the `input_scale` > 1 models) with unknown height and
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from emunet.core.errors import InputError
 from emunet.core.normalize import HIGH_PERCENTILE, LOW_PERCENTILE, normalize, stack_stats
 
 # ONNX opset 17: read by onnxruntime >= 1.11, OpenCV >= 4.7 (QuPath) and ilastik's runtime alike.
@@ -30,6 +33,19 @@ INPUT_NAME, OUTPUT_NAME = "raw", "probability"
 TEST_SIDE = 256
 PREPROCESSING = (f"per image: subtract the {LOW_PERCENTILE} percentile, divide by the {HIGH_PERCENTILE} minus the "
                  f"{LOW_PERCENTILE} percentile, clip to [0, 1]")
+
+
+def channels_of(keras_model) -> int:
+    """Input channels of a U-Net: 1, or 2k + 1 for a 2.5-D model with context k."""
+    return int(keras_model.input_shape[-1])
+
+
+def channel_names(channels: int) -> list[str]:
+    """Names of the input's channels: `raw` for one slice; `z_minus_1`, `z`, `z_plus_1`... for context."""
+    if channels == 1:
+        return [INPUT_NAME]
+    k = channels // 2
+    return [f"z_minus_{k - j}" if j < k else "z" if j == k else f"z_plus_{j - k}" for j in range(channels)]
 
 
 def _needs_graph_resize(keras_model) -> bool:
@@ -55,7 +71,7 @@ def _graph_resize(layer):
 
 
 def channels_first(keras_model, traceable: bool = False):
-    """`keras_model` (`(n, H, W, 1)` -> `(n, H, W, 1)`) as a model of `(n, 1, H, W)` -> `(n, 1, H, W)`, made of
+    """`keras_model` (`(n, H, W, C)` -> `(n, H, W, 1)`) as a model of `(n, C, H, W)` -> `(n, 1, H, W)`, made of
     built-in layers only. `traceable`: bilinear up-sampling replaced by `tf.image.resize` (see the module
     docstring), for graph exports only."""
     import keras
@@ -69,7 +85,7 @@ def channels_first(keras_model, traceable: bool = False):
 
         inner = keras.models.clone_model(keras_model, clone_function=clone)
         inner.set_weights(keras_model.get_weights())
-    image = keras.Input((1, None, None), name=INPUT_NAME)
+    image = keras.Input((channels_of(keras_model), None, None), name=INPUT_NAME)
     x = keras.layers.Permute((2, 3, 1), name="to_channels_last")(image)
     x = inner(x)
     probability = keras.layers.Permute((3, 1, 2), name=OUTPUT_NAME, dtype="float32")(x)
@@ -95,7 +111,7 @@ def write_onnx(keras_model, path: str | Path, metadata: dict | None = None) -> P
 
     path = Path(path)
     graph = channels_first(keras_model, traceable=True)
-    spec = [tf.TensorSpec((None, 1, None, None), tf.float32, name=INPUT_NAME)]
+    spec = [tf.TensorSpec((None, channels_of(keras_model), None, None), tf.float32, name=INPUT_NAME)]
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         graph.export(str(raw), format="onnx", verbose=False, input_signature=spec, opset_version=OPSET)
@@ -131,7 +147,8 @@ def write_saved_model_zip(keras_model, path: str | Path) -> Path:
     archive.track(graph)
     # A dict of named outputs: what TensorFlow serving and bioimageio.core's TFSMLayer adapter expect.
     archive.add_endpoint("serve", lambda x: {OUTPUT_NAME: graph(x, training=False)},
-                         input_signature=[tf.TensorSpec((None, 1, None, None), tf.float32, name=INPUT_NAME)])
+                         input_signature=[tf.TensorSpec((None, channels_of(keras_model), None, None), tf.float32,
+                                                        name=INPUT_NAME)])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "saved_model"
         archive.write_out(str(folder), verbose=False)
@@ -143,21 +160,24 @@ def write_saved_model_zip(keras_model, path: str | Path) -> Path:
 
 
 def test_slice(image: np.ndarray, multiple: int, side: int = TEST_SIDE) -> np.ndarray:
-    """The centre of a `(H, W)` slice, each side the largest multiple of `multiple` up to `side` (at
-    least `multiple`). Raises `ValueError` for a slice smaller than `multiple`."""
-    height, width = image.shape
+    """The centre of a `(H, W)` slice (or `(H, W, C)`: its context slices alike), each side the largest
+    multiple of `multiple` up to `side` (at least `multiple`). Raises `InputError` for a slice smaller than
+    `multiple` (the user's sample stack)."""
+    height, width = image.shape[:2]
     keep = [min(n, max(side, multiple)) // multiple * multiple for n in (height, width)]
     if min(keep) < multiple:
-        raise ValueError(f"a test slice needs at least {multiple} x {multiple} pixels (this model's multiple), "
+        raise InputError(f"a test slice needs at least {multiple} x {multiple} pixels (this model's multiple), "
                          f"got {height} x {width}")
     top, left = (height - keep[0]) // 2, (width - keep[1]) // 2
     return np.ascontiguousarray(image[top:top + keep[0], left:left + keep[1]])
 
 
 def probabilities(keras_model, image: np.ndarray) -> np.ndarray:
-    """`(H, W)` float32 probabilities of a raw `(H, W)` slice whose sides are multiples of the model's
-    multiple, normalised by its own percentiles, as every exported graph computes them."""
-    x = normalize(image, *stack_stats(image))[None, :, :, None]
+    """`(H, W)` float32 probabilities of a raw `(H, W)` slice (`(H, W, C)` with its context slices for a
+    2.5-D model) whose sides are multiples of the model's multiple, normalised by its own percentiles
+    (all channels together), as every exported graph computes them."""
+    x = normalize(image, *stack_stats(image))
+    x = x[None, :, :, None] if x.ndim == 2 else x[None]
     return np.asarray(keras_model(x, training=False))[0, :, :, 0].astype(np.float32)
 
 
@@ -209,7 +229,8 @@ def write_package(output: str | Path, keras_model, image: np.ndarray, *, multipl
                   ) -> tuple[Path, tuple[str, ...]]:
     """Write a BioImage.IO model package (spec 0.5 `rdf.yaml` + weights + test tensors + cover + docs) as the
     zip `output`. `image`: a raw `(H, W)` slice (cropped by `test_slice`); its probabilities are the test
-    output; `truth` (same shape, optional) colours the cover. `cite`: (text, DOI or URL) pairs. `formats`:
+    output; `truth` (same shape, optional) colours the cover. For a 2.5-D model (`C = 2k + 1` input
+    channels) `image` is `(H, W, C)`: the slice with its context (`emunet.inference.context.context_stack`). `cite`: (text, DOI or URL) pairs. `formats`:
     default `package_formats` (Keras weights only where they run at every size). Returns the path and the
     weight formats written."""
     import cv2
@@ -217,27 +238,37 @@ def write_package(output: str | Path, keras_model, image: np.ndarray, *, multipl
     from bioimageio.spec.model import v0_5 as spec
 
     formats = package_formats(keras_model) if formats is None else formats
-    image = test_slice(np.asarray(image), multiple)
+    channels = channels_of(keras_model)
+    image = np.asarray(image)
+    if (image.shape[2] if image.ndim == 3 else 1) != channels:
+        raise ValueError(f"the test image has shape {image.shape}, this model takes {channels} channels: pass "
+                         f"{'(H, W)' if channels == 1 else f'(H, W, {channels}), the slice and its context'}")
+    image = test_slice(image, multiple)
     truth = None if truth is None else test_slice(np.asarray(truth), multiple)
     prob = probabilities(keras_model, image)
+    planes = image[None, None] if image.ndim == 2 else image.transpose(2, 0, 1)[None]  # (1, C, y, x)
+    middle = image if image.ndim == 2 else image[..., channels // 2]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        np.save(folder / "test_input.npy", image.astype(np.float32)[None, None])
+        np.save(folder / "test_input.npy", planes.astype(np.float32))
         np.save(folder / "test_output.npy", prob[None, None])
-        cv2.imwrite(str(folder / "cover.png"), cv2.cvtColor(cover_image(image, prob, truth), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(folder / "cover.png"), cv2.cvtColor(cover_image(middle, prob, truth), cv2.COLOR_RGB2BGR))
         (folder / "README.md").write_text(documentation)
         (folder / "export.json").write_text(json.dumps(config or {}, indent=2, default=str))
         space = dict(unit="nanometer", scale=1.0)
         scales = voxel_size_nm or (None, None)
-        in_axes = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(INPUT_NAME)])] + [
+        names = [spec.Identifier(n) for n in channel_names(channels)]
+        in_axes = [spec.BatchAxis(), spec.ChannelAxis(channel_names=names)] + [
             spec.SpaceInputAxis(id=spec.AxisId(a), size=spec.ParameterizedSize(min=multiple, step=multiple),
                                 **({**space, "scale": s} if s else {})) for a, s in zip("yx", scales)]
         out_axes = [spec.BatchAxis(), spec.ChannelAxis(channel_names=[spec.Identifier(OUTPUT_NAME)])] + [
             spec.SpaceOutputAxis(id=spec.AxisId(a), size=spec.SizeReference(tensor_id=spec.TensorId(INPUT_NAME),
                                                                             axis_id=spec.AxisId(a)),
                                  **({**space, "scale": s} if s else {})) for a, s in zip("yx", scales)]
+        window_axes = (("channel",) if channels > 1 else ()) + ("y", "x")
         pre = [spec.EnsureDtypeDescr(kwargs=spec.EnsureDtypeKwargs(dtype="float32")),
-               spec.ScaleRangeDescr(kwargs=spec.ScaleRangeKwargs(axes=[spec.AxisId("y"), spec.AxisId("x")],
+               # one window for all channels (the stack's, as in training): percentiles over channel, y and x
+               spec.ScaleRangeDescr(kwargs=spec.ScaleRangeKwargs(axes=[spec.AxisId(a) for a in window_axes],
                                                                 min_percentile=LOW_PERCENTILE,
                                                                 max_percentile=HIGH_PERCENTILE)),
                spec.ClipDescr(kwargs=spec.ClipKwargs(min=0.0, max=1.0))]
@@ -248,9 +279,12 @@ def write_package(output: str | Path, keras_model, image: np.ndarray, *, multipl
             license=license, documentation=spec.FileDescr(source=folder / "README.md"),
             covers=[spec.FileDescr(source=folder / "cover.png")],
             attachments=[spec.FileDescr(source=folder / "export.json")],
-            tags=["unet", "segmentation", "electron-microscopy", "2d", "semantic-segmentation"],
+            tags=["unet", "segmentation", "electron-microscopy", "2d" if channels == 1 else "2.5d",
+                  "semantic-segmentation"],
             inputs=[spec.InputTensorDescr(id=spec.TensorId(INPUT_NAME), axes=in_axes,
-                                          description="one grayscale EM slice, any intensity range",
+                                          description="one grayscale EM slice, any intensity range" if channels == 1 else
+                                          f"grayscale EM slices z-{channels // 2} .. z+{channels // 2} as channels "
+                                          f"(mirrored at the stack's ends), any intensity range",
                                           test_tensor=spec.FileDescr(source=folder / "test_input.npy"),
                                           data=spec.IntervalOrRatioDataDescr(type="float32"), preprocessing=pre)],
             outputs=[spec.OutputTensorDescr(id=spec.TensorId(OUTPUT_NAME), axes=out_axes,

@@ -74,18 +74,22 @@ IMAGEJ_UNITS = {"µm": "micron", "nm": "nm", "Å": "A", "mm": "mm"}
 
 def imagej_calibration(path: Path, shape: tuple[int, int, int], voxel_size, unit: str | None) -> None:
     """Make the finished TIFF at `path` (pages written with `page_options`) an ImageJ stack of `shape`
-    (Z, Y, X) with slice spacing `voxel_size[0]` and `unit`, as Fiji reads calibration: the first page's
-    description is rewritten in place (`tifffile.tiffcomment`); X/Y resolution are already on every page."""
-    options = {"axes": "ZYX", "spacing": float(voxel_size[0])}
+    (Z, Y, X) with slice spacing `voxel_size[0]` (left out when unknown, None: ImageJ then has no z size
+    and `open_volume` reads none back) and `unit`, as Fiji reads calibration: the first page's description
+    is rewritten in place (`tifffile.tiffcomment`); X/Y resolution are already on every page."""
+    options = {"axes": "ZYX"}
+    if voxel_size[0] is not None:
+        options["spacing"] = float(voxel_size[0])
     if unit:
         options["unit"] = IMAGEJ_UNITS.get(unit, unit.encode("ascii", "replace").decode())
     tifffile.tiffcomment(path, tifffile.imagej_description(shape, **options))
 
 
 def page_options(voxel_size) -> dict:
-    """`TiffWriter.write` options for one page: minisblack, and with a voxel size its X/Y resolution."""
+    """`TiffWriter.write` options for one page: minisblack, and with a voxel size whose y and x are known
+    its X/Y resolution."""
     options = {"contiguous": True, "photometric": "minisblack"}
-    if voxel_size is not None:
+    if voxel_size is not None and voxel_size[1] is not None and voxel_size[2] is not None:
         options.update(resolution=(1 / float(voxel_size[2]), 1 / float(voxel_size[1])), resolutionunit="NONE")
     return options
 
@@ -142,7 +146,7 @@ def _tiff_pages(tmp: dict, kinds: list[str], voxel_size, unit):
         options = page_options(voxel_size)
 
         def write(kind: str, page: np.ndarray) -> None:
-            first = {"description": "em-unet", "metadata": None} if kind not in shape else {}
+            first = {"description": "em-unet", "software": "em-unet", "metadata": None} if kind not in shape else {}
             writers[kind].write(page, **options, **first)
             shape[kind] = np.shape(page)
             count[kind] = count.get(kind, 0) + 1
@@ -187,8 +191,10 @@ def result_files(out_dir: Path, name: str, probability: bool = False, objects: b
     or, with `fmt="zarr"`, `.ome.zarr` images of `shape` (Z, Y, X) chunked like `chunks` (the input's;
     `emunet.core.omezarr`); with `objects` `<name>_objects.csv` (`OBJECT_COLUMNS`: per slice) and
     `<name>_instances.csv` (`MEASURE_COLUMNS`: per 3-D object, from the `ids` given to `add`). With the input's
-    `voxel_size` (z, y, x) in `unit`, the images carry it: TIFFs as Fiji reads it (ImageJ stack: pixel
-    width and height, slice spacing, unit), OME-Zarr as the scale. All are renamed into place together
+    `voxel_size` (z, y, x; an axis None where unknown) in `unit`, the images carry what is known: TIFFs as
+    Fiji reads it (ImageJ stack: pixel width and height, slice spacing, unit), OME-Zarr as the scale
+    (`emunet.core.omezarr` says what an unknown axis gets); the instances table leaves empty what needs an
+    unknown axis. All are renamed into place together
     when the block ends without an error; a failure or a kill leaves nothing that looks finished."""
     targets = result_targets(out_dir, name, probability, objects, labels, fmt)
     images = [k for k in ("mask", "prob", "labels") if k in targets]

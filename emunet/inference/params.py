@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 from emunet.core.errors import InputError
+from emunet.core.hardware import PRECISIONS
 from emunet.inference.instances import DEFAULT_SEED_THRESHOLD, SEED_DEPTH
 from emunet.inference.tiling import DEFAULT_OVERLAP, TTA_MODES
 
@@ -22,10 +23,11 @@ OUTPUTS = ("mask", "probability", "labels")
 # How objects are found: "2d" in each slice, linked through the slices (anisotropic serial sections);
 # "3d" as solid objects by a 3-D watershed (near-isotropic volumes); "auto" by the voxel size.
 INSTANCE_MODES = ("auto", "2d", "3d")
+ENGINES = ("auto", "openvino", "tensorflow")  # emunet.inference.engines: what runs the network
 # The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
 PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
                "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double", "seed_depth": "double",
-               "instances": "string", "grow_over_all": "boolean",
+               "instances": "string", "grow_over_all": "boolean", "engine": "string", "precision": "string",
                "low": "double", "high": "double"}
 
 
@@ -69,6 +71,12 @@ class SegmentParams:
     # Objects grow over every voxel, membranes included (3-D), as connectomics tools label dense tissue;
     # False: over the foreground only.
     grow_over_all: bool = False
+    # What runs the network: "auto" is OpenVINO on a CPU (4-6x TensorFlow's speed in bfloat16 on CPUs
+    # with bfloat16 units, bench/inference.py), TensorFlow + XLA on a GPU or where OpenVINO is absent.
+    engine: str = "auto"
+    # "auto": bfloat16 where the serving CPU has bfloat16 units (AMX-BF16, AVX512-BF16), mixed_float16
+    # on a GPU, float32 elsewhere (emunet.core.hardware); probabilities stay within 0.007 of float32.
+    precision: str = "auto"
     # The whole volume's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
     # None: the input's own. Pass both when sending part of a volume.
     low: float | None = None
@@ -87,6 +95,10 @@ class SegmentParams:
             if text not in ("true", "false", "1", "0"):
                 raise InputError(f"grow_over_all must be true or false, got {self.grow_over_all!r}")
             put("grow_over_all", text in ("true", "1"))
+        if self.engine not in ENGINES:
+            raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tta not in TTA_MODES:
             raise InputError(f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}")
         for name in ("tile_size", "batch_size", "min_object_size"):

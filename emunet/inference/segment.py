@@ -50,18 +50,31 @@ def instance_mode(params: SegmentParams, voxel_size=None) -> str:
 
 class Segmenter:
     """A network as the path uses it: `forward` maps a `(n, h, w, c)` float32 batch in [0, 1] to
-    `(n, h, w, 1)` probabilities; `multiple` is its down-sampling (`2**depth`, times `input_scale`)."""
+    `(n, h, w, 1)` probabilities; `multiple` is its down-sampling (`2**depth`, times `input_scale`);
+    `context` the slices above and below that a 2.5-D network takes as channels (`c = 2 * context + 1`;
+    0: one slice, the 2-D network)."""
 
-    def __init__(self, forward: Callable[[np.ndarray], np.ndarray] | None = None, multiple: int = 1):
-        self.forward, self.multiple = forward, int(multiple)  # (None until a pyfunc's load_context sets them)
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray] | None = None, multiple: int = 1,
+                 context: int = 0):
+        # (None until a pyfunc's load_context sets them)
+        self.forward, self.multiple, self.context = forward, int(multiple), int(context)
 
-    def probabilities(self, volume, params: SegmentParams) -> Iterator[np.ndarray]:
+    def forward_for(self, params: SegmentParams) -> Callable[[np.ndarray], np.ndarray]:
+        """The forward that runs `params.engine` in `params.precision` (here: the one given; the pyfunc
+        makes and keeps one per engine and precision)."""
+        return self.forward
+
+    def probabilities(self, volume, params: SegmentParams, start: int = 0, stop: int | None = None
+                      ) -> Iterator[np.ndarray]:
         """The `(H, W)` float32 probability of each slice of a raw `(Z, H, W)` volume (an array or a
-        lazily read volume), normalised with the params' window or, without one, the volume's own."""
+        lazily read volume), normalised with the params' window or, without one, the volume's own. With
+        `context`, each slice's neighbours come from `volume` itself, mirrored at its ends: a volume of
+        one slice is that slice in every channel. `start`, `stop`: only those slices (a chunk of the
+        stack, e.g. a Spark task's), each with the context it has in the whole volume."""
         low, high = (params.low, params.high) if params.low is not None else stack_stats(volume)
-        return iter_probabilities(self.forward, volume, low, high, tile_size=tile_side(params.tile_size, self.multiple),
+        return iter_probabilities(self.forward_for(params), volume, low, high, tile_size=tile_side(params.tile_size, self.multiple),
                                   overlap=params.overlap, batch_size=params.batch_size, multiple=self.multiple,
-                                  tta=params.tta)
+                                  tta=params.tta, context=self.context, start=start, stop=stop)
 
 
 class Truth:
@@ -92,6 +105,9 @@ class Truth:
 
     def parts(self, z: int, min_size: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         label = np.asarray(self.volume[z])
+        if self.kind == "instances" and label.size and label.min() < 0:
+            where = getattr(self.volume, "path", "the labels")
+            raise InputError(f"{where}: instance labels must be ids >= 0 (0 = background); slice {z} has {label.min()}")
         annotated = None
         if self.kind == "stored":
             ignored = label == MASK_IGNORE
@@ -157,6 +173,11 @@ def _slice_objects(ids: np.ndarray) -> np.ndarray:
     return dense if values[0] == 0 else dense + 1
 
 
+def fits_3d(shape: tuple) -> bool:
+    """Whether 3-D instances of a `(Z, H, W)` volume fit in the memory available now."""
+    return int(np.prod(shape, dtype=np.float64)) * BYTES_PER_VOXEL_3D <= available_memory()
+
+
 def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[tuple]:
     """`(prob, mask, objects, ids)` of each slice, objects found in 3-D (`volume_instances`) over the whole
     volume's probabilities, which must fit in memory."""
@@ -164,7 +185,7 @@ def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[
     if not probs:
         return
     needed = len(probs) * probs[0].size * BYTES_PER_VOXEL_3D
-    if needed > available_memory():
+    if not fits_3d((len(probs), *probs[0].shape)):
         raise InputError(f"3-D instances of {len(probs)} slices of {probs[0].shape} need about {needed / 2**30:.1f} "
                          f"GiB but {available_memory() / 2**30:.1f} GiB are available; pass instances=2d, or a "
                          f"region=z0:z1,y0:y1,x0:x1 of the volume")

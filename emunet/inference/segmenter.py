@@ -33,7 +33,7 @@ DEFAULT_PARAMS = DEFAULTS.as_dict()
 # What a logged model needs to run (pinned as in requirements.txt); the viewer's and Spark's packages stay
 # out, so `mlflow models serve` does not install a browser UI and a JVM bridge to answer requests.
 MODEL_PACKAGES = ("tensorflow", "keras", "mlflow", "numpy", "tifffile", "opencv-python-headless", "tqdm", "scipy",
-                  "psutil", "scikit-image")
+                  "psutil", "scikit-image", "openvino", "filelock")
 # The models-from-code file MLflow runs to build the pyfunc when it loads a logged model.
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 
@@ -112,7 +112,21 @@ class StackSegmenter(mlflow.pyfunc.PythonModel, Segmenter):
 
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        Segmenter.__init__(self, compiled_forward(self.keras_model), int(self.meta["multiple_of"]))
+        Segmenter.__init__(self, None, int(self.meta["multiple_of"]),
+                           int(self.meta.get("context_slices", 0)))  # models logged before 2.5-D have none
+        self.forwards = {}  # (engine, precision) -> forward, made on first use on the machine that serves
+
+    def forward_for(self, params: SegmentParams):
+        """The network on `params.engine` in `params.precision`, chosen on this machine ("auto": OpenVINO in
+        bfloat16 on a CPU with bfloat16 units; `emunet.inference.engines`), made once per process."""
+        from emunet.inference.engines import make_forward
+
+        key = (params.engine, params.precision)
+        if key not in self.forwards:
+            forward = make_forward(self.keras_model, *key)
+            log.info("segmenting with %s in %s", forward.engine, forward.precision)
+            self.forwards[key] = forward
+        return self.forwards[key]
 
     def segment(self, stack, low: float | None = None, high: float | None = None, **params) -> np.ndarray:
         """Segment a raw `(Z, H, W)` stack. Returns `(Z, H, W)` uint8 {0, 1} mask, or float32

@@ -4,6 +4,10 @@ A slice is mirrored out to at least one tile (and to a multiple of the network's
 overlapping tiles, the tiles of several slices are batched through the model, and each tile's
 probabilities are added with a weight that is high in its centre and low at its border, where a U-Net
 sees least context. Memory is bounded by the slices of one batch, not the stack.
+
+A 2.5-D network (`context` k > 0) takes each slice with its k neighbours above and below as 2k + 1
+channels (`emunet.inference.context`: mirrored at the stack's ends); a tile of slice z is then the same
+window of each of those slices, and every slice is read once however many tiles and contexts use it.
 """
 
 import logging
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from emunet.core.normalize import normalize
+from emunet.inference.context import iter_context
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +105,11 @@ def plan_tiles(height: int, width: int, tile_size: int, multiple: int, overlap: 
 
 
 def mirror_pad(slices: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pad `(n, h, w)` slices at the bottom and right to `(n, height, width)` by mirroring without
-    repeating the edge pixel ("dcb|abcd|cba": OpenCV's BORDER_REFLECT_101, which training's crops use
-    too, so a network never sees at its border what it never saw in training)."""
-    pad = ((0, 0), (0, height - slices.shape[1]), (0, width - slices.shape[2]))
+    """Pad `(n, h, w)` slices (or `(n, h, w, c)`: each channel alike) at the bottom and right to
+    `(n, height, width)` by mirroring without repeating the edge pixel ("dcb|abcd|cba": OpenCV's
+    BORDER_REFLECT_101, which training's crops use too, so a network never sees at its border what it
+    never saw in training)."""
+    pad = ((0, 0), (0, height - slices.shape[1]), (0, width - slices.shape[2])) + ((0, 0),) * (slices.ndim - 3)
     if slices.shape[1] == 1 or slices.shape[2] == 1:  # a 1-pixel side has nothing to mirror
         return np.pad(slices, pad, mode="edge")
     return np.pad(slices, pad, mode="reflect")
@@ -135,24 +141,50 @@ def with_tta(predict: Callable[[np.ndarray], np.ndarray], mode: str) -> Callable
         return predict
 
     def averaged(tiles: np.ndarray) -> np.ndarray:
-        total = np.zeros(tiles.shape, np.float32)
+        total = None  # the output's shape: one channel however many the input has (2.5-D context)
         for fy, fx, t in views:
             out = np.asarray(predict(np.ascontiguousarray(_view(tiles, fy, fx, t))), np.float32)
             # undo in reverse order: transpose first, then the flips (each is its own inverse)
-            total += _view(out.transpose(0, 2, 1, 3) if t else out, fy, fx, False)
+            back = _view(out.transpose(0, 2, 1, 3) if t else out, fy, fx, False)
+            total = back.copy() if total is None else total + back
         return total / len(views)
 
     return averaged
 
 
+def slice_groups(stack, count: int, context: int = 0, start: int = 0, stop: int | None = None
+                 ) -> Iterator[np.ndarray]:
+    """The raw slices `start .. stop - 1` of a `(Z, H, W)` stack (array or lazy volume) in order, `count`
+    at a time, as `(n, H, W, 2 * context + 1)`: each slice with its `context` neighbours on each side as
+    channels (`emunet.inference.context.iter_context`, which reads each slice once)."""
+    stop = stack.shape[0] if stop is None else stop
+    if not context:
+        for z0 in range(start, stop, count):
+            yield np.asarray(stack[z0:min(z0 + count, stop)])[..., None]
+        return
+    group = []
+    for _, channels in iter_context(stack, context, start, stop):
+        group.append(channels)
+        if len(group) == count:
+            yield np.stack(group)
+            group = []
+    if group:
+        yield np.stack(group)
+
+
 def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.ndarray, low: float, high: float,
                        tile_size: int = 1024, overlap: float = DEFAULT_OVERLAP, batch_size: int = 4,
-                       multiple: int = 16, tta: str = "none") -> Iterator[np.ndarray]:
-    """Yield the `(H, W)` float32 foreground probability of each slice of a raw `(Z, H, W)` stack in order.
+                       multiple: int = 16, tta: str = "none", context: int = 0, start: int = 0,
+                       stop: int | None = None) -> Iterator[np.ndarray]:
+    """Yield the `(H, W)` float32 foreground probability of each slice of a raw `(Z, H, W)` stack in order
+    (of slices `start .. stop - 1` only, when given; their context still comes from the whole stack).
 
-    `predict` maps a `(n, h, w, 1)` float32 batch in [0, 1] to `(n, h, w, 1)` probabilities; `low`, `high`
-    are the stack's normalisation percentiles; `multiple` is the network's `2**depth`; `batch_size` is the
-    most tiles per forward pass, further capped by `MAX_BATCH_PIXELS`; `tta` one of `TTA_MODES`.
+    `predict` maps a `(n, h, w, 2 * context + 1)` float32 batch in [0, 1] to `(n, h, w, 1)`
+    probabilities; `low`, `high` are the stack's normalisation percentiles; `multiple` is the network's
+    `2**depth`; `batch_size` is the most tiles per forward pass, further capped by `MAX_BATCH_PIXELS`;
+    `tta` one of `TTA_MODES` (each view transforms every channel alike); `context` the slices above and
+    below each slice that a 2.5-D network takes as channels, z-k .. z+k, mirrored at the stack's ends
+    (a stack of one slice gives that slice in every channel).
     """
     predict = with_tta(predict, tta)
     z_size, height, width = stack.shape
@@ -161,13 +193,13 @@ def iter_probabilities(predict: Callable[[np.ndarray], np.ndarray], stack: np.nd
     weight_sum = np.zeros((plan.pad_h, plan.pad_w), np.float32)
     for y, x in plan.boxes:
         weight_sum[y:y + plan.tile_h, x:x + plan.tile_w] += window
-    for z0 in range(0, z_size, plan.slices_per_pass):
-        slices = mirror_pad(normalize(stack[z0:z0 + plan.slices_per_pass], low, high), plan.pad_h, plan.pad_w)
+    for group in slice_groups(stack, plan.slices_per_pass, context, start, stop):
+        slices = mirror_pad(normalize(group, low, high), plan.pad_h, plan.pad_w)
         jobs = [(k, y, x) for k in range(len(slices)) for y, x in plan.boxes]
-        sums = np.zeros(slices.shape, np.float32)
+        sums = np.zeros(slices.shape[:3], np.float32)
         for b in range(0, len(jobs), plan.batch):
             batch = jobs[b:b + plan.batch]
-            tiles = np.stack([slices[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in batch])[..., None]
+            tiles = np.stack([slices[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in batch])
             probs = np.asarray(predict(tiles), np.float32)[..., 0]
             for (k, y, x), p in zip(batch, probs):
                 sums[k, y:y + plan.tile_h, x:x + plan.tile_w] += p * window

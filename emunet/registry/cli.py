@@ -1,5 +1,6 @@
 """Command lines from config dataclasses, and the one place where errors about the user's data or
-parameters become one line `error: <message>` and exit code 2.
+parameters become one line `error: <message>` and exit code 2. Everything else is a bug: it keeps Python's
+traceback and exit code 1, so that it can be reported, instead of passing for the user's mistake.
 
 Flags are the dataclass fields (snake_case, as in MLproject), so defaults are defined once: in the
 dataclass. Entry points are `python -m pipeline.<step> --field value ...`.
@@ -7,6 +8,7 @@ dataclass. Entry points are `python -m pipeline.<step> --field value ...`.
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -18,6 +20,10 @@ from emunet.core.errors import InputError
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # MLflow error codes that mean "the user asked for something that is not there or not valid".
 USER_ERROR_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")
+# OSErrors without a file name that are still the user's file system to fix: a full disk or quota, a file
+# larger than the file system allows, a read-only mount, missing permissions (a write to an open file
+# reports ENOSPC without naming it).
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM)
 DEBUG_ENV = "EM_UNET_DEBUG"  # set to 1 to see the traceback behind an `error:` line
 
 
@@ -66,20 +72,32 @@ def parse_config(cls, argv: list[str] | None = None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+def _os_error_text(exc: OSError) -> str | None:
+    """The message of an OSError about the user's files (a path, a full disk, a permission), else None:
+    a connection reset or a bad file descriptor is no path the user can fix."""
+    if not exc.filename and exc.errno not in USER_ERRNOS:
+        return None
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
+
+
 def user_error(exc: BaseException) -> str | None:
-    """The one-line message for an error about the user's data or parameters, None for anything else (a
-    bug, which keeps its traceback). Pure functions raise `InputError` (a `ValueError`) or `ValueError`
-    with a message naming the value; the file system raises `OSError` naming the path."""
+    """The one-line message for an error the user can fix, None for anything else (a bug, which keeps its
+    traceback). User errors are: `InputError` (the project's own checks, naming the value that was wrong),
+    an `OSError` about the user's files (a path, a full disk, a permission), and an `MlflowException` whose
+    code says that what was asked for does not exist or is not valid. A plain `ValueError` is a bug: NumPy,
+    Keras and our own internal assertions raise it, and its message would read as the user's fault."""
     from mlflow.exceptions import MlflowException
 
-    if isinstance(exc, (InputError, ValueError)):
+    if isinstance(exc, InputError):
         text = str(exc)
     elif isinstance(exc, OSError):
-        where = f"{exc.filename}: " if exc.filename else ""
-        text = f"{where}{exc.strerror or exc}"
+        text = _os_error_text(exc)
     elif isinstance(exc, MlflowException) and exc.error_code in USER_ERROR_CODES:
         text = exc.message
     else:
+        text = None
+    if text is None:
         return None
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     return " ".join(lines)[:1000] or type(exc).__name__
@@ -88,7 +106,8 @@ def user_error(exc: BaseException) -> str | None:
 def run_entry(step: Callable, cls, argv: list[str] | None = None) -> None:
     """Parse flags into `cls`, check the tracking store, run `step(cfg)`. An error about the user's data
     or parameters (`user_error`), from whichever function raised it, prints `error: <message>` and exits
-    2; with EM_UNET_DEBUG=1 its traceback is printed too.
+    2; with EM_UNET_DEBUG=1 its traceback is printed too. Any other exception is a bug: it propagates, and
+    Python prints its traceback and exits 1.
 
     The MLflow run opened by the step is closed as FAILED by its context manager before we get here.
     TensorFlow's C++ start-up chatter is silenced by TF_CPP_MIN_LOG_LEVEL in the MLproject commands: it

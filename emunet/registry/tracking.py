@@ -57,7 +57,7 @@ def local_artifact(uri: str, what: str) -> Path:
         raise InputError(f"{uri}: {what} folder not found")
     try:
         return Path(mlflow.artifacts.download_artifacts(uri))
-    except Exception as exc:
+    except (MlflowException, OSError, ValueError, ImportError) as exc:  # ImportError: s3:// without boto3
         raise InputError(f"{uri}: could not fetch the {what} from MLflow ({exc})") from exc
 
 
@@ -65,7 +65,7 @@ def load_segmenter(model_uri: str):
     """The segmenter inside a logged pyfunc model (`runs:/`, `models:/` or a local folder)."""
     try:
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    except (MlflowException, OSError) as exc:
+    except (MlflowException, OSError, ValueError) as exc:  # ValueError: Keras refusing an unsafe model, a bad URI
         reason = getattr(exc, "message", None) or str(exc)
         raise InputError(f"{model_uri}: cannot load the model ({reason.strip().splitlines()[0][:300]})") from None
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from emunet.core.dataset import MASK_IGNORE
 from emunet.core.normalize import normalize
+from emunet.inference.context import context_indices
 
 # dtypes that OpenCV remaps directly; others are converted to float32 first.
 WARPABLE = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
@@ -79,13 +80,20 @@ def sample_maps(rng: np.random.Generator, centre: tuple[float, float], crop: int
 
 
 def intensity_jitter(rng: np.random.Generator, patch: np.ndarray, spec: AugmentSpec) -> np.ndarray:
-    """Brightness, contrast, gamma, blur and noise on a `[0, 1]` float32 patch; returns `[0, 1]` float32."""
+    """Brightness, contrast, gamma, blur and noise on a `[0, 1]` float32 `(h, w)` or `(h, w, c)` patch;
+    returns `[0, 1]` float32 of the same shape. The same draw applies to every channel (context slices
+    come from one microscope session), the noise is drawn per pixel of each."""
     if spec.intensity and rng.random() < spec.intensity:
         contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(-0.1, 0.1)
         patch = np.clip((patch - 0.5) * contrast + 0.5 + brightness, 0, 1)
         patch = patch ** np.float32(np.exp(rng.uniform(-0.29, 0.29)))
     if spec.blur and rng.random() < spec.blur:
-        patch = cv2.GaussianBlur(patch, (0, 0), rng.uniform(0.5, 1.2), borderType=cv2.BORDER_REFLECT_101)
+        sigma = rng.uniform(0.5, 1.2)
+        # channel by channel: OpenCV's filters take at most 4 channels
+        planes = patch[..., None] if patch.ndim == 2 else patch
+        blurred = [cv2.GaussianBlur(np.ascontiguousarray(planes[..., c]), (0, 0), sigma,
+                                    borderType=cv2.BORDER_REFLECT_101) for c in range(planes.shape[-1])]
+        patch = blurred[0] if patch.ndim == 2 else np.stack(blurred, axis=-1)
     if spec.noise and rng.random() < spec.noise:
         patch = patch + rng.normal(0, rng.uniform(0, 0.05), patch.shape).astype(np.float32)
     return np.clip(patch, 0, 1).astype(np.float32)
@@ -94,14 +102,18 @@ def intensity_jitter(rng: np.random.Generator, patch: np.ndarray, spec: AugmentS
 def random_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int,
                  low: float, high: float, spec: AugmentSpec = AugmentSpec(),
                  foreground_points: np.ndarray | None = None, slices: np.ndarray | None = None,
-                 at: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 at: tuple[int, int, int] | None = None, context: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One augmented patch from a `(Z, H, W)` stack and its `(Z, H, W)` mask ({0, 1}, and `MASK_IGNORE`
     where not annotated).
 
     Returns `(crop, crop)` float32 image in [0, 1] (normalised with the stack's `low`, `high`) and
-    `(crop, crop)` uint8 mask. `foreground_points`: `(N, 3)` (z, y, x) foreground voxels; a share
-    `spec.foreground` of crops is centred on one of them. Other crops come from a random slice, one of
-    `slices` if given (sparse labels: the annotated ones), or are centred on voxel `at` (z, y, x) if given.
+    `(crop, crop)` uint8 mask of slice z; with `context` k > 0 the image is `(crop, crop, 2k + 1)`: the
+    same crop (one geometric and one intensity transform) of slices z-k .. z+k, mirrored at the stack's
+    ends (`emunet.inference.context`), the mask still slice z's.
+
+    `foreground_points`: `(N, 3)` (z, y, x) foreground voxels; a share `spec.foreground` of crops is
+    centred on one of them. Other crops come from a random slice, one of `slices` if given (sparse
+    labels: the annotated ones), or are centred on voxel `at` (z, y, x) if given.
     Pixels mapped from outside the slice are mirrored, never black.
     """
     z_size, h, w = image.shape
@@ -115,12 +127,15 @@ def random_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
         z = int(rng.integers(z_size)) if slices is None else int(slices[rng.integers(len(slices))])
         centre = (rng.uniform(0, h), rng.uniform(0, w))
     map_x, map_y = sample_maps(rng, centre, crop, spec)
-    source = image[z]
-    if source.dtype not in WARPABLE:
-        source = source.astype(np.float32)
-    # Remap raw values and normalise only the crop: a 2048 x 2048 slice is never scaled as a whole.
-    patch = cv2.remap(np.ascontiguousarray(source), map_x, map_y, cv2.INTER_LINEAR,
-                      borderMode=cv2.BORDER_REFLECT_101)
+    planes = []
+    for i in context_indices(z, context, z_size) if context else (z,):
+        source = image[i]
+        if source.dtype not in WARPABLE:
+            source = source.astype(np.float32)
+        # Remap raw values and normalise only the crop: a 2048 x 2048 slice is never scaled as a whole.
+        planes.append(cv2.remap(np.ascontiguousarray(source), map_x, map_y, cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_REFLECT_101))
+    patch = np.stack(planes, axis=-1) if context else planes[0]
     target = cv2.remap(np.ascontiguousarray(mask[z]), map_x, map_y, cv2.INTER_NEAREST,
                        borderMode=cv2.BORDER_REFLECT_101)
     return intensity_jitter(rng, normalize(patch, low, high), spec), target

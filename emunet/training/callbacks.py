@@ -114,7 +114,8 @@ class Validation(keras.callbacks.Callback):
         self.ids = {s.name: open_ids(dataset_dir, s) for s in val_stacks}  # instance labels, when given
         self.eval_model = eval_model
         self.segmenter = Segmenter(compiled_forward(eval_model), multiple_of(UNetSpec(depth=cfg.depth,
-                                                                                     input_scale=cfg.input_scale)))
+                                                                                     input_scale=cfg.input_scale)),
+                                   context=cfg.context_slices)
         self.metric = cfg.champion_metric
         self.began = self.epoch_began = time.monotonic()
         self.spent_before = 0.0

@@ -86,9 +86,13 @@ class Backup:
         path = self.folder / STATE
         if not path.is_file():
             return None
-        data = json.loads(path.read_text())
-        if data.get("key") != self.key:
-            raise InputError(f"{self.folder} holds the backup of another training (key {data.get('key')}, this "
+        try:  # checkpoint_dir is the user's: its state.json may be another tool's, or hand-edited
+            data = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}: not a training backup ({exc}); delete it or pass another checkpoint_dir") from None
+        key = data.get("key") if isinstance(data, dict) else None
+        if key != self.key:
+            raise InputError(f"{self.folder} holds the backup of another training (key {key}, this "
                              f"one is {self.key}); delete the folder or pass another checkpoint_dir")
         epoch_dir = self.folder / data["folder"]
         with np.load(epoch_dir / "best.npz") as best:

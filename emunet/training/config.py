@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import keras
 
+from emunet.core import hardware
 from emunet.core.errors import InputError
 from emunet.core.losses import LOSSES
 from emunet.core.model import INPUT_SCALES, UNetSpec
@@ -16,6 +17,9 @@ from emunet.training.augment import AUGMENTATIONS
 
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+# 2.5-D context beyond 4 slices on each side (9 channels): slices that far apart in serial sections
+# share little, and each channel is read and augmented for every crop.
+MAX_CONTEXT_SLICES = 4
 JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
 
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
@@ -39,6 +43,7 @@ class TrainConfig:
     base_filters: int = 0  # filters of the first level, doubled at each level
     depth: int = 0  # number of poolings
     input_scale: int = 0  # the network works at 1/input_scale of the image resolution (1, 2 or 4); 0 = auto: the largest that keeps the thinnest labelled structure 16 px thick (emunet.training.plan); preset crops grow with it
+    context_slices: int = 0  # 2.5-D: the k slices above and below each slice are extra input channels (2k + 1, mirrored at the stack's ends); helps where structures continue across slices (near-isotropic FIB-SEM); 0 = the 2-D network; at most 4
     batch_size: int = 0  # per replica; global batch = batch_size x replicas
     learning_rate: float = 0.0  # Adam; scaled linearly with the number of replicas
     steps_per_epoch: int = 0  # batches between validations
@@ -58,7 +63,7 @@ class TrainConfig:
     # The best epoch (the weights kept) and early stopping follow the metric the registry chooses the
     # champion by, computed by the same code as evaluate: training and the registry agree on "better".
     champion_metric: str = DEFAULT_CHAMPION_METRIC
-    precision: str = "auto"  # auto (mixed_float16 on GPU, float32 on CPU), float32, mixed_float16 or mixed_bfloat16
+    precision: str = "auto"  # auto (mixed_float16 on GPU, mixed_bfloat16 on a CPU with AMX/AVX512 bfloat16 units, float32 on other CPUs), float32, mixed_float16 or mixed_bfloat16
     jit_compile: str = "auto"  # XLA for the training step: auto (Keras' rule: on a GPU without tf.distribute), true, false
     global_batch: int = 0  # if set: a fixed global batch split over the replicas (must divide evenly); 0 = batch_size x replicas
     workers: int = 2  # augmentation processes; 1 = in the training process
@@ -74,6 +79,8 @@ def _check_ranges(cfg: TrainConfig) -> None:
     """Refuse values that cannot mean anything, naming the field, the value and what it may be."""
     rules = [
         ("input_scale", cfg.input_scale in (0, *INPUT_SCALES), f"0 (auto) or one of {', '.join(map(str, INPUT_SCALES))}"),
+        ("context_slices", 0 <= cfg.context_slices <= MAX_CONTEXT_SLICES,
+         f"between 0 (one slice, 2-D) and {MAX_CONTEXT_SLICES} slices on each side"),
         ("bn_momentum", 0 < cfg.bn_momentum < 1, "between 0 and 1, e.g. 0.99"),
         ("ema", 0 <= cfg.ema < 1, "a momentum between 0 (off) and 1, e.g. 0.99"),
         ("foreground", 0 <= cfg.foreground <= 1, "a share of crops, between 0 and 1"),
@@ -126,13 +133,17 @@ def batch_sizes(cfg: TrainConfig, replicas: int) -> tuple[int, int]:
     return cfg.global_batch // replicas, cfg.global_batch
 
 
-def resolve_precision(name: str) -> str:
-    """Keras dtype policy for `precision`: "auto" is mixed_float16 where a GPU is visible, else float32."""
+def resolve_precision(name: str, features=None) -> str:
+    """Keras dtype policy for `precision`: "auto" is mixed_float16 where a GPU is visible, mixed_bfloat16 on
+    a CPU with bfloat16 units (`features`: its flags, default this machine's; `emunet.core.hardware`), where
+    the `fast` preset's training step ran 3.05x as fast (bench/train_throughput.py --compare_precision), else
+    float32. The policy is logged as the `dtype_policy` param."""
     if name != "auto":
         return name
     import tensorflow as tf
 
-    return "mixed_float16" if tf.config.list_logical_devices("GPU") else "float32"
+    precision = hardware.resolve_precision(name, features, gpu=bool(tf.config.list_logical_devices("GPU")))
+    return "mixed_bfloat16" if precision == "bfloat16" else precision
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from emunet.core.model import UNetSpec, spec_of
 from emunet.training.config import TrainConfig
 
 # Fields that decide the shapes of the weights: set to another value than the model's, they are an error.
-ARCHITECTURE = ("depth", "base_filters", "input_scale", "batch_norm")
+ARCHITECTURE = ("depth", "base_filters", "input_scale", "batch_norm", "context_slices")
 # Fields the model also carries but whose weights load either way (BatchNorm's averaging, the bottleneck's
 # dropout rate): left at their defaults they take the model's values, set they are the user's choice.
 ADOPTED = ("bn_momentum", "dropout")

@@ -51,7 +51,8 @@ def _from_shared(name: str, shape: tuple, dtype: str) -> np.ndarray:
 
 
 class PatchDataset(keras.utils.PyDataset):
-    """`steps` batches per epoch of `(batch_size, crop, crop, 1)` float32 images in [0, 1] and
+    """`steps` batches per epoch of `(batch_size, crop, crop, C)` float32 images in [0, 1] (C = 1, or
+    2k + 1 with `context` k: each crop stacked with the same crop of the k slices above and below) and
     `(batch_size, crop, crop, 1)` float32 {0, 1} masks, drawn from `stacks` of `dataset_dir`; with
     `border_weight` or `sparse`, masks are `(..., 2)`: the mask and per-pixel weights for the loss
     (`emunet.core.losses`): the border weight map (`emunet.training.weights`, else 1), times 0 where the
@@ -65,11 +66,11 @@ class PatchDataset(keras.utils.PyDataset):
 
     def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,
                  steps: int, seed: int, workers: int = 1, augment: AugmentSpec = AugmentSpec(),
-                 border_weight: float = 0.0, sparse: bool = False, **kwargs):
+                 border_weight: float = 0.0, sparse: bool = False, context: int = 0, **kwargs):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, **kwargs)
         self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
         self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
-        self.augment, self.border_weight, self.sparse = augment, border_weight, sparse
+        self.augment, self.border_weight, self.sparse, self.context = augment, border_weight, sparse, context
         # Where the foreground (and, sparse, the annotation) is: found once here, so each epoch's new worker
         # pool inherits small arrays instead of scanning the masks again (Keras starts a fresh pool every epoch).
         self.points = [foreground_points(open_stack(self.dataset_dir, s)[1]) if augment.foreground else None
@@ -94,17 +95,18 @@ class PatchDataset(keras.utils.PyDataset):
         return self.steps
 
     def sample(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Patch number `index` of `epoch`: `(crop, crop)` image and mask, a function of the seed only."""
+        """Patch number `index` of `epoch`: `(crop, crop)` image (`(crop, crop, 2k + 1)` with context k)
+        and `(crop, crop)` mask, a function of the seed only."""
         rng = np.random.default_rng([self.seed, epoch, index])
         k = int(rng.choice(len(self.stacks), p=self.weights))
         image, mask = self._open()[k]
         args = (rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high, self.augment, self.points[k])
         if not self.sparse:
-            return random_patch(*args)
+            return random_patch(*args, context=self.context)
         slices = self.annotated[k]
         for attempt in range(ANNOTATED_TRIES):
             at = annotated_voxel(rng, mask, slices) if attempt % 2 else None
-            patch, target = random_patch(*args, slices=slices, at=at)
+            patch, target = random_patch(*args, slices=slices, at=at, context=self.context)
             if np.any(target != MASK_IGNORE):
                 return patch, target
         raise RuntimeError(f"no crop of stack {self.stacks[k].name} with an annotated voxel in {ANNOTATED_TRIES} draws")
@@ -112,7 +114,9 @@ class PatchDataset(keras.utils.PyDataset):
     def __getitem__(self, batch: int):
         first = batch * self.batch_size
         pairs = [self.sample(self.epoch, first + j) for j in range(self.batch_size)]
-        images = np.stack([p[0] for p in pairs])[..., None]
+        images = np.stack([p[0] for p in pairs])
+        if images.ndim == 3:  # one slice: its channel axis
+            images = images[..., None]
         targets = np.stack([p[1] for p in pairs])
         masks = (targets == 1)[..., None].astype(np.float32)
         if self.border_weight or self.sparse:  # the mask's second channel: per-pixel weights of each crop

@@ -1,0 +1,121 @@
+"""Cells in volumes (issue 23): the medulla FIB-SEM cube (isotropic 10 nm, 525 touching neurons as ids),
+z 200-249 held out, the same training budget for today's 2-D recipe and the volume recipe, scored in 3-D
+against the neuron ids by the pipeline's own scores (`emunet.inference.segment`), in one run.
+
+    python bench/volume_cells.py                       # 10 minutes per arm
+    python bench/volume_cells.py --minutes 3 --arms 2d,3d
+
+Both arms train on the same dataset artifact (`label_kind=instances`: the cells' interiors, voxels on an id
+change set to background in 3-D, as the voxel size is isotropic; the ids kept for scoring).
+- `2d`: one slice in (`context_slices=0`), objects found per slice and linked through the slices
+  (`instances=2d`): the recipe before issue 23.
+- `3d`: the neighbouring slices as channels (`context_slices`, default 1), objects found by the 3-D seeded
+  watershed (`instances=3d`), scored twice: over the foreground, and grown over every voxel
+  (`grow_over_all`, as connectomics tools label dense tissue).
+Scores (3-D, whole objects; every true voxel scored, a true voxel in no predicted object is a segment of
+its own; true fragments under `min_object_size` voxels left out): `vi_split_3d`, `vi_merge_3d`,
+`adapted_rand_error_3d`, `object_f1_3d`, `ap50_3d`; and the per-slice pixel Dice and object F1.
+Targets: VI (split + merge) of `3d` at least 30 % below `2d`'s, adapted Rand error at most 0.15.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+
+from emunet.core.io import read_volume  # noqa: E402
+from emunet.inference.params import DEFAULTS  # noqa: E402
+from emunet.inference.segment import Truth, score_volume, segment_probabilities  # noqa: E402
+from pipeline.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from pipeline.train import TrainConfig, train  # noqa: E402
+
+MEDULLA = ROOT.parent / "shared" / "datasets" / "medulla"
+HELD_OUT = (200, 250)
+KEYS = ("vi_split_3d", "vi_merge_3d", "adapted_rand_error_3d", "object_f1_3d", "ap50_3d", "dice", "object_f1")
+
+
+def held_out_probabilities(model_uri: str, volume: np.ndarray) -> np.ndarray:
+    """Probabilities of the held-out slices, each with its real neighbours from the whole volume."""
+    from emunet.core.normalize import stack_stats
+
+    segmenter = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    low, high = stack_stats(volume)
+    params = DEFAULTS.replace(low=low, high=high)
+    a, b = HELD_OUT
+    try:
+        probs = segmenter.probabilities(volume, params, a, b)  # context read from the whole volume
+    except TypeError:  # a segmenter without chunk support: the block alone
+        probs = segmenter.probabilities(volume[a:b], params)
+    return np.stack(list(probs))
+
+
+def scores(probs: np.ndarray, ids: np.ndarray, **changes) -> dict:
+    params = DEFAULTS.replace(**changes)
+    pooled = score_volume(segment_probabilities(probs, params, Truth.of_labels(ids, "instances"),
+                                                voxel_size=(10.0, 10.0, 10.0)), scores=None)
+    return pooled.metrics()
+
+
+def show(label: str, figures: dict) -> None:
+    vi = figures["vi_split_3d"] + figures["vi_merge_3d"]
+    print(f"  {label}: VI {vi:.3f} (split {figures['vi_split_3d']:.3f}, merge {figures['vi_merge_3d']:.3f})  "
+          + "  ".join(f"{k} {figures[k]:.4f}" for k in KEYS[2:]), flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--arms", default="2d,3d")
+    parser.add_argument("--context_slices", type=int, default=1)
+    args = parser.parse_args()
+    if not MEDULLA.exists():
+        print(f"skipped: {MEDULLA} is absent")
+        return
+    volume = read_volume(MEDULLA / "volume.tif")
+    ids = read_volume(MEDULLA / "neurons.tif")[HELD_OUT[0]:HELD_OUT[1]]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        mlflow.set_experiment("volume-cells")
+        data = preprocess(PreprocessConfig(images=str(MEDULLA / "volume.tif"), labels=str(MEDULLA / "neurons.tif"),
+                                           label_kind="instances", val_slices=f"{HELD_OUT[0]}:{HELD_OUT[1]}"))
+        for arm in args.arms.split(","):
+            context = 0 if arm == "2d" else args.context_slices
+            start = time.perf_counter()
+            trained = train(TrainConfig(dataset_uri=data["dataset_uri"], max_minutes=args.minutes,
+                                        context_slices=context))
+            seconds = time.perf_counter() - start
+            begin = time.perf_counter()
+            probs = held_out_probabilities(trained["model_uri"], volume)
+            per_slice = (time.perf_counter() - begin) / probs.shape[0]
+            print(f"{arm} (context_slices {context}): {trained['epochs']} epochs in {seconds / 60:.1f} min "
+                  f"({seconds / max(1, trained['epochs']):.1f} s an epoch), inference {per_slice * 1000:.0f} ms a slice",
+                  flush=True)
+            if arm == "2d":
+                results[arm] = scores(probs, ids, instances="2d")
+                show("objects per slice, linked", results[arm])
+            else:
+                show("3-D watershed over the foreground", scores(probs, ids, instances="3d"))
+                results[arm] = scores(probs, ids, instances="3d", grow_over_all=True)
+                show("3-D watershed over every voxel", results[arm])
+    if {"2d", "3d"} <= set(results):
+        vi = {k: results[k]["vi_split_3d"] + results[k]["vi_merge_3d"] for k in ("2d", "3d")}
+        drop = 1 - vi["3d"] / vi["2d"]
+        print(f"VI 3d {vi['3d']:.3f} vs 2d {vi['2d']:.3f} (same run): {drop:.0%} lower; target 30 %: "
+              f"{'met' if drop >= 0.3 else 'NOT met'}. adapted Rand error 3d "
+              f"{results['3d']['adapted_rand_error_3d']:.3f}; target 0.15: "
+              f"{'met' if results['3d']['adapted_rand_error_3d'] <= 0.15 else 'NOT met'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

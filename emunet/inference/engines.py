@@ -1,0 +1,198 @@
+"""Inference engines: the U-Net as a function of a batch of tiles, run by OpenVINO or TensorFlow.
+
+On a CPU OpenVINO is the fast engine: on the 2-core Xeon test machine (AMX-BF16) the default network at
+512 x 512 ran 91 ms a slice in float32 and 22 ms in bfloat16, against 118 ms for TensorFlow + XLA float32
+(issue 24; bench/inference.py: 4.5-5.7x in bfloat16, probabilities within 0.007). TensorFlow stays the
+engine on a GPU, and the fallback where OpenVINO is absent.
+
+How the Keras model reaches OpenVINO: it is traced once as a `tf.function` of a `(None, None, None, c)`
+float32 batch and handed to `openvino.convert_model`, in this process, with no file in between.
+`convert_model(keras_model)` itself is meant for tf.keras 2 models; ONNX would add tf2onnx and a second
+converter for nothing. Bilinear up-sampling (the `input_scale` > 1 models) cannot be traced at unknown
+height and width in Keras 3.15, so it is traced as the same `tf.image.resize` that `emunet.inference.export`
+uses for ONNX. OpenVINO then compiles once per input shape (static shapes run faster than one dynamic
+compilation) with the precision hint, and keeps the compilations.
+
+Precision: "bfloat16" is OpenVINO's `INFERENCE_PRECISION_HINT` bf16 (weights and activations in
+bfloat16, accumulation in float32), or for TensorFlow a copy of the model under Keras' mixed_bfloat16
+policy (same float32 weights, bfloat16 compute). The output is float32 probabilities either way.
+
+BatchNorm is not folded into the convolutions here: OpenVINO does it when it compiles (its compiled graph
+of the default network is the same 19 convolutions with or without a fold in the Keras graph), and with
+TensorFlow + XLA a folded copy ran 0.94x and 1.12x as fast at 512 and 1024 (bench/inference.py): noise.
+"""
+
+import importlib.util
+import logging
+import os
+import threading
+from typing import Protocol
+
+import numpy as np
+
+from emunet.core.errors import InputError
+from emunet.core.hardware import resolve_precision
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "openvino", "tensorflow")
+OPENVINO_HINTS = {"float32": "f32", "bfloat16": "bf16", "mixed_float16": "f16"}
+KERAS_POLICIES = {"bfloat16": "mixed_bfloat16", "mixed_float16": "mixed_float16"}
+
+
+class Forward(Protocol):
+    """A `(n, h, w, c)` float32 batch in [0, 1] -> `(n, h, w, 1)` float32 probabilities (numpy)."""
+
+    engine: str  # "openvino" or "tensorflow": what runs
+    precision: str  # "float32", "bfloat16" or "mixed_float16": what it runs in
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def gpu_visible() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity, which a container or `taskset` narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_engine(engine: str = "auto", gpu: bool | None = None) -> str:
+    """"auto" is tensorflow where a GPU is visible, openvino on a CPU when it is installed, else tensorflow.
+    Raises `InputError` for an unknown engine, or openvino asked for and not installed."""
+    if engine not in ENGINES:
+        raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "openvino" and not openvino_available():
+        raise InputError("engine openvino asked for, but the openvino package is not installed "
+                         "(pip install openvino), or use engine tensorflow")
+    if engine != "auto":
+        return engine
+    gpu = gpu_visible() if gpu is None else gpu
+    return "openvino" if not gpu and openvino_available() else "tensorflow"
+
+
+def _traceable(keras_model):
+    """`keras_model` with bilinear up-sampling as `tf.image.resize` of the runtime shape (see the module
+    docstring); the model itself when it has none."""
+    import keras
+
+    from emunet.inference.export import _graph_resize, _needs_graph_resize
+
+    if not _needs_graph_resize(keras_model):
+        return keras_model
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest":
+            return _graph_resize(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(keras_model, clone_function=clone)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
+def with_policy(keras_model, policy: str):
+    """A copy of `keras_model` computing under the Keras dtype `policy` (e.g. mixed_bfloat16) with the same
+    (float32) weights; its output layer stays float32, as `build_unet` makes it under any policy."""
+    import keras
+
+    output_layers = {id(t._keras_history[0]) for t in keras_model.outputs}
+
+    def clone(layer):
+        config = layer.get_config()
+        if id(layer) not in output_layers:
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(keras_model, clone_function=clone)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
+class TensorFlowForward:
+    """The network as an XLA-compiled `tf.function` (one trace and compilation per batch shape, about 2 s;
+    1.2-1.3x the speed of `predict_on_batch` on CPU): a trace at unknown height and width cannot run the
+    bilinear up-sampling of an `input_scale` 2 or 4 model in Keras 3.15, and XLA compiles each shape anyway."""
+
+    engine = "tensorflow"
+
+    def __init__(self, keras_model, precision: str = "float32"):
+        import tensorflow as tf
+
+        self.precision = precision
+        model = keras_model if precision == "float32" else with_policy(keras_model, KERAS_POLICIES[precision])
+        self.keras_model = model
+        self._graph = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), jit_compile=True)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self._graph(np.asarray(batch, np.float32)).numpy()
+
+
+class OpenVINOForward:
+    """The network converted to OpenVINO once, compiled once per input shape (`compiles` counts them) with
+    `INFERENCE_PRECISION_HINT` from `precision` and one stream on all of the process's CPUs."""
+
+    engine = "openvino"
+
+    def __init__(self, keras_model, precision: str = "float32", threads: int = 0):
+        import openvino as ov
+        import tensorflow as tf
+
+        self.precision = precision
+        self.channels = int(keras_model.input_shape[-1])
+        traceable = _traceable(keras_model)
+        signature = [tf.TensorSpec((None, None, None, self.channels), tf.float32)]
+        graph = tf.function(lambda x: tf.cast(traceable(x, training=False), tf.float32), input_signature=signature)
+        self._model = ov.convert_model(graph)
+        self._core = ov.Core()
+        self._config = {"INFERENCE_PRECISION_HINT": OPENVINO_HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
+                        "INFERENCE_NUM_THREADS": threads or cpu_count()}
+        self._compiled = {}
+        self._lock = threading.Lock()
+        self.compiles = 0
+
+    def _compiled_for(self, shape: tuple):
+        with self._lock:
+            if shape not in self._compiled:
+                model = self._model.clone()
+                model.reshape(list(shape))
+                self._compiled[shape] = (self._core.compile_model(model, "CPU", self._config), threading.Lock())
+                self.compiles += 1
+                log.info("OpenVINO compiled the network for %s in %s", shape, self.precision)
+            return self._compiled[shape]
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, np.float32)
+        if batch.ndim != 4 or batch.shape[-1] != self.channels:
+            raise ValueError(f"expected a (n, h, w, {self.channels}) batch, got shape {batch.shape}")
+        compiled, lock = self._compiled_for(batch.shape)
+        with lock:  # one infer request per compiled model; its output buffer is reused by the next call
+            return np.array(compiled(batch)[0], np.float32, copy=True)
+
+
+def make_forward(keras_model, engine: str = "auto", precision: str = "auto") -> Forward:
+    """The Keras U-Net (`(n, h, w, c)` -> `(n, h, w, 1)`, c = `keras_model.input_shape[-1]`) as a `Forward`
+    on `engine` (one of `ENGINES`; "auto": `resolve_engine`) in `precision` ("auto", "float32", "bfloat16",
+    "mixed_bfloat16" or "mixed_float16"; "auto": `emunet.core.hardware.resolve_precision`). Returns a
+    callable from a float32 batch in [0, 1] to float32 probabilities, with `.engine` and `.precision` set to
+    what was chosen (to log). mixed_float16 runs on a GPU only: on a CPU it falls back to float32.
+    Raises `InputError` for an unknown engine or precision."""
+    gpu = gpu_visible()
+    engine = resolve_engine(engine, gpu)
+    precision = resolve_precision(precision, gpu=gpu)
+    if precision == "mixed_float16" and not gpu:
+        log.info("mixed_float16 needs a GPU; running in float32")
+        precision = "float32"
+    if engine == "openvino":
+        return OpenVINOForward(keras_model, precision)
+    return TensorFlowForward(keras_model, precision)
