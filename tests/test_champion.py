@@ -78,7 +78,7 @@ def test_without_a_lock_the_alias_settles_on_the_better_version(world):
     def run(version, score, delay):
         time.sleep(delay)
         results[version] = promote_if_better(MlflowClient(), world["uri"], name, "champion", version, score, "this-data",
-                                             slow_rescore, settle=0.6, lock=False)
+                                             slow_rescore, settle=0.6, lock=False, metric="test_dice")
 
     threads = [threading.Thread(target=run, args=(worse, 0.8, 0.0)), threading.Thread(target=run, args=(better, 0.9, 0.3))]
     for t in threads:
@@ -127,7 +127,8 @@ def test_the_champion_is_chosen_on_the_champion_metric_and_a_missing_score_is_me
         client.set_model_version_tag(name, version, "data_fingerprint", "this-data")
     client.set_registered_model_alias(name, "champion", old)
     refuse = lambda version: pytest.fail("a champion with a score on this data must not be re-scored")  # noqa: E731
-    assert promote_if_better(client, world["uri"], name, "champion", new, 0.95, "this-data", refuse)[0] is False
+    assert promote_if_better(client, world["uri"], name, "champion", new, 0.95, "this-data", refuse,
+                             metric="test_dice")[0] is False
     assert promote_if_better(client, world["uri"], name, "champion", new, 0.85, "this-data", refuse,
                              metric="test_object_f1")[:3] == (True, old, 0.39)
     assert str(client.get_model_version_by_alias(name, "champion").version) == new
