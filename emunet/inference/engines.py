@@ -84,21 +84,9 @@ def resolve_engine(engine: str = "auto", gpu: bool | None = None) -> str:
 def _traceable(keras_model):
     """`keras_model` with bilinear up-sampling as `tf.image.resize` of the runtime shape (see the module
     docstring); the model itself when it has none."""
-    import keras
+    from emunet.inference.export import traceable_copy
 
-    from emunet.inference.export import _graph_resize, _needs_graph_resize
-
-    if not _needs_graph_resize(keras_model):
-        return keras_model
-
-    def clone(layer):
-        if isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest":
-            return _graph_resize(layer)
-        return layer.__class__.from_config(layer.get_config())
-
-    copy = keras.models.clone_model(keras_model, clone_function=clone)
-    copy.set_weights(keras_model.get_weights())
-    return copy
+    return traceable_copy(keras_model)
 
 
 def with_policy(keras_model, policy: str):

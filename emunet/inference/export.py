@@ -55,6 +55,24 @@ def _needs_graph_resize(keras_model) -> bool:
                for layer in keras_model.layers)
 
 
+def traceable_copy(keras_model):
+    """`keras_model` itself, or where it has bilinear up-sampling (which Keras 3.15 cannot trace at unknown
+    height and width) a copy with the same weights whose up-sampling is `tf.image.resize`."""
+    import keras
+
+    if not _needs_graph_resize(keras_model):
+        return keras_model
+
+    def clone(layer):
+        if isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest":
+            return _graph_resize(layer)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(keras_model, clone_function=clone)
+    copy.set_weights(keras_model.get_weights())
+    return copy
+
+
 def _graph_resize(layer):
     """A layer computing what a bilinear `UpSampling2D` computes, traceable with unknown H and W."""
     import keras
@@ -76,15 +94,7 @@ def channels_first(keras_model, traceable: bool = False):
     docstring), for graph exports only."""
     import keras
 
-    inner = keras_model
-    if traceable and _needs_graph_resize(keras_model):
-        def clone(layer):
-            if isinstance(layer, keras.layers.UpSampling2D) and layer.interpolation != "nearest":
-                return _graph_resize(layer)
-            return layer.__class__.from_config(layer.get_config())
-
-        inner = keras.models.clone_model(keras_model, clone_function=clone)
-        inner.set_weights(keras_model.get_weights())
+    inner = traceable_copy(keras_model) if traceable else keras_model
     image = keras.Input((channels_of(keras_model), None, None), name=INPUT_NAME)
     x = keras.layers.Permute((2, 3, 1), name="to_channels_last")(image)
     x = inner(x)
