@@ -505,7 +505,7 @@ def chromium() -> str:
 
 
 def slice_caption(page) -> str:
-    return page.get_by_text(f"A: {MODEL} v1").first.locator("xpath=..").inner_text()
+    return page.get_by_text(f"A: {MODEL} v1", exact=True).first.locator("xpath=..").inner_text()
 
 
 @pytest.mark.slow
@@ -538,7 +538,7 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             uploader.filter(has_text="Image stack").locator("input[type=file]").set_input_files(tmp_path / "cells.tif")
             uploader.filter(has_text="Ground truth").locator("input[type=file]").set_input_files(tmp_path / "cells_gt.tif")
             expect(page.get_by_text("with ground truth")).to_be_visible()
-            expect(page.get_by_text(f"A: {MODEL} v1")).to_be_visible()
+            expect(page.get_by_text(f"A: {MODEL} v1", exact=True)).to_be_visible()  # the planes caption starts so too
             slices = page.locator(".st-key-slices")  # the keyed container of the slice panels
             expect(slices.get_by_test_id("stImage")).to_have_count(5)
             expect(page.locator(".st-key-planes").get_by_test_id("stImage")).to_have_count(12)  # 3 planes x 4
