@@ -115,7 +115,7 @@ class Validation(keras.callbacks.Callback):
         self.eval_model = eval_model
         self.segmenter = Segmenter(compiled_forward(eval_model), multiple_of(UNetSpec(depth=cfg.depth,
                                                                                      input_scale=cfg.input_scale)),
-                                   context=cfg.context_slices)
+                                   context=cfg.context_slices, planes=cfg.planes)
         self.metric = cfg.champion_metric
         self.began = self.epoch_began = time.monotonic()
         self.spent_before = 0.0
