@@ -1,10 +1,12 @@
 """Inference engines: OpenVINO (float32 and bfloat16) agrees with TensorFlow float32 on a real EM slice,
-through the tiler too; compiles once per batch shape; takes several input channels and `input_scale` 2."""
+through the tiler too, and on ISBI's held-out slices with a model trained on ISBI; compiles once per batch
+shape; takes several input channels and `input_scale` 2."""
 
 import numpy as np
 import pytest
 
 from emunet.core.errors import InputError
+from emunet.core.hardware import has_bf16_units
 from tests.conftest import needs_shared
 
 pytest.importorskip("openvino")
@@ -57,6 +59,88 @@ def test_openvino_bfloat16_matches_tensorflow_float32_on_an_isbi_slice(tiny, isb
     assert np.abs(tiled - predict_probabilities(reference, stack, low, high, **options)).max() < 0.02
 
 
+# Issue 24's tolerance for bfloat16 inference against float32, on held-out slices.
+BF16_TOLERANCE = {"prob_max": 0.02, "dice": 0.003, "object_f1": 0.003}
+
+
+@pytest.fixture(scope="module")
+def isbi_trained(tmp_path_factory):
+    """A tiny U-Net (depth 2, 8 filters) trained for 16 epochs on 64 crops of 128 x 128 from ISBI's slices
+    0-23 (about 15 s on 2 cores), saved in float32 and loaded back as a logged model is; with its losses,
+    ISBI's held-out slices 24-29, their labels and the stack's intensity window."""
+    import keras
+    import tifffile
+
+    from emunet.core.losses import get_loss
+    from emunet.core.model import UNetSpec, build_unet
+    from emunet.core.normalize import normalize, stack_stats
+
+    image = tifffile.imread(needs_shared("isbi2012", "train-volume.tif"))
+    truth = tifffile.imread(needs_shared("isbi2012", "train-labels.tif")) > 0
+    low, high = stack_stats(image)
+    rng = np.random.default_rng(0)
+    corners = zip(rng.integers(0, 24, 64), rng.integers(0, 512 - 128, 64), rng.integers(0, 512 - 128, 64))
+    crops = [(slice(z, z + 1), slice(y, y + 128), slice(x, x + 128)) for z, y, x in corners]
+    x = normalize(np.concatenate([image[c] for c in crops]), low, high)[..., None]
+    y = np.concatenate([truth[c] for c in crops])[..., None].astype(np.float32)
+    keras.utils.set_random_seed(0)
+    model = build_unet(UNetSpec(depth=2, base_filters=8))
+    model.compile(keras.optimizers.Adam(3e-3), get_loss("bce_dice"))
+    losses = model.fit(x, y, batch_size=8, epochs=16, verbose=0).history["loss"]
+    path = tmp_path_factory.mktemp("isbi_trained") / "tiny.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path, compile=False, safe_mode=True)
+    return loaded, losses, image[24:30], truth[24:30], low, high
+
+
+@pytest.fixture(scope="module")
+def held_out_answers(isbi_trained):
+    """Probabilities and the pipeline's scores of the held-out slices, TF float32 and OpenVINO bfloat16."""
+    from emunet.inference.engines import make_forward
+    from emunet.inference.params import DEFAULTS
+    from emunet.inference.segment import Truth, score_volume, segment_probabilities
+    from emunet.inference.tiling import predict_probabilities
+
+    model, _, stack, truth, low, high = isbi_trained
+    answers = {}
+    for engine, precision in (("tensorflow", "float32"), ("openvino", "bfloat16")):
+        prob = predict_probabilities(make_forward(model, engine, precision), stack, low, high, multiple=4)
+        scores = score_volume(segment_probabilities(prob, DEFAULTS, Truth.of_labels(truth)))
+        answers[precision] = prob, scores.metrics(), scores.totals()
+    return answers
+
+
+def test_bfloat16_scores_held_out_isbi_slices_as_float32_does_with_a_trained_model(isbi_trained, held_out_answers):
+    """Issue 24: on ISBI's held-out slices 24-29 a model trained on ISBI finds the same cells in bfloat16 as
+    in float32: Dice and object F1 within 0.003, the mask the same but for a few pixels."""
+    from emunet.core.metrics import scores_from_counts
+
+    _, losses, _, truth, _, _ = isbi_trained
+    reference, f32, counts = held_out_answers["float32"]
+    prob, bf16, _ = held_out_answers["bfloat16"]
+    # trained: better than calling every pixel a cell (cell Dice 0.876 here), and membranes found
+    assert losses[-1] < 0.7 * losses[0]
+    assert f32["dice"] > 2 * truth.mean() / (1 + truth.mean()) + 0.02
+    tp, fp, fn, tn = counts.values()
+    assert scores_from_counts(tn, fn, fp, tp)["dice"] > 0.3 and f32["object_f1"] > 0.2
+    assert abs(bf16["dice"] - f32["dice"]) <= BF16_TOLERANCE["dice"]
+    assert abs(bf16["object_f1"] - f32["object_f1"]) <= BF16_TOLERANCE["object_f1"]
+    diff = np.abs(prob - reference)
+    assert diff.mean() < 0.002 and np.mean((prob >= 0.5) != (reference >= 0.5)) < 0.001
+    if has_bf16_units():
+        assert diff.mean() > 0  # it did run in bfloat16
+
+
+@pytest.mark.xfail(condition=has_bf16_units(), strict=True,
+                   reason="issue 24's 0.02 bound on the largest probability difference is not met by bfloat16 on "
+                          "trained models: 0.0216 on this tiny one, 0.020-0.075 on the default network trained "
+                          "5-8 minutes on ISBI and VNC (bench/precision_quality.py; TF mixed_bfloat16 alike); the "
+                          "mean difference is 0.001 and the scores agree (the test above)")
+def test_bfloat16_probabilities_within_0_02_of_float32_with_a_trained_model(held_out_answers):
+    reference, prob = held_out_answers["float32"][0], held_out_answers["bfloat16"][0]
+    assert np.abs(prob - reference).max() <= BF16_TOLERANCE["prob_max"]
+
+
 def test_openvino_compiles_once_per_shape(tiny, rng):
     from emunet.inference.engines import make_forward
 
@@ -100,7 +184,6 @@ def test_several_input_channels_and_input_scale_2(rng):
 
 
 def test_engine_choice():
-    from emunet.core.hardware import has_bf16_units
     from emunet.inference.engines import make_forward, resolve_engine
 
     assert resolve_engine("auto", gpu=True) == "tensorflow"

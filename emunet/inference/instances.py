@@ -31,6 +31,12 @@ SEED_DEPTH = 0.1
 LINK_OVERLAP = 0.5  # shared pixels / pixels of the smaller object, for the same cell in the next slice
 
 
+def _box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of the True pixels of a 2-D `mask` (which has some)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
                     min_size: int = 0, depth: float = SEED_DEPTH) -> np.ndarray:
     """Objects of one `(H, W)` probability map: int32 labels 1..N (0 background), touching cells split by
@@ -40,24 +46,35 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
     foreground = prob >= threshold
     if seed_threshold <= threshold or not foreground.any():
         return components(foreground, min_size)
-    count, pieces = cv2.connectedComponents(foreground.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    seeds = components(prob >= seed_threshold)
+    count, pieces = cv2.connectedComponents(foreground.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    # The cores' 4-connected components, every one kept (`components` with no minimum size numbers them the
+    # same way, without the statistics and the renumbering it would not use).
+    _, seeds = cv2.connectedComponents((prob >= seed_threshold).view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
     piece_of_seed = np.zeros(int(seeds.max()) + 1, np.int64)
     piece_of_seed[seeds.ravel()] = pieces.ravel()
-    seeds_in_piece = np.bincount(piece_of_seed[1:], minlength=count)
+    crowded = np.bincount(piece_of_seed[1:], minlength=count) > 1
+    crowded[0] = False  # the background (no core lies there: seed_threshold > threshold)
     # A piece of foreground with at most one core is one object as it is; only the pieces with several
-    # cores are flooded (the costly step, on a part of a typical slice).
-    several = (seeds_in_piece > 1)[pieces]
-    several[pieces == 0] = False
-    labels = pieces.copy()
-    if several.any():
+    # cores are flooded (the costly step), within the box that holds them: the flood, the shallow-dip
+    # merge and their numbering are the same as over the whole slice (the mask confines both), for the
+    # box's share of the work.
+    labels = pieces
+    if crowded.any():
+        several = crowded[pieces]
+        box = _box(several)
+        several, prob = several[box], prob[box]
         # Flooded downhill in probability, quantised to 1/255 (a third faster than float priorities).
         depth_map = (255 - np.round(prob * 255)).astype(np.uint8)
-        grown = watershed(depth_map, markers=np.where(several, seeds, 0), mask=several, connectivity=1)
+        grown = watershed(depth_map, markers=np.where(several, seeds[box], 0), mask=several, connectivity=1)
         if depth > 0:
             grown = merge_shallow(grown, prob, depth)
-        labels[several] = grown[several] + count  # past the pieces' ids; drop_small renumbers
+        labels[box][several] = grown[several] + count  # past the pieces' ids; drop_small renumbers
     return drop_small(labels, min_size)
+
+
+# The overlaps of two slices' objects are counted in a table of (new x old labels) cells, at most as many
+# as the slice's pixels or this many (a few MB): over a slice of thousands of objects, by sorting instead.
+PAIR_TABLE_MIN = 1 << 16
 
 
 class SliceLinker:
@@ -66,38 +83,50 @@ class SliceLinker:
     one-to-one (see the module), else starting a new id."""
 
     def __init__(self):
-        self.previous: np.ndarray | None = None  # the last slice, in 3-D ids
+        # The last slice: its labels as given, their pixel counts and their 3-D ids (`ids[label]`).
+        self.previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.next_id = 1
 
     def ids(self, labels: np.ndarray) -> np.ndarray:
-        labels = np.asarray(labels)
+        labels = np.array(labels, copy=True)  # kept for the next slice: the caller may reuse its array
         count = int(labels.max(initial=0))
+        area = np.bincount(labels.ravel().astype(np.int64, copy=False), minlength=count + 1)
         mapping = np.zeros(count + 1, np.int64)
         if self.previous is not None and count:
-            for new, old in _one_to_one(labels, self.previous).items():
+            for new, old in _one_to_one(labels, area, *self.previous).items():
                 mapping[new] = old
-        present = np.bincount(labels.ravel().astype(np.int64), minlength=count + 1) > 0
-        for i in np.flatnonzero(present[1:] & (mapping[1:] == 0)) + 1:
+        for i in np.flatnonzero((area[1:] > 0) & (mapping[1:] == 0)) + 1:
             mapping[i], self.next_id = self.next_id, self.next_id + 1
-        out = mapping[labels]
-        self.previous = out
-        return out
+        self.previous = (labels, area, mapping)
+        return mapping[labels]
 
 
-def _one_to_one(labels: np.ndarray, previous: np.ndarray) -> dict[int, int]:
-    """`{id in labels: id in previous}` for pairs that are each other's largest overlap, sharing at least
-    `LINK_OVERLAP` of the smaller one's pixels."""
+def _overlaps(labels: np.ndarray, previous: np.ndarray, width: int, height: int) -> tuple:
+    """`(new, old, shared)`: the pairs of labels (`labels` < `height`, `previous` < `width`, both > 0)
+    that share pixels, sorted by new then old, and how many pixels each pair shares."""
     both = (labels > 0) & (previous > 0)
-    if not both.any():
-        return {}
-    a, b = labels[both].astype(np.int64), previous[both].astype(np.int64)
-    width = int(b.max()) + 1
-    pairs, shared = np.unique(a * width + b, return_counts=True)
+    key = labels[both].astype(np.int64)
+    key *= width
+    key += previous[both]
+    if width * height <= max(labels.size, PAIR_TABLE_MIN):  # counted in a table: no sort
+        shared = np.bincount(key, minlength=width * height)
+        pairs = np.flatnonzero(shared)
+        shared = shared[pairs]
+    else:
+        pairs, shared = np.unique(key, return_counts=True)
     new, old = np.divmod(pairs, width)
-    area_new = np.bincount(labels.ravel().astype(np.int64))
-    area_old = np.bincount(previous.ravel().astype(np.int64))
+    return new, old, shared
+
+
+def _one_to_one(labels: np.ndarray, area_new: np.ndarray, previous: np.ndarray, area_old: np.ndarray,
+                old_ids: np.ndarray) -> dict[int, int]:
+    """`{label in labels: 3-D id in old_ids}` for pairs that are each other's largest overlap, sharing at
+    least `LINK_OVERLAP` of the smaller one's pixels. `previous`: the last slice's labels, `old_ids` their
+    3-D ids; `area_*`: pixels per label. A tie goes to the lower new label and the lower old 3-D id."""
+    new, old, shared = _overlaps(labels, previous, len(area_old), len(area_new))
+    order = np.lexsort((old_ids[old], new))  # by new, then by 3-D id: the order ties are decided in
     best_for_new, best_for_old = {}, {}
-    for n, o, s in zip(new, old, shared):
+    for n, o, s in zip(new[order].tolist(), old[order].tolist(), shared[order].tolist()):
         if s > best_for_new.get(n, (0, 0))[1]:
             best_for_new[n] = (o, s)
         if s > best_for_old.get(o, (0, 0))[1]:
@@ -105,7 +134,7 @@ def _one_to_one(labels: np.ndarray, previous: np.ndarray) -> dict[int, int]:
     links = {}
     for n, (o, s) in best_for_new.items():
         if best_for_old[o][0] == n and s >= LINK_OVERLAP * min(area_new[n], area_old[o]):
-            links[int(n)] = int(o)
+            links[n] = int(old_ids[o])
     return links
 
 
@@ -115,4 +144,4 @@ def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAU
     objects of each slice (`slice_instances`) linked through the slices. Returns `(Z, H, W)` int32 ids
     1..N, numbered as they first appear."""
     linker = SliceLinker()
-    return np.stack([linker.ids(slice_instances(p, threshold, seed_threshold, min_size)) for p in probs]).astype(np.int32)
+    return np.stack([linker.ids(slice_instances(p, threshold, seed_threshold, min_size)) for p in probs], dtype=np.int32)

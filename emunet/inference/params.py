@@ -81,7 +81,8 @@ class SegmentParams:
     # with bfloat16 units, bench/inference.py), TensorFlow + XLA on a GPU or where OpenVINO is absent.
     engine: str = "auto"
     # "auto": bfloat16 where the serving CPU has bfloat16 units (AMX-BF16, AVX512-BF16), mixed_float16
-    # on a GPU, float32 elsewhere (emunet.core.hardware); probabilities stay within 0.007 of float32.
+    # on a GPU, float32 elsewhere (emunet.core.hardware); on trained models Dice stays within 0.003 of
+    # float32's, probabilities 0.001 apart on average (bench/precision_quality.py).
     precision: str = "auto"
     # The whole volume's intensity window (percentiles 0.5 / 99.5, as predict and Spark compute them);
     # None: the input's own. Pass both when sending part of a volume.
