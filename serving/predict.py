@@ -158,7 +158,8 @@ def predict(cfg: PredictConfig) -> dict:
     formats = [output_format(cfg.output_format, p) for p in inputs]
     options(cfg)
     check_results([*inputs, *labels], cfg.output_dir, names, formats, cfg.save_probability, cfg.save_labels)
-    check_slices_fit(inputs, scored=bool(labels), level=cfg.level, region=cfg.region)
+    check_slices_fit(inputs, scored=bool(labels), budget=cfg.memory_gb * 2**30 if cfg.memory_gb > 0 else None,
+                     params=options(cfg), level=cfg.level, region=cfg.region)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)

@@ -52,6 +52,13 @@ def block_bytes(block: Block, tiles: TilePlan) -> int:
     return int(depth) * ((y1 - y0) * (x1 - x0) * TILE_BYTES_PER_PIXEL + height * width * BYTES_PER_PIXEL)
 
 
+def smallest_block_bytes(shape, tiles: TilePlan, halo, chunks=None) -> int:
+    """Bytes (`block_bytes`) of the smallest block a `(Z, H, W)` volume can go by: one slice (or z chunk)
+    deep, `MIN_YX` pixels (or one chunk) a side, read with `halo` (an inner block: halos on all sides)."""
+    blocks = plan_blocks(shape, (1, min(MIN_YX, shape[1]), min(MIN_YX, shape[2])), halo, chunks)
+    return block_bytes(blocks[len(blocks) // 2], tiles)
+
+
 def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None = None, block=None,
              halo=None, mode: str = "2d", chunks=None) -> tuple[list[Block], TilePlan]:
     """The blocks of a `(Z, H, W)` volume and its slices' tile plan. Without `block`, blocks are as large
@@ -69,9 +76,9 @@ def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None =
         try:
             block = block_shape_for_memory(shape, BYTES_PER_PIXEL, share, halo, chunks)
         except ValueError:
-            smallest = plan_blocks(shape, (1, min(MIN_YX, shape[1]), min(MIN_YX, shape[2])), halo)
-            raise ValueError(f"blocks of a volume of {shape} need at least {block_bytes(smallest[0], tiles) / 2**20:.0f} "
-                             f"MiB (a {MIN_YX}-pixel block with its halo and its tiles) but the memory budget is "
+            smallest = smallest_block_bytes(shape, tiles, halo, chunks)
+            raise ValueError(f"blocks of a volume of {shape} need at least {smallest / 2**20:.0f} "
+                             f"MiB (a {MIN_YX}-pixel block, or one chunk, with its halo and its tiles) but the memory budget is "
                              f"{budget / 2**20:.0f} MiB") from None
         blocks = plan_blocks(shape, block, halo, chunks)
         if max(block_bytes(b, tiles) for b in blocks) <= budget:
