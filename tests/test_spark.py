@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import tifffile
 
+from emunet.core.io import open_volume
 from emunet.core.normalize import stack_stats
 from emunet.inference.blocktask import slice_areas, slice_counts
 from emunet.inference.outputs import result_files
@@ -205,6 +206,13 @@ def test_stack_facts_are_whole_stack_statistics_or_a_named_error(tmp_path):
     assert (facts["error"] == "").all() and (facts["slices"] == 6).all()
     assert all((f.low, f.high) == stack_stats(stack) for f in facts.itertuples())
     assert cut.error.startswith(f"{tmp_path / 'cut.tif'}: ") and "truncated or corrupt" in cut.error
+    # With predict's `level` and `region`: the statistics of what the run segments.
+    write_ome_zarr(tmp_path / "two.ome.zarr", stack, levels=2)
+    frame = pd.DataFrame({"stack": [0], "path": [str(tmp_path / "two.ome.zarr")]})
+    part = pd.concat(stack_facts(iter([frame]), {"level": "1", "region": "1:4,2:8,:"})).iloc[0]
+    with open_volume(tmp_path / "two.ome.zarr", level=1, region="1:4,2:8,:") as volume:
+        assert (part.slices, part.height, part.width) == volume.shape and volume.shape[:2] == (3, 6)
+        assert (part.low, part.high) == stack_stats(volume)
 
 
 def test_two_attempts_of_one_task_never_write_into_each_others_file(tmp_path):
