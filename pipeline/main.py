@@ -55,6 +55,7 @@ class MainConfig:
     ema: float = TrainConfig.ema
     patience: int = TrainConfig.patience
     context_slices: int = TrainConfig.context_slices
+    planes: str = TrainConfig.planes
     precision: str = TrainConfig.precision
     workers: int = TrainConfig.workers
     gpus: str = TrainConfig.gpus

@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
                 mlflow.log_metrics({"best_val_dice": state.best_dice, f"best_val_{cfg.champion_metric}": state.best_score,
                                     "best_epoch": state.best_epoch, "epochs_trained": state.next_epoch})
                 # context_slices: what every caller must stack as channels (emunet.inference.context).
-                meta = {"multiple_of": plan["multiple_of"], "context_slices": cfg.context_slices,
+                meta = {"multiple_of": plan["multiple_of"], "context_slices": cfg.context_slices, "planes": cfg.planes,
                         "spec": asdict(spec), "crop_size": cfg.crop_size,
                         "data_fingerprint": manifest["eval_fingerprint"],
                         **({"init_model": source.lineage} if source else {})}

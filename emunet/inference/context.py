@@ -69,13 +69,18 @@ def iter_context(volume, k: int, start: int = 0, stop: int | None = None) -> Ite
         yield z, np.stack([cache[i] for i in context_indices(z, k, n)], axis=-1)
 
 
+# The axes of a `(Z, Y, X)` volume as each stack of planes orders them (plane, row, column): xy planes
+# (one per z), xz planes (one per y, z down the rows) and yz planes (one per x, z down the rows).
+ORTHO_ORDERS = {0: (0, 1, 2), 1: (1, 0, 2), 2: (2, 0, 1)}
+
+
 def ortho_views(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three stacks of planes of a `(Z, Y, X)` volume, as views (no copy): xy planes `(Z, Y, X)`,
     xz planes `(Y, Z, X)` (one per y, z down its rows) and yz planes `(X, Z, Y)` (one per x)."""
     volume = np.asarray(volume)
     if volume.ndim != 3:
         raise ValueError(f"volume has shape {volume.shape}; expected (Z, Y, X)")
-    return volume, volume.transpose(1, 0, 2), volume.transpose(2, 0, 1)
+    return tuple(volume.transpose(ORTHO_ORDERS[axis]) for axis in range(3))
 
 
 def fuse_ortho(pred_xy: np.ndarray, pred_xz: np.ndarray, pred_yz: np.ndarray) -> np.ndarray:

@@ -23,11 +23,14 @@ OUTPUTS = ("mask", "probability", "labels")
 # How objects are found: "2d" in each slice, linked through the slices (anisotropic serial sections);
 # "3d" as solid objects by a 3-D watershed (near-isotropic volumes); "auto" by the voxel size.
 INSTANCE_MODES = ("auto", "2d", "3d")
+# The planes the network is asked about: "xy" the slices; "ortho" the xy, xz and yz planes, averaged
+# (a 2.5-D ensemble for near-isotropic volumes, emunet.inference.context); "auto" as the model was trained.
+PLANE_MODES = ("auto", "xy", "ortho")
 ENGINES = ("auto", "openvino", "tensorflow")  # emunet.inference.engines: what runs the network
 # The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
 PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
                "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double", "seed_depth": "double",
-               "instances": "string", "grow_over_all": "boolean", "engine": "string", "precision": "string",
+               "instances": "string", "planes": "string", "grow_over_all": "boolean", "engine": "string", "precision": "string",
                "low": "double", "high": "double"}
 
 
@@ -68,6 +71,9 @@ class SegmentParams:
     # "auto": in 3-D where the slice spacing is within 2x of the pixel size (the voxel size says so;
     # unknown: slice by slice), else in each slice linked through the slices. See INSTANCE_MODES.
     instances: str = "auto"
+    # "auto": the planes the model was trained on (ortho-plane models predict the xy, xz and yz planes of
+    # a volume and average them: 3x the time); "xy": the slices only; "ortho": all three. See PLANE_MODES.
+    planes: str = "auto"
     # Objects grow over every voxel, membranes included (3-D), as connectomics tools label dense tissue;
     # False: over the foreground only.
     grow_over_all: bool = False
@@ -90,6 +96,8 @@ class SegmentParams:
             raise InputError(f"output must be one of {', '.join(OUTPUTS)}, got {self.output!r}")
         if self.instances not in INSTANCE_MODES:
             raise InputError(f"instances must be one of {', '.join(INSTANCE_MODES)}, got {self.instances!r}")
+        if self.planes not in PLANE_MODES:
+            raise InputError(f"planes must be one of {', '.join(PLANE_MODES)}, got {self.planes!r}")
         if not isinstance(self.grow_over_all, bool):
             text = str(self.grow_over_all).strip().lower()
             if text not in ("true", "false", "1", "0"):

@@ -30,14 +30,17 @@ from emunet.core.normalize import stack_stats
 from emunet.core.objects import sizes, truth_objects
 from emunet.inference.instances import SliceLinker, slice_instances
 from emunet.inference.instances3d import volume_instances
+from emunet.inference.ortho import MIN_ORTHO_SLICES, ortho_probabilities
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.tiling import iter_probabilities, tile_side
 
 COUNTS = ("tp", "fp", "fn", "tn")
 UNMEASURED_3D = dict.fromkeys(METRIC_NAMES_3D, float("nan"))
-# The 3-D watershed holds the volume's probabilities and its temporaries (ids, flood priorities, the
-# watershed's own arrays): about this many bytes per voxel, which must fit in the memory available.
-BYTES_PER_VOXEL_3D = 24
+# The 3-D instance step holds the volume's probabilities and its temporaries (ids, flood priorities, the
+# watershed's own arrays; over every voxel also the distance transform and the region graph's arrays):
+# this many bytes per voxel must fit in the memory available. Measured peaks (tracemalloc, 128^3 of
+# smooth noise): 47 B/voxel over the foreground, 55 over every voxel.
+BYTES_PER_VOXEL_3D = 56
 
 
 def instance_mode(params: SegmentParams, voxel_size=None) -> str:
@@ -52,12 +55,24 @@ class Segmenter:
     """A network as the path uses it: `forward` maps a `(n, h, w, c)` float32 batch in [0, 1] to
     `(n, h, w, 1)` probabilities; `multiple` is its down-sampling (`2**depth`, times `input_scale`);
     `context` the slices above and below that a 2.5-D network takes as channels (`c = 2 * context + 1`;
-    0: one slice, the 2-D network)."""
+    0: one slice, the 2-D network); `planes` those it was trained on: "xy", or "ortho" (xy, xz and yz
+    planes of near-isotropic volumes: it is then asked about all three, `emunet.inference.ortho`)."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray] | None = None, multiple: int = 1,
-                 context: int = 0):
+                 context: int = 0, planes: str = "xy"):
         # (None until a pyfunc's load_context sets them)
-        self.forward, self.multiple, self.context = forward, int(multiple), int(context)
+        self.forward, self.multiple, self.context, self.planes = forward, int(multiple), int(context), planes
+
+    def plane_mode(self, params: SegmentParams, slices: int) -> str:
+        """"xy" or "ortho" for a volume of `slices` slices: the params' choice, or with "auto" the planes
+        the model was trained on, xy for a volume too thin to have xz and yz planes."""
+        mode = self.planes if params.planes == "auto" else params.planes
+        if mode == "ortho" and slices < MIN_ORTHO_SLICES:
+            if params.planes == "ortho":
+                raise InputError(f"planes=ortho needs a volume of at least {MIN_ORTHO_SLICES} slices (its xz and yz "
+                                 f"planes are as high as it has slices); got {slices}: use planes=xy")
+            return "xy"
+        return mode
 
     def forward_for(self, params: SegmentParams) -> Callable[[np.ndarray], np.ndarray]:
         """The forward that runs `params.engine` in `params.precision` (here: the one given; the pyfunc
@@ -70,11 +85,13 @@ class Segmenter:
         lazily read volume), normalised with the params' window or, without one, the volume's own. With
         `context`, each slice's neighbours come from `volume` itself, mirrored at its ends: a volume of
         one slice is that slice in every channel. `start`, `stop`: only those slices (a chunk of the
-        stack, e.g. a Spark task's), each with the context it has in the whole volume."""
+        stack, e.g. a Spark task's), each with the context it has in the whole volume. With ortho planes
+        (`plane_mode`) each is the mean over its xy, xz and yz planes."""
         low, high = (params.low, params.high) if params.low is not None else stack_stats(volume)
-        return iter_probabilities(self.forward_for(params), volume, low, high, tile_size=tile_side(params.tile_size, self.multiple),
-                                  overlap=params.overlap, batch_size=params.batch_size, multiple=self.multiple,
-                                  tta=params.tta, context=self.context, start=start, stop=stop)
+        options = dict(tile_size=tile_side(params.tile_size, self.multiple), overlap=params.overlap,
+                       batch_size=params.batch_size, multiple=self.multiple, tta=params.tta, context=self.context)
+        through = ortho_probabilities if self.plane_mode(params, volume.shape[0]) == "ortho" else iter_probabilities
+        return through(self.forward_for(params), volume, low, high, start=start, stop=stop, **options)
 
 
 class Truth:

@@ -14,7 +14,7 @@ import numpy as np
 
 from emunet.core.dataset import MASK_IGNORE
 from emunet.core.normalize import normalize
-from emunet.inference.context import context_indices
+from emunet.inference.context import ORTHO_ORDERS, context_indices
 
 # dtypes that OpenCV remaps directly; others are converted to float32 first.
 WARPABLE = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32))
@@ -102,7 +102,8 @@ def intensity_jitter(rng: np.random.Generator, patch: np.ndarray, spec: AugmentS
 def random_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, crop: int,
                  low: float, high: float, spec: AugmentSpec = AugmentSpec(),
                  foreground_points: np.ndarray | None = None, slices: np.ndarray | None = None,
-                 at: tuple[int, int, int] | None = None, context: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 at: tuple[int, int, int] | None = None, context: int = 0, axis: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented patch from a `(Z, H, W)` stack and its `(Z, H, W)` mask ({0, 1}, and `MASK_IGNORE`
     where not annotated).
 
@@ -115,7 +116,18 @@ def random_patch(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, 
     centred on one of them. Other crops come from a random slice, one of `slices` if given (sparse
     labels: the annotated ones), or are centred on voxel `at` (z, y, x) if given.
     Pixels mapped from outside the slice are mirrored, never black.
+
+    `axis` 1 or 2 crops an xz or yz plane instead (ortho-plane training of near-isotropic volumes: the
+    stack is seen as `emunet.inference.context.ORTHO_ORDERS[axis]` orders it, and `context` is then the
+    neighbouring planes along that axis); `foreground_points` and `at` stay (z, y, x); `slices` only
+    applies to xy planes.
     """
+    if axis:
+        order = ORTHO_ORDERS[axis]
+        image, mask = image.transpose(order), mask.transpose(order)  # views: a memmap stays a memmap
+        foreground_points = None if foreground_points is None else foreground_points[:, order]
+        at = None if at is None else tuple(at[i] for i in order)
+        slices = None
     z_size, h, w = image.shape
     if at is not None:
         z, centre = int(at[0]), (float(at[1]), float(at[2]))

@@ -21,6 +21,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # share little, and each channel is read and augmented for every crop.
 MAX_CONTEXT_SLICES = 4
 JIT_CHOICES = {"auto": "auto", "true": True, "false": False}
+PLANE_CHOICES = ("auto", "xy", "ortho")
 
 # Named recipes. Fields set to 0 in TrainConfig take the preset's value.
 PRESETS = {
@@ -44,6 +45,7 @@ class TrainConfig:
     depth: int = 0  # number of poolings
     input_scale: int = 0  # the network works at 1/input_scale of the image resolution (1, 2 or 4); 0 = auto: the largest that keeps the thinnest labelled structure 16 px thick (emunet.training.plan); preset crops grow with it
     context_slices: int = 0  # 2.5-D: the k slices above and below each slice are extra input channels (2k + 1, mirrored at the stack's ends); helps where structures continue across slices (near-isotropic FIB-SEM); 0 = the 2-D network; at most 4
+    planes: str = "auto"  # xy: train on the slices; ortho: on the xy, xz and yz planes alike, and predict all three averaged (near-isotropic volumes: FIB-SEM); auto: ortho where every training stack's voxel size is near-isotropic (slice spacing within 2x of the pixel size), else xy
     batch_size: int = 0  # per replica; global batch = batch_size x replicas
     learning_rate: float = 0.0  # Adam; scaled linearly with the number of replicas
     steps_per_epoch: int = 0  # batches between validations
@@ -106,7 +108,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.preset not in PRESETS:
         raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
     choices = {"champion_metric": CHAMPION_METRICS, "loss": LOSSES, "augment": AUGMENTATIONS, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
-               "jit_compile": JIT_CHOICES}
+               "jit_compile": JIT_CHOICES, "planes": PLANE_CHOICES}
     for name, known in choices.items():
         if getattr(cfg, name) not in known:
             raise InputError(f"{name} must be one of {', '.join(known)}, got {getattr(cfg, name)!r}")

@@ -59,18 +59,23 @@ class PatchDataset(keras.utils.PyDataset):
     voxel is not annotated.
 
     Stacks are chosen in proportion to their number of slices, so every slice is equally likely;
-    `augment` says how patches are transformed (`emunet.training.augment.AugmentSpec`). With `sparse`
+    `augment` says how patches are transformed (`emunet.training.augment.AugmentSpec`). With `ortho`,
+    a third of the crops each come from xy, xz and yz planes (`random_patch`'s `axis`). With `sparse`
     (the dataset has an `ignore_label`), only slices with an annotated voxel count and are drawn, and a
     crop without any annotated voxel is drawn again: it would teach nothing.
     """
 
     def __init__(self, dataset_dir: str | Path, stacks: list[StackInfo], batch_size: int, crop: int,
                  steps: int, seed: int, workers: int = 1, augment: AugmentSpec = AugmentSpec(),
-                 border_weight: float = 0.0, sparse: bool = False, context: int = 0, **kwargs):
+                 border_weight: float = 0.0, sparse: bool = False, context: int = 0, ortho: bool = False,
+                 **kwargs):
         super().__init__(workers=workers, use_multiprocessing=workers > 1, **kwargs)
         self.dataset_dir, self.stacks = str(dataset_dir), list(stacks)
         self.batch_size, self.crop, self.steps, self.seed = batch_size, crop, steps, seed
         self.augment, self.border_weight, self.sparse, self.context = augment, border_weight, sparse, context
+        if ortho and sparse:  # emunet.training.plan.choose_planes refuses this combination to the user
+            raise ValueError("ortho-plane crops need fully annotated stacks")
+        self.ortho = ortho
         # Where the foreground (and, sparse, the annotation) is: found once here, so each epoch's new worker
         # pool inherits small arrays instead of scanning the masks again (Keras starts a fresh pool every epoch).
         self.points = [foreground_points(open_stack(self.dataset_dir, s)[1]) if augment.foreground else None
@@ -102,7 +107,10 @@ class PatchDataset(keras.utils.PyDataset):
         image, mask = self._open()[k]
         args = (rng, image, mask, self.crop, self.stacks[k].low, self.stacks[k].high, self.augment, self.points[k])
         if not self.sparse:
-            return random_patch(*args, context=self.context)
+            # Ortho-plane training: xy, xz and yz planes equally often (a near-isotropic volume looks
+            # alike in all three, and the network will be asked about all three).
+            axis = int(rng.integers(3)) if self.ortho else 0
+            return random_patch(*args, context=self.context, axis=axis)
         slices = self.annotated[k]
         for attempt in range(ANNOTATED_TRIES):
             at = annotated_voxel(rng, mask, slices) if attempt % 2 else None

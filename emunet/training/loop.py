@@ -104,7 +104,8 @@ def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, str
     augment = dataclasses.replace(AUGMENTATIONS[cfg.augment], foreground=cfg.foreground)
     data = PatchDataset(dataset_dir, stacks_in(manifest, "train"), global_batch, cfg.crop_size,
                         cfg.steps_per_epoch, cfg.seed, workers=cfg.workers, augment=augment,
-                        border_weight=cfg.border_weight, sparse=is_sparse(manifest), context=cfg.context_slices)
+                        border_weight=cfg.border_weight, sparse=is_sparse(manifest), context=cfg.context_slices,
+                        ortho=cfg.planes == "ortho")
     state = resumed[0] if resumed else TrainingState(run_id=run.info.run_id if run else None)
 
     def save(state: TrainingState) -> None:

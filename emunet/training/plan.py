@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from emunet.core.dataset import mask_parts, open_stack, stacks_in
+from emunet.core.dataset import is_sparse, mask_parts, open_stack, stacks_in
 from emunet.core.errors import InputError
+from emunet.core.labels import is_near_isotropic
 from emunet.core.model import INPUT_SCALES, UNetSpec, multiple_of
 from emunet.training.config import TrainConfig
 
@@ -79,12 +80,27 @@ def check_sizes(cfg: TrainConfig, manifest: dict) -> None:
                              f"stack {s.name}; pass a smaller crop_size")
 
 
+def choose_planes(cfg: TrainConfig, manifest: dict) -> str:
+    """"xy" or "ortho": the config's choice, or with "auto" ortho where every training stack's voxel size is
+    near-isotropic (`emunet.core.labels.is_near_isotropic`; unknown counts as not) and fully annotated."""
+    stacks = stacks_in(manifest, "train")
+    if cfg.planes == "ortho" and is_sparse(manifest):
+        raise InputError("planes=ortho needs fully annotated stacks: sparse labels (an ignore_label) annotate "
+                         "slices, not the xz and yz planes through them; use planes=xy")
+    if cfg.planes != "auto":
+        return cfg.planes
+    isotropic = stacks and all(is_near_isotropic(s.source.get("voxel_size")) is True for s in stacks)
+    return "ortho" if isotropic and not is_sparse(manifest) else "xy"
+
+
 def make_plan(cfg: TrainConfig, crop_from_preset: bool, dataset_dir: Path, manifest: dict) -> tuple[TrainConfig, dict]:
-    """The resolved config with its working resolution and crop, and the plan to log: `input_scale`,
-    `crop_size`, `multiple_of` (what every tile side must divide by) and `thinnest_structure_px`."""
+    """The resolved config with its working resolution, crop and planes, and the plan to log:
+    `input_scale`, `crop_size`, `planes`, `multiple_of` (what every tile side must divide by) and
+    `thinnest_structure_px`."""
     cfg, thinnest = choose_scale(cfg, crop_from_preset, dataset_dir, manifest)
     check_sizes(cfg, manifest)
-    plan = {"input_scale": cfg.input_scale, "crop_size": cfg.crop_size,
+    cfg = dataclasses.replace(cfg, planes=choose_planes(cfg, manifest))
+    plan = {"input_scale": cfg.input_scale, "crop_size": cfg.crop_size, "planes": cfg.planes,
             "multiple_of": multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale)),
             "thinnest_structure_px": None if math.isnan(thinnest) else round(thinnest, 1)}
     return cfg, plan
