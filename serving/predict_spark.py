@@ -59,7 +59,7 @@ from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_con
 from emunet.inference.blockplan import halo_for, plan_for
 from emunet.inference.blocks import box_slices, default_memory_budget, overlaps_by_block, plan_blocks, plan_overlaps
 from emunet.inference.blocktask import label_in_block, relabel_in_block, slice_areas
-from emunet.inference.outputs import (OBJECT_COLUMNS, check_targets, mask_page, object_row, output_format,
+from emunet.inference.outputs import (DTYPES, OBJECT_COLUMNS, check_targets, mask_page, object_row, output_format,
                                       output_names, result_files, result_targets)
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.preflight import check_results, check_slices_fit
@@ -332,8 +332,7 @@ def stack_images(stack: contextlib.ExitStack, scratch: Path, out_dir: Path, name
     images = {}
     for kind, target in targets.items():
         path = stack.enter_context(atomic_write(target)) if cal["fmt"] == "zarr" else scratch / f"{name}_{kind}.zarr"
-        create_image(path, shape, {"mask": np.uint8, "prob": np.float32, "labels": np.uint32}[kind], chunks,
-                     cal["voxel_size"], cal["unit"], name=f"{name}_{kind}")
+        create_image(path, shape, DTYPES[kind], chunks, cal["voxel_size"], cal["unit"], name=f"{name}_{kind}")
         images[kind] = str(path)
     images["local"] = str(scratch / f"{name}_local.zarr")
     create_image(images["local"], shape, np.int32, chunks)
