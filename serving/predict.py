@@ -32,7 +32,8 @@ from emunet.core.objects import MEASURE_COLUMNS
 from emunet.core.io import check_same_shape, list_stack_paths, open_volume, stack_exists
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.inference.blockwise import combine_measures, needs_blocks, segment_in_blocks
+from emunet.inference.blockplan import needs_blocks
+from emunet.inference.blockwise import combine_measures, segment_in_blocks
 from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.outputs import (OBJECT_COLUMNS, check_targets, object_row, output_format, output_names,
                                       result_files, result_targets, rows_to_csv)
@@ -158,7 +159,8 @@ def predict(cfg: PredictConfig) -> dict:
     formats = [output_format(cfg.output_format, p) for p in inputs]
     options(cfg)
     check_results([*inputs, *labels], cfg.output_dir, names, formats, cfg.save_probability, cfg.save_labels)
-    check_slices_fit(inputs, scored=bool(labels), level=cfg.level, region=cfg.region)
+    check_slices_fit(inputs, scored=bool(labels), budget=cfg.memory_gb * 2**30 if cfg.memory_gb > 0 else None,
+                     params=options(cfg), level=cfg.level, region=cfg.region)
     out_dir = output_folder(cfg.output_dir)
     with step_run("predict", cfg.experiment) as run:
         log_config(cfg)

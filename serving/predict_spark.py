@@ -3,31 +3,41 @@
     python -m serving.predict_spark --input stacks.txt --output_dir predictions --master "local[4]"
     PYTHONPATH=. spark-submit --master spark://head:7077 serving/predict_spark.py --input /shared/stacks.txt ...
 
-`input` is stack files or folders, comma-separated, or a `.txt` file with one path per line. Three stages:
+`input` is stack files or folders, comma-separated, or a `.txt` file with one path per line; `level` and
+`region` pick a level and a block of every input, as in `predict`. Each stack goes by blocks in z, y and x
+with a halo (`emunet.inference.blockplan`: at most `chunk_slices` slices deep, as large in y and x as
+`memory_gb` allows), one Spark task per block, through the same per-block code as `predict`'s blockwise
+path (`emunet.inference.blocktask`). Stages:
 1. one task per stack reads it once for its normalisation statistics: percentiles of the WHOLE stack, as
-   `predict` uses (a chunk normalised by its own percentiles would come out differently);
-2. each stack becomes rows `(path, z_start, z_end)` of about `chunk_slices` slices, one task per row,
-   segmented by the logged pyfunc with its stack's statistics;
-3. one task per stack writes `<name>_mask.tif` (uint8, 0 / 255, as `predict` writes it, with the input's
-   calibration) from its chunks; the driver writes one `objects.csv` for all stacks (per slice: object
-   count and areas).
-A Zarr input (or any input with `output_format=zarr`) gets `<name>_mask.ome.zarr` instead, with the input's
-scale and chunking: the driver makes the empty image, and in stage 2 each task writes its own slices
-straight into it (its block of slices starts on a chunk boundary, so no two tasks share a chunk and no
-task assembles the volume); the image is renamed into place when the job has succeeded.
+   `predict` uses (a block normalised by its own percentiles would come out differently);
+2. one task per block: probabilities of its read box (exactly whole-slice inference's), its cells with ids
+   of its own; it writes its core's mask (and probabilities) and its local ids into chunk-aligned images
+   (no two tasks share a chunk) and keeps the labels of its overlaps with its neighbours;
+3. one task per overlap compares the two blocks' labels there (`stitch.local_pairs`); only the pairs of
+   ids that are one cell come back to the driver, which joins them (`stitch.merge_pairs`, union-find) into
+   one table per block (local id -> volume id) and broadcasts them;
+4. one task per block relabels its core and writes it into `<name>_labels`, and returns its share of the
+   instances table and of the per-slice objects table (a few numbers per cell): the driver adds them up
+   into `<name>_instances.csv` and `<name>_objects.csv` (and `objects.csv`, all stacks in one table);
+5. a TIFF result (`<name>_mask.tif`, `_prob.tif`, `_labels.tif`, as `predict` writes them, with the
+   input's calibration) is written by one task per stack from the blocks' images, a slice at a time.
+OME-Zarr results (a Zarr input, or `output_format=zarr`) are the blocks' images themselves, with the
+input's scale and chunking, renamed into place when the job has succeeded. No task holds a volume.
 Inputs and `output_dir` must be paths that every executor sees (a shared file system). Executors never
 talk to MLflow: the driver resolves `model_uri` once (an alias cannot move under a running job) and ships
-the model and this project's code to them.
+the model and this project's code to them. The driver shows a bar per stage of blocks (done / total, time
+left), from Spark's status tracker.
 """
 
 import contextlib
 import csv
 import functools
-import math
 import shutil
 import tempfile
 import time
+import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,50 +45,63 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
-from pyspark import SparkFiles
+from pyspark import SparkFiles, StorageLevel
+from tqdm import tqdm
 
 import emunet
 from emunet.core.errors import InputError
-from emunet.core.files import atomic_write, output_folder
+from emunet.core.files import atomic_write, output_folder, remove
 from emunet.core.io import list_stack_paths, open_volume, stack_exists
-from emunet.core.omezarr import SliceWriter, create_image, open_image
+from emunet.core.objects import MEASURE_COLUMNS
+from emunet.core.omezarr import chunking, create_image, open_image
 from emunet.core.normalize import stack_stats
 from emunet.registry.tracking import DEFAULT_EXPERIMENT, load_segmenter, log_config, step_run
-from emunet.inference.outputs import (check_targets, mask_page, object_row, output_format, output_names, result_files,
-                                     result_targets)
+from emunet.inference.blockplan import halo_for, plan_for
+from emunet.inference.blocks import box_slices, default_memory_budget, overlaps_by_block, plan_blocks, plan_overlaps
+from emunet.inference.blocktask import label_in_block, relabel_in_block, slice_areas
+from emunet.inference.outputs import (DTYPES, OBJECT_COLUMNS, check_targets, mask_page, object_row, output_format,
+                                      output_names, result_files, result_targets)
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.preflight import check_results, check_slices_fit
-from emunet.inference.segment import segment_probabilities
-from emunet.inference.tiling import plan_tiles
+from emunet.inference.segment import instance_mode
+from emunet.inference.stitch import local_pairs, merge_measures, merge_pairs
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
 FACTS = "stack long, slices long, height long, width long, low double, high double, error string"
-SLICES = "stack long, mask binary, slice long, objects long, total_area long, mean_area double, areas string"
-TABLE = "stack long, slice long, objects long, total_area long, mean_area double, areas string"
+# The blocks' images of a TIFF result: one slice deep, so the TIFF is read back a slice at a time, and
+# y / x as OME-Zarr's default (blocks are multiples of it).
+SCRATCH_CHUNKS = (1, 512, 512)
 
 
 @dataclass(frozen=True)
 class PredictSparkConfig:
-    """Segment many stacks on a Spark cluster; same options and outputs as `predict` (masks, objects)."""
+    """Segment many stacks on a Spark cluster; same options and outputs as `predict`."""
 
     model_uri: str = "models:/em-unet@champion"
     input: str = ""  # stack files or folders, comma-separated, or a .txt file listing one per line
     output_dir: str = "predictions"
-    # Slices per task. 32 slices of 1024 x 1024 are about half a minute on 2 CPU cores: long enough to
-    # hide task overhead, short enough that a 200-slice stack spreads over 7 executors.
+    # Most slices of a task's block. 32 slices of 1024 x 1024 are about half a minute on 2 CPU cores: long
+    # enough to hide task overhead, short enough that a 200-slice stack spreads over 7 executors.
     chunk_slices: int = 32
     threshold: float = DEFAULTS.threshold
     tile_size: int = DEFAULTS.tile_size
     overlap: float = DEFAULTS.overlap
     batch_size: int = DEFAULTS.batch_size
     tta: str = DEFAULTS.tta
+    save_probability: bool = False  # also write <name>_prob (float32, 4x the mask's size), as predict
     min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice, as in predict
     seed_threshold: float = DEFAULTS.seed_threshold  # as in predict: touching cells counted apart
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
     engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
     precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
+    save_labels: bool = False  # also write <name>_labels (uint32 instance ids, one per cell in the volume)
     output_format: str = "auto"  # as in predict: auto (OME-Zarr for a Zarr input, else TIFF), tif or zarr
+    level: str = ""  # as in predict: level of an OME-Zarr multiscale input; "" = 0, full resolution
+    region: str = ""  # as in predict: z0:z1,y0:y1,x0:x1, segment only this block of every input; "" = all
+    # GiB one task's block may take (y and x are split to fit). 0: half the memory free on the driver,
+    # shared by the tasks a local master runs at once (executors like the driver are assumed).
+    memory_gb: float = 0.0
     master: str = ""  # "" = what spark-submit or spark-defaults.conf say (local[*] under plain python)
     experiment: str = DEFAULT_EXPERIMENT
 
@@ -98,50 +121,25 @@ def input_paths(spec: str) -> list[Path]:
     return [p.absolute() for p in paths]
 
 
-def block_step(slices_per_pass: int, chunk_depth: int | None) -> int:
-    """The multiple every task's block of slices is cut at: the tiler's slices per forward pass (so that
-    chunks batch slices as one pass over the stack does) and, for OME-Zarr output, the chunk depth (so
-    that each task owns whole chunks)."""
-    return math.lcm(slices_per_pass, chunk_depth) if chunk_depth else slices_per_pass
-
-
-def chunk_bounds(slices: int, chunk_slices: int, step: int) -> list[tuple[int, int]]:
-    """`(z_start, z_end)` rows covering `slices`, each `chunk_slices` rounded up to a multiple of `step`."""
-    size = -(-max(1, chunk_slices) // step) * step
-    return [(z, min(z + size, slices)) for z in range(0, slices, size)]
-
-
-class SliceRange:
-    """Slices `[start, end)` of a lazily read stack, indexed like a stack: the tiler reads a few slices
-    at a time, so a task holds one forward pass of pixels, not its whole chunk."""
-
-    def __init__(self, stack, start: int, end: int):
-        self.stack, self.start = stack, start
-        self.shape = (end - start, *stack.shape[1:])
-
-    def __getitem__(self, key: slice) -> np.ndarray:
-        a, b, _ = key.indices(self.shape[0])
-        return np.asarray(self.stack[self.start + a:self.start + b])
-
-
 @functools.lru_cache(maxsize=1)
 def _segmenter(model_dir: str):
     """The pyfunc's segmenter, loaded once per Python worker (Spark reuses workers across tasks)."""
     return load_segmenter(model_dir)
 
 
-def _with_stack(path: str, use):
-    with open_volume(path) as stack:
+def _with_stack(path: str, use, where: dict | None = None):
+    with open_volume(path, **(where or {})) as stack:
         return use(stack)
 
 
-def stack_facts(frames):
-    """mapInPandas, rows `(stack, path)` -> shape and whole-stack percentiles, or why it is unreadable."""
+def stack_facts(frames, where: dict | None = None):
+    """mapInPandas, rows `(stack, path)` -> shape and whole-stack percentiles (of the `level` and `region`
+    in `where`), or why it is unreadable."""
     for frame in frames:
         rows = []
         for index, path in zip(frame["stack"], frame["path"]):
             try:
-                shape, (low, high) = _with_stack(path, lambda s: (s.shape, stack_stats(s)))
+                shape, (low, high) = _with_stack(path, lambda s: (s.shape, stack_stats(s)), where)
                 rows.append((index, *shape, low, high, ""))
             except InputError as exc:
                 text = str(exc)
@@ -149,52 +147,111 @@ def stack_facts(frames):
         yield pd.DataFrame(rows, columns=_columns(FACTS))
 
 
-def _segment_range(stack, row, segmenter, params: SegmentParams) -> list[tuple]:
-    """Rows of SLICES for the block, through the one segmentation path; with a `row.target` (an OME-Zarr
-    image) the masks are written there, not returned."""
-    # The block's slices with the context they have in the whole stack (a 2.5-D model's neighbours).
-    params = params.replace(low=row.low, high=row.high)
-    probs = segmenter.probabilities(stack, params, row.z_start, row.z_end)
-    results = segment_probabilities(probs, params, voxel_size=getattr(stack, "voxel_size", None))
-    out = []
-    with SliceWriter(open_image(row.target), start=row.z_start) if row.target else contextlib.nullcontext() as write:
-        for result in results:
-            z = row.z_start + result.z  # results count from 0 within the block
-            if write:
-                write(z, mask_page(result.mask))
-            out.append((row.stack, b"" if write else np.packbits(result.mask).tobytes(), *object_row(z, result.areas)))
-    return out
+@dataclass(frozen=True)
+class StackPlan:
+    """What every task of one stack needs (broadcast once): where to read it, its window, its blocks with
+    their overlaps, the slices' tile plan, the labelling mode, and the images its blocks write
+    (`{kind: path}`: "mask", "prob", "labels" as asked, and "local", the blocks' own ids)."""
+
+    path: str
+    low: float
+    high: float
+    blocks: list
+    overlaps: list
+    of_block: dict
+    tiles: object
+    mode: str
+    images: dict
 
 
-def segment_chunks(frames, params: SegmentParams):
-    """mapInPandas, rows `(stack, path, z_start, z_end, low, high, target)` -> one row per slice: the mask as
-    packed bits (or, with a `target`, written into that OME-Zarr image) and its objects, computed as
-    `predict` computes them. Why not `mlflow.pyfunc.spark_udf`:
-    it hands the pyfunc's `predict` a batch of rows, and `predict` normalises what it is given by that
-    input's own percentiles; here each chunk needs its whole stack's, which only the segmenter's
-    `probabilities(stack, params)` accepts, and a chunk reads its own pixels from its path."""
+def spark_blocks(shape, params: SegmentParams, multiple: int, budget: float, mode: str, chunks, chunk_slices: int):
+    """`(blocks, tiles)` of a `(Z, Y, X)` stack for the tasks: `blockplan.plan_for` in `budget` bytes with
+    sides in whole `chunks`, at most `chunk_slices` deep (rounded down to whole chunks, one at least)."""
+    blocks, tiles = plan_for(shape, params, multiple, budget, mode=mode, chunks=chunks)
+    depth, height, width = (b - a for a, b in blocks[0].core)
+    if depth > chunk_slices:
+        blocks = plan_blocks(shape, (chunk_slices, height, width), halo_for(mode), chunks)
+    return blocks, tiles
+
+
+def label_task(item, plans, params: SegmentParams, where: dict):
+    """Stage 2, one block `(stack, n)`: label it (`blocktask.label_in_block`), write its core's mask, its
+    probabilities (when asked) and its local ids into the stack's images; returns `(stack, n, id_count,
+    sizes, slabs)`, the slabs being its overlaps' labels."""
+    stack, n = item
+    plan = plans.value[stack]
+    block = plan.blocks[n]
     segmenter = _segmenter(SparkFiles.get(MODEL_ARCHIVE))
-    for frame in frames:
-        for row in frame.itertuples(index=False):
-            run = functools.partial(_segment_range, row=row, segmenter=segmenter, params=params)
-            yield pd.DataFrame(_with_stack(row.path, run), columns=_columns(SLICES))
+    params = params.replace(low=plan.low, high=plan.high)
+    with open_volume(plan.path, **where) as volume:
+        part = label_in_block(segmenter.forward_for(params), volume, plan.tiles, plan.low, plan.high, block, params,
+                              plan.mode, plan.overlaps, plan.of_block.get(n, []), int(getattr(segmenter, "context", 0)))
+    core = box_slices(block.core)
+    open_image(plan.images["mask"])[core] = mask_page(part.prob >= params.threshold)
+    if "prob" in plan.images:
+        open_image(plan.images["prob"])[core] = part.prob
+    open_image(plan.images["local"])[core] = part.labels
+    return stack, n, part.id_count, part.sizes, part.slabs
 
 
-def write_mask_stack(frame: pd.DataFrame, out_dir: str, shapes: dict) -> pd.DataFrame:
-    """applyInPandas per stack: write `<name>_mask.tif` from its slices (unless the stack's masks went
-    to OME-Zarr in stage 2) and return its rows of the objects table. `shapes[stack]` is `(name, slices,
-    height, width, calibration)`. Each task attempt writes to a temporary name of its own and renames it
-    when complete, so a retried or speculative attempt never writes into another's file."""
-    frame = frame.sort_values("slice")
-    name, slices, height, width, calibration = shapes[int(frame["stack"].iloc[0])]
-    if frame["slice"].tolist() != list(range(slices)):
-        raise RuntimeError(f"{name}: got slices {frame['slice'].tolist()} of {slices}")
-    if calibration.get("fmt") != "zarr":
-        with result_files(Path(out_dir), name, objects=False, voxel_size=calibration.get("voxel_size"),
-                          unit=calibration.get("unit")) as add:
-            for z, packed in zip(frame["slice"], frame["mask"]):
-                add(z, np.unpackbits(np.frombuffer(packed, np.uint8), count=height * width).reshape(height, width))
-    return frame.drop(columns="mask")
+def pairs_task(item):
+    """Stage 3, one overlap: `((stack, overlap), [(block, labels), (block, labels)])` -> `(stack, a, b,
+    pairs)` of `stitch.local_pairs` (a < b)."""
+    (stack, _), sides = item
+    (a, first), (b, second) = sorted(sides, key=lambda side: side[0])
+    return stack, a, b, local_pairs(first, second)
+
+
+def relabel_task(item, plans, tables):
+    """Stage 4, one block `(stack, n)`: its core in volume ids (written to "labels" when asked); returns
+    `(stack, measures, slice counts)` (`blocktask.relabel_in_block`)."""
+    stack, n = item
+    plan = plans.value[stack]
+    block = plan.blocks[n]
+    local = np.asarray(open_image(plan.images["local"])[box_slices(block.core)])
+    ids, measures, counts = relabel_in_block(local, tables.value[(stack, n)], block.core)
+    if "labels" in plan.images:
+        open_image(plan.images["labels"])[box_slices(block.core)] = ids
+    return stack, measures, counts
+
+
+def tiff_task(job):
+    """Stage 5, one stack `(out_dir, name, images, calibration)`: its TIFF results from its blocks' images,
+    a slice at a time, written as `predict` writes them (`outputs.result_files`)."""
+    out_dir, name, images, calibration = job
+    arrays = {kind: open_image(path) for kind, path in images.items() if kind != "local"}
+    with result_files(Path(out_dir), name, probability="prob" in arrays, objects=False, labels="labels" in arrays,
+                      voxel_size=calibration["voxel_size"], unit=calibration["unit"]) as add:
+        for z in range(arrays["mask"].shape[0]):
+            page = {kind: np.asarray(array[z]) for kind, array in arrays.items()}
+            add(z, page["mask"], page.get("prob"), None, page.get("labels"))
+    return name
+
+
+def _collect(spark, rdd, total: int, desc: str) -> list:
+    """`rdd.collect()` with a bar of its tasks done out of `total` (one task a block) and the time left,
+    read from Spark's status tracker while the job runs."""
+    context, group = spark.sparkContext, f"em-unet-{uuid.uuid4().hex}"
+
+    def run():
+        context.setJobGroup(group, desc)
+        return rdd.collect()
+
+    with ThreadPoolExecutor(1) as pool, tqdm(total=total, desc=desc, unit="block") as bar:
+        future = pool.submit(run)
+        while not future.done():
+            tracker = context.statusTracker()
+            done = 0
+            for job in tracker.getJobIdsForGroup(group):
+                info = tracker.getJobInfo(job)
+                for stage in (info.stageIds if info else []):
+                    stage_info = tracker.getStageInfo(stage)
+                    done += stage_info.numCompletedTasks if stage_info else 0
+            bar.update(min(done, total) - bar.n)
+            time.sleep(0.5)
+        out = future.result()
+        bar.update(total - bar.n)
+    return out
 
 
 def _zip_code(folder: Path) -> str:
@@ -217,112 +274,155 @@ def _fetch_model(model_uri: str, folder: Path) -> Path:
         raise InputError(f"{model_uri}: cannot load the model ({exc.message})") from exc
 
 
-def _write_table(table: pd.DataFrame, names: list[str], target: Path) -> None:
+def _write_csv(target: Path, rows: list[list]) -> None:
     with atomic_write(target) as tmp, open(tmp, "w", newline="") as out:
-        writer = csv.writer(out)
-        writer.writerow(["stack", "slice", "objects", "total_area", "mean_area", "areas"])
-        for row in table.sort_values(["stack", "slice"]).itertuples(index=False):
-            writer.writerow([names[row.stack], row.slice, row.objects, row.total_area,
-                             row.mean_area if row.objects else 0, row.areas])
+        csv.writer(out).writerows(rows)
+
+
+def _reads(cfg) -> dict:
+    return {"level": cfg.level, "region": cfg.region}
+
+
+def _budget(cfg) -> float:
+    return cfg.memory_gb * 2**30 if cfg.memory_gb > 0 else default_memory_budget()
 
 
 def _checked_inputs(cfg: PredictSparkConfig) -> tuple[list[Path], list[str], list[str]]:
     """Input paths, output names and formats ("tif", "zarr"), refused before any Spark work if missing,
     clashing (two inputs, one name; a result onto or inside what is read, or onto a file em-unet did not
-    write) or too large to segment a slice at a time."""
+    write) or too large to segment even by blocks."""
     paths = input_paths(cfg.input)
     if not paths:
         raise InputError("no input given: pass input=a.tif,b.tif or input=stacks.txt (one path per line)")
     missing = [str(p) for p in paths if not stack_exists(p)]
     if missing:
         raise InputError(f"{len(missing)} input(s) not found: {', '.join(missing[:5])}")
-    SegmentParams.from_config(cfg)  # checked before any Spark work
+    params = SegmentParams.from_config(cfg)  # checked before any Spark work
     if cfg.chunk_slices < 1:
         raise InputError(f"chunk_slices must be at least 1, got {cfg.chunk_slices}")
+    if cfg.memory_gb < 0:
+        raise InputError(f"memory_gb must be 0 (half the memory free) or more, got {cfg.memory_gb}")
     names = output_names(paths)
     formats = [output_format(cfg.output_format, p) for p in paths]
     out_dir = Path(cfg.output_dir).absolute()
-    check_results(paths, out_dir, names, formats, objects=False, extra=[out_dir / "objects.csv"])
-    check_slices_fit(paths)  # on the driver: executors like it are assumed
+    check_results(paths, out_dir, names, formats, cfg.save_probability, cfg.save_labels,
+                  extra=[out_dir / "objects.csv"])
+    # On the driver (executors like it are assumed): the smallest block must fit the budget.
+    check_slices_fit(paths, budget=_budget(cfg), params=params, **_reads(cfg))
     return paths, names, formats
 
 
-def calibrations(paths: list[Path], formats: list[str]) -> list[dict]:
+def calibrations(paths: list[Path], formats: list[str], where: dict) -> list[dict]:
     """Per input, what its results keep of it: `{"fmt", "voxel_size", "unit", "chunks"}` (the driver reads
     only metadata: every format opens lazily)."""
     out = []
     for path, fmt in zip(paths, formats):
-        with open_volume(path) as volume:
+        with open_volume(path, **where) as volume:
             out.append({"fmt": fmt, "voxel_size": volume.voxel_size, "unit": volume.unit, "chunks": volume.chunks})
     return out
 
 
-def zarr_images(stack: contextlib.ExitStack, out_dir: Path, names: list[str], facts: pd.DataFrame,
-                calibration: list[dict]) -> dict[int, str]:
-    """`{stack: temporary OME-Zarr image}` for the stacks whose masks go to OME-Zarr, made empty here (the
-    driver) and renamed onto `<name>_mask.ome.zarr` when `stack` closes without an error."""
+def stack_images(stack: contextlib.ExitStack, scratch: Path, out_dir: Path, name: str, shape, cal: dict,
+                 cfg: PredictSparkConfig) -> tuple[dict, tuple]:
+    """`({kind: empty image}, chunks)` for one stack's blocks to write: OME-Zarr results are made at
+    temporary names renamed onto `<name>_<kind>.ome.zarr` when `stack` closes without an error; a TIFF
+    result's images, and the blocks' local ids, go to `scratch` (removed at the end)."""
+    targets = result_targets(out_dir, name, cfg.save_probability, False, cfg.save_labels, fmt=cal["fmt"])
+    chunks = chunking(shape, cal["chunks"] if cal["fmt"] == "zarr" else SCRATCH_CHUNKS)
     images = {}
-    for f in facts.itertuples():
-        cal = calibration[f.stack]
-        if cal["fmt"] == "zarr":
-            tmp = stack.enter_context(atomic_write(result_targets(out_dir, names[f.stack], objects=False,
-                                                                  fmt="zarr")["mask"]))
-            create_image(tmp, (int(f.slices), int(f.height), int(f.width)), np.uint8, cal["chunks"],
-                         cal["voxel_size"], cal["unit"], name=f"{names[f.stack]}_mask")
-            images[int(f.stack)] = str(tmp)
-    return images
+    for kind, target in targets.items():
+        path = stack.enter_context(atomic_write(target)) if cal["fmt"] == "zarr" else scratch / f"{name}_{kind}.zarr"
+        create_image(path, shape, DTYPES[kind], chunks, cal["voxel_size"], cal["unit"], name=f"{name}_{kind}")
+        images[kind] = str(path)
+    images["local"] = str(scratch / f"{name}_local.zarr")
+    create_image(images["local"], shape, np.int32, chunks)
+    return images, chunks
 
 
-def plan_chunks(facts: pd.DataFrame, paths: list[Path], multiple: int, cfg: PredictSparkConfig,
-                images: dict[int, str] | None = None) -> list[tuple]:
-    """Rows `(stack, path, z_start, z_end, low, high, target)` for every stack of `facts` (the first stage's
-    output); `target` is the stack's OME-Zarr image from `images` (blocks then start on its chunks) or ""."""
-    rows, images = [], images or {}
-    for f in facts.sort_values("stack").itertuples():
-        target = images.get(int(f.stack), "")
-        per_pass = plan_tiles(int(f.height), int(f.width), cfg.tile_size, multiple, cfg.overlap,
-                              cfg.batch_size).slices_per_pass
-        step = block_step(per_pass, open_image(target).chunks[0] if target else None)
-        rows += [(int(f.stack), str(paths[f.stack]), z0, z1, float(f.low), float(f.high), target)
-                 for z0, z1 in chunk_bounds(int(f.slices), cfg.chunk_slices, step)]
-    return rows
-
-
-def _segment_on_spark(spark, paths: list[Path], names: list[str], formats: list[str], model_dir: Path,
-                      multiple: int, cfg: PredictSparkConfig, out_dir: Path, tmp: Path, images: contextlib.ExitStack
-                      ) -> tuple[pd.DataFrame, int]:
-    """The three stages; returns the objects table (one row per slice) and the number of chunks. OME-Zarr
-    results are made in `images` (renamed into place when it closes)."""
+def _tasks_at_once(spark) -> int:
+    """Tasks that share one machine's memory: a local master's cores, else an executor's."""
     context = spark.sparkContext
+    if context.master.startswith("local"):
+        return max(1, context.defaultParallelism)
+    return max(1, int(context.getConf().get("spark.executor.cores", "1")))
+
+
+def _segment_on_spark(spark, paths, names, formats, model_dir: Path, multiple: int, cfg: PredictSparkConfig,
+                      out_dir: Path, tmp: Path, images: contextlib.ExitStack, scratch: Path) -> dict:
+    """The five stages; returns `{"blocks", "slices", "rows": objects rows per stack, "cells"}`."""
+    context, where = spark.sparkContext, _reads(cfg)
     context.addPyFile(_zip_code(tmp))
     context.addArchive(shutil.make_archive(str(tmp / MODEL_ARCHIVE.removesuffix(".zip")), "zip", model_dir))
     listed = context.parallelize([(i, str(p)) for i, p in enumerate(paths)], len(paths))
-    facts = spark.createDataFrame(listed, "stack long, path string").mapInPandas(stack_facts, FACTS).toPandas()
+    facts = spark.createDataFrame(listed, "stack long, path string").mapInPandas(
+        lambda frames: stack_facts(frames, where), FACTS).toPandas().sort_values("stack")
     if (facts["error"] != "").any():
         raise InputError("; ".join(facts.loc[facts["error"] != "", "error"]))
-    calibration = calibrations(paths, formats)
-    rows = plan_chunks(facts, paths, multiple, cfg, zarr_images(images, out_dir, names, facts, calibration))
-    chunks = spark.createDataFrame(context.parallelize(rows, len(rows)),  # one chunk per task, in order
-                                   "stack long, path string, z_start long, z_end long, low double, high double, "
-                                   "target string")
-    shapes = {int(f.stack): (names[f.stack], int(f.slices), int(f.height), int(f.width), calibration[f.stack])
-              for f in facts.itertuples()}
-    params, target = SegmentParams.from_config(cfg), str(out_dir)
-    segmented = chunks.mapInPandas(lambda frames: segment_chunks(frames, params), SLICES)
-    table = segmented.groupBy("stack").applyInPandas(lambda frame: write_mask_stack(frame, target, shapes), TABLE)
-    return table.toPandas(), len(rows)
+    calibration = calibrations(paths, formats, where)
+    params = SegmentParams.from_config(cfg)
+    budget = (cfg.memory_gb * 2**30) if cfg.memory_gb > 0 else default_memory_budget() / _tasks_at_once(spark)
+    plans, items, depths = {}, [], {int(f.stack): int(f.slices) for f in facts.itertuples()}
+    for f in facts.itertuples():
+        i, shape, cal = int(f.stack), (int(f.slices), int(f.height), int(f.width)), calibration[int(f.stack)]
+        mode = instance_mode(params, cal["voxel_size"])
+        stack_files, chunks = stack_images(images, scratch, out_dir, names[i], shape, cal, cfg)
+        try:
+            blocks, tiles = spark_blocks(shape, params, multiple, budget, mode, chunks, cfg.chunk_slices)
+        except ValueError as exc:  # the budget is below the smallest block (with this model's tiles)
+            raise InputError(f"{paths[i]}: {exc}; pass a larger memory_gb") from None
+        overlaps = plan_overlaps(blocks)
+        plans[i] = StackPlan(str(paths[i]), float(f.low), float(f.high), blocks, overlaps, overlaps_by_block(overlaps),
+                             tiles, mode, stack_files)
+        items += [(i, n) for n in range(len(blocks))]
+        print(f"{names[i]}: {shape[0]} x {shape[1]} x {shape[2]} in {len(blocks)} blocks of up to "
+              f"{' x '.join(str(b - a) for a, b in blocks[0].core)} ({mode} objects)", flush=True)
+    shared = context.broadcast(plans)
+    labelled = context.parallelize(items, len(items)).map(
+        lambda item: label_task(item, shared, params, where)).persist(StorageLevel.MEMORY_AND_DISK)
+    found = _collect(spark, labelled.map(lambda r: r[:4]), len(items), "label blocks")
+    slabs = labelled.flatMap(lambda r: [((r[0], o), (r[1], slab)) for o, slab in r[4].items()])
+    pairs = slabs.groupByKey(max(1, min(len(items), context.defaultParallelism * 4))).map(
+        lambda kv: pairs_task((kv[0], list(kv[1])))).collect()
+    labelled.unpersist()
+    tables = {}
+    for i, plan in plans.items():
+        mine = sorted((n, count, sizes) for stack, n, count, sizes in found if stack == i)
+        stack_tables = merge_pairs([(a, b, p) for stack, a, b, p in pairs if stack == i],
+                                   [count for _, count, _ in mine], [sizes for _, _, sizes in mine])
+        tables.update({(i, n): table for n, table in enumerate(stack_tables)})
+    shared_tables = context.broadcast(tables)
+    parts = _collect(spark, context.parallelize(items, len(items)).map(
+        lambda item: relabel_task(item, shared, shared_tables)), len(items), "write blocks")
+    rows, cells = {}, 0
+    for i, plan in plans.items():
+        measures = merge_measures([m for stack, m, _ in parts if stack == i], calibration[i]["voxel_size"],
+                                  calibration[i]["unit"])
+        counts = [c for stack, _, c in parts if stack == i]
+        areas = slice_areas(np.concatenate(counts) if counts else np.zeros((0, 3), np.int64), depths[i])
+        rows[i] = [object_row(z, a) for z, a in enumerate(areas)]
+        _write_csv(out_dir / f"{names[i]}_instances.csv", [MEASURE_COLUMNS, *measures])
+        _write_csv(out_dir / f"{names[i]}_objects.csv", [OBJECT_COLUMNS, *rows[i]])
+        cells += len(measures)
+    tiffs = [(str(out_dir), names[i], plan.images, calibration[i]) for i, plan in plans.items()
+             if calibration[i]["fmt"] == "tif"]
+    if tiffs:
+        context.parallelize(tiffs, len(tiffs)).map(tiff_task).collect()
+    return {"blocks": len(items), "slices": sum(depths.values()), "rows": rows, "cells": cells}
 
 
 def predict_spark(cfg: PredictSparkConfig) -> dict:
-    """Run the step. Returns `{"run_id", "outputs", "slices"}`; writes `<name>_mask.tif` per input and
-    `objects.csv` (columns stack, slice, objects, total_area, mean_area, areas) into `output_dir`."""
+    """Run the step. Returns `{"run_id", "outputs", "slices", "blocks"}`; writes per input what `predict`
+    writes (`<name>_mask`, with `save_probability` `<name>_prob`, with `save_labels` `<name>_labels`,
+    `<name>_objects.csv`, `<name>_instances.csv`) and `objects.csv` (columns stack, slice, objects,
+    total_area, mean_area, areas: all stacks) into `output_dir`."""
     from pyspark.sql import SparkSession
 
     paths, names, formats = _checked_inputs(cfg)
     out_dir = output_folder(Path(cfg.output_dir).absolute())
     for name, fmt in zip(names, formats):
-        check_targets(result_targets(out_dir, name, objects=False, fmt=fmt), fmt)
+        check_targets(result_targets(out_dir, name, cfg.save_probability, True, cfg.save_labels, fmt), fmt)
     check_targets({"table": out_dir / "objects.csv"}, "tif")
+    scratch = out_dir / f".emunet-spark-{uuid.uuid4().hex[:12]}.partial"  # seen by every executor
     with step_run("predict_spark", cfg.experiment) as run, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as images:
         log_config(cfg)
@@ -330,20 +430,27 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
         multiple = int(load_segmenter(str(model_dir)).meta["multiple_of"])  # also: refuse a bad model early
         mlflow.set_tag("model_run_id", mlflow.models.Model.load(str(model_dir)).run_id or "")
         ours = SparkSession.getActiveSession() is None  # a session we start, we stop; a caller's stays
-        builder = SparkSession.builder.appName("em-unet predict_spark")
+        # Spark's own console bar would write over the driver's bars of blocks.
+        builder = SparkSession.builder.appName("em-unet predict_spark").config("spark.ui.showConsoleProgress", "false")
         spark = (builder.master(cfg.master) if cfg.master else builder).getOrCreate()
         try:
+            scratch.mkdir()
             start = time.time()
-            table, chunks = _segment_on_spark(spark, paths, names, formats, model_dir, multiple, cfg, out_dir, Path(tmp),
-                                              images)
+            done = _segment_on_spark(spark, paths, names, formats, model_dir, multiple, cfg, out_dir, Path(tmp),
+                                     images, scratch)
             seconds = time.time() - start
         finally:
+            remove(scratch)
             if ours:
                 spark.stop()
-        _write_table(table, names, out_dir / "objects.csv")
-        mlflow.log_metrics({"stacks": len(paths), "slices": len(table), "slices_per_sec": len(table) / seconds})
-        print(f"wrote {len(paths)} segmentation(s) ({len(table)} slices, {chunks} chunks) to {out_dir}")
-        return {"run_id": run.info.run_id, "outputs": sorted(str(p) for p in out_dir.iterdir()), "slices": len(table)}
+        _write_csv(out_dir / "objects.csv", [["stack", *OBJECT_COLUMNS]] +
+                   [[names[i], *row] for i in sorted(done["rows"]) for row in done["rows"][i]])
+        mlflow.log_metrics({"stacks": len(paths), "slices": done["slices"], "blocks": done["blocks"],
+                            "cells": done["cells"], "slices_per_sec": done["slices"] / seconds})
+        print(f"wrote {len(paths)} segmentation(s) ({done['slices']} slices, {done['blocks']} blocks, "
+              f"{done['cells']} cells) to {out_dir}")
+        return {"run_id": run.info.run_id, "outputs": sorted(str(p) for p in out_dir.iterdir()),
+                "slices": done["slices"], "blocks": done["blocks"]}
 
 
 if __name__ == "__main__":

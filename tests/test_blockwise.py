@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from emunet.inference.blockwise import block_bytes, plan_for, segment_in_blocks
+from emunet.inference.blockplan import block_bytes, plan_for
+from emunet.inference.blockwise import segment_in_blocks
 from emunet.inference.params import SegmentParams
 from emunet.inference.segment import Segmenter, Truth, VolumeScores, segment_volume
 
@@ -141,7 +142,7 @@ def test_blocks_of_a_16384_slice_fit_a_budget_of_one_and_a_half_gigabytes():
 
 
 def test_only_slices_or_3d_volumes_beyond_the_budget_go_by_blocks():
-    from emunet.inference.blockwise import needs_blocks
+    from emunet.inference.blockplan import needs_blocks
 
     params = SegmentParams(instances="2d")
     assert needs_blocks((1, 16384, 16384), params, 16, 1.5e9)
@@ -200,7 +201,7 @@ def test_a_budget_below_the_smallest_block_names_both():
 def test_a_25d_networks_channels_are_each_slice_with_its_mirrored_neighbours():
     """A 2.5-D network (context k) takes slice z with z-k..z+k as channels, mirrored at the ends, as the
     whole-volume path gives them (`emunet.inference.context`)."""
-    from emunet.inference.blockwise import block_probabilities
+    from emunet.inference.blocktask import block_probabilities
     from emunet.inference.context import context_stack
     from emunet.inference.tiling import plan_tiles
 

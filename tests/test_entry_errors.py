@@ -64,6 +64,8 @@ CASES = [
     ("predict", ["--input", "ok.tif", "--labels", "ok_gt.tif,ok_gt.tif"], "got 1 input stacks but 2 label stacks"),
     ("predict", ["--input", "nothere.tif"], "nothere.tif: file not found"),
     ("predict_spark", ["--input", "ok.tif", "--chunk_slices", "0"], "chunk_slices must be at least 1"),
+    ("predict_spark", ["--input", "ok.tif", "--memory_gb", "-1"], "memory_gb must be 0"),
+    ("predict_spark", ["--input", "ok.tif", "--region", "0:5"], "region"),
     ("predict_spark", ["--input", "ok.tif", "--output_dir", "afile"], "output_dir"),
     ("main", ["--epochs", "0"], "epochs must be at least 1"),
     ("main", ["--synthetic_shape", "8,0,8"], "synthetic_shape must be Z,H,W"),

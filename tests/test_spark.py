@@ -1,11 +1,11 @@
-"""`predict_spark` on a real local Spark (`local[2]`): several stacks, one cut into chunks, give the very
-masks and object counts of the single-machine `predict` with the same registered model."""
+"""`predict_spark` on a real local Spark (`local[2]`): stacks cut into blocks in z, y and x give the very
+masks and probabilities of the single-machine `predict` with the same registered model, and the same
+cells (instance labels, instances and objects tables) up to their numbering."""
 
 import csv
-import os
 import shutil
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -16,44 +16,15 @@ import tifffile
 
 from emunet.core.io import open_volume
 from emunet.core.normalize import stack_stats
-from serving.predict import PredictConfig, predict
-from serving.predict_spark import SliceRange, chunk_bounds, input_paths, stack_facts, write_mask_stack
+from emunet.inference.blocktask import slice_areas, slice_counts
 from emunet.inference.outputs import result_files
-from emunet.inference.tiling import iter_probabilities, plan_tiles
-from tests.conftest import ROOT, run_module
+from emunet.inference.params import SegmentParams
+from serving.predict import PredictConfig, predict
+from serving.predict_spark import PredictSparkConfig, input_paths, predict_spark, spark_blocks, stack_facts
+from tests.conftest import run_module
+from tests.test_blockwise import bijection
 from tests.test_io_formats import write_ome_zarr
 from tests.test_zarr_output import read_image
-
-
-def forward_passes(stack, bounds, **options) -> list[tuple]:
-    """The slices in each forward pass of the tiler over `stack` cut at `bounds` (slice z holds value z)."""
-    passes = []
-
-    def record(tiles):
-        passes.append(tuple(int(round(t.mean() * (len(stack) - 1))) for t in tiles))
-        return tiles
-
-    low, high = stack_stats(stack)
-    for z0, z1 in bounds:
-        list(iter_probabilities(record, SliceRange(stack, z0, z1), low, high, **options))
-    return passes
-
-
-@pytest.mark.parametrize("shape, tile_size", [((11, 64, 64), 1024), ((9, 40, 57), 1024), ((7, 100, 150), 64)])
-def test_aligned_chunks_make_the_forward_passes_of_the_whole_stack(shape, tile_size):
-    stack = np.broadcast_to(np.arange(shape[0], dtype=np.float32)[:, None, None], shape)
-    step = plan_tiles(shape[1], shape[2], tile_size, 4, batch_size=4).slices_per_pass
-    options = dict(tile_size=tile_size, batch_size=4, multiple=4)
-    whole = forward_passes(stack, [(0, shape[0])], **options)
-    assert forward_passes(stack, chunk_bounds(shape[0], 3, step), **options) == whole
-    if step > 1:  # chunks of 3 slices that ignore the step would batch slices differently
-        assert forward_passes(stack, chunk_bounds(shape[0], 3, 1), **options) != whole
-
-
-def test_chunk_bounds_cover_the_stack_in_multiples_of_the_step():
-    assert chunk_bounds(11, 4, 4) == [(0, 4), (4, 8), (8, 11)]
-    assert chunk_bounds(11, 3, 4) == [(0, 4), (4, 8), (8, 11)]
-    assert chunk_bounds(5, 32, 1) == [(0, 5)]
 
 
 def test_input_list_file_resolves_relative_lines(tmp_path):
@@ -62,81 +33,145 @@ def test_input_list_file_resolves_relative_lines(tmp_path):
     assert input_paths(str(tmp_path / "lists" / "stacks.txt")) == [tmp_path / "lists" / "a.tif", Path("/data/b.tif")]
 
 
+CELLS = {"big": ((192, 192), 70),  # across all eight blocks
+         "neighbour": ((192, 300), 40),  # touches BIG across a thin membrane
+         "near_x_face": ((60, 176), 10),  # in the first block's core; the blocks across x = 192 see it in their halo only
+         "near_y_face": ((176, 40), 10),  # the same across y = 192
+         "small": ((320, 320), 15), "other": ((300, 60), 12)}
+
+
+def cells_volume(shape=(8, 384, 384)) -> np.ndarray:
+    """Bright cells (`CELLS`) on a dark background, BIG and NEIGHBOUR parted by a two-pixel membrane;
+    the cells shift a little from slice to slice, as sections do."""
+    yy, xx = np.indices(shape[1:])
+    out = np.full(shape, 30, np.uint8)
+    for z in range(shape[0]):
+        plane = np.zeros(shape[1:], bool)
+        for (y, x), r in CELLS.values():
+            plane |= (yy - y - z % 3 + 1) ** 2 + (xx - x) ** 2 <= r * r
+        plane[:, 261:263] = False
+        out[z][plane] = 220
+    return out
+
+
 def stacks(folder):
-    """Three inputs: a uint16 stack larger than a chunk whose brightness climbs with depth (so statistics
-    of one chunk differ from the stack's), a small uint8 stack, and a float `.npy` stack."""
+    """Two inputs: an OME-Zarr volume (`cells_volume`, chunks 4 x 192 x 192: 2 x 2 x 2 blocks of one chunk
+    each), and a uint16 TIFF stack of synthetic EM cells whose brightness climbs with depth (so statistics
+    of one block differ from the stack's), cut into blocks in z only."""
     from emunet.core.synthetic import synthetic_stack
 
-    image, _ = synthetic_stack(3, 0, (10, 64, 64))
-    ramp = (image.astype(np.float32) * np.linspace(2, 60, 10)[:, None, None]).astype(np.uint16)
+    write_ome_zarr(folder / "cells.ome.zarr", cells_volume(), scale=(0.05, 0.01, 0.01), levels=1, chunks=(4, 192, 192))
+    deep, _ = synthetic_stack(3, 1, (10, 64, 64))
+    ramp = (deep.astype(np.float32) * np.linspace(2, 60, 10)[:, None, None]).astype(np.uint16)
     tifffile.imwrite(folder / "deep.tif", ramp, photometric="minisblack")
-    small, _ = synthetic_stack(3, 1, (3, 40, 57))
-    tifffile.imwrite(folder / "small.tif", small, photometric="minisblack")
-    np.save(folder / "floaty.npy", synthetic_stack(3, 2, (5, 48, 48))[0].astype(np.float32) / 7)
-    return ["deep", "small", "floaty"], [folder / "deep.tif", folder / "small.tif", folder / "floaty.npy"]
+    return ["cells", "deep"], [folder / "cells.ome.zarr", folder / "deep.tif"]
 
 
-def mlflow_run(cwd: Path, store: str, *args: str) -> subprocess.CompletedProcess:
-    """`mlflow run . <args>` as a user types it; `python` in the MLproject command is this interpreter."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    for leftover in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # set by earlier tests
-        env.pop(leftover, None)
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-                           "--experiment-name", "em-unet", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+def brightness_model(name: str) -> str:
+    """A real Keras model, logged and registered as `name`, whose probability is the normalised image
+    through a steep sigmoid (a 1 x 1 convolution of fixed weights): the cells it finds are the bright
+    ones painted, so the test knows where they lie. Its model URI and run id."""
+    import keras
+
+    from emunet.inference.segmenter import log_segmenter
+
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid", name="out")(inputs))
+    model.get_layer("out").set_weights([np.full((1, 1, 1, 1), 12.0, np.float32), np.array([-6.0], np.float32)])
+    with mlflow.start_run(run_name="brightness") as run, tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp) / "brightness.keras")
+        log_segmenter(Path(tmp) / "brightness.keras", {"multiple_of": 1})
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+    return f"models:/{name}/{version.version}", run.info.run_id
+
+
+OPTIONS = dict(tile_size=64, min_object_size=5, instances="2d", region="0:8", save_labels=True, save_probability=True)
+MEMORY_GB = 0.03  # a whole 384 x 384 slice does not fit; a 192 x 192 block does
+
+
+def test_the_test_volume_goes_in_two_by_two_by_two_blocks():
+    blocks, _ = spark_blocks((8, 384, 384), SegmentParams.from_dict(dict(tile_size=64, instances="2d")), 4,
+                             MEMORY_GB * 2**30, "2d", (4, 192, 192), 4)
+    assert [b.core for b in blocks][::7] == [((0, 4), (0, 192), (0, 192)), ((4, 8), (192, 384), (192, 384))]
+    assert len(blocks) == 8
+
+
+def read_instances(path) -> list:
+    """The instances table's rows without their ids, sorted: the cells, whatever their numbering."""
+    return sorted(row[1:] for row in list(csv.reader(open(path)))[1:])
+
+
+def table_rows(path) -> list:
+    """Per slice: objects, total area and the sorted areas."""
+    return [(r["slice"], r["objects"], r["total_area"], sorted(r["areas"].split())) for r in csv.DictReader(open(path))]
 
 
 @pytest.mark.slow
-def test_spark_masks_equal_single_machine_predict(world, tmp_path):
+def test_spark_blocks_give_single_machine_predicts_results(store, tmp_path, monkeypatch, capfd):
     if shutil.which("java") is None:
         pytest.skip("no java on PATH: Spark needs a JRE (.ci/run installs openjdk-17-jre-headless)")
-    version = mlflow.register_model(world["trained"]["model_uri"], "spark-test")
-    model_uri = f"models:/spark-test/{version.version}"
+    monkeypatch.setenv("PYSPARK_PYTHON", sys.executable)  # Spark's Python workers run this interpreter
+    model_uri, model_run = brightness_model("spark-test")
     names, paths = stacks(tmp_path)
-    # The deep stack again as a calibrated OME-Zarr image in chunks of 2 slices: its three tasks of 4 slices
-    # write their chunks straight into one <name>_mask.ome.zarr.
-    write_ome_zarr(tmp_path / "zdeep.ome.zarr", tifffile.imread(paths[0]), scale=(0.05, 0.01, 0.01), levels=1,
-                   chunks=(2, 32, 32))
-    names, paths = [*names, "zdeep"], [*paths, tmp_path / "zdeep.ome.zarr"]
-    proc = mlflow_run(tmp_path, world["uri"], "-e", "predict_spark", "-P", "master=local[2]",
-                      "-P", f"model_uri={model_uri}", "-P", f"input={','.join(map(str, paths))}",
-                      "-P", f"output_dir={tmp_path / 'spark'}", "-P", "chunk_slices=4", "-P", "min_object_size=5")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "wrote 4 segmentation(s) (28 slices, 9 chunks)" in proc.stdout  # deep.tif and zdeep: 3 chunks each
-    zarr_mask, scale, units, chunks = read_image(tmp_path / "spark" / "zdeep_mask.ome.zarr")
-    assert scale == pytest.approx([0.05, 0.01, 0.01]) and units == ["micrometer"] * 3 and chunks == (2, 32, 32)
-    assert not list((tmp_path / "spark").glob("*.partial"))
+    predict_spark(PredictSparkConfig(model_uri=model_uri, input=",".join(map(str, paths)), master="local[2]",
+                                     output_dir=str(tmp_path / "spark"), chunk_slices=4, memory_gb=MEMORY_GB,
+                                     **OPTIONS))
+    out, err = capfd.readouterr()
+    assert "cells: 8 x 384 x 384 in 8 blocks of up to 4 x 192 x 192" in out, out
+    assert "deep: 8 x 64 x 64 in 2 blocks of up to 4 x 64 x 64" in out  # region 0:8 of 10 slices
+    assert "wrote 2 segmentation(s) (16 slices, 10 blocks" in out
+    assert "label blocks: 100%" in err and "10/10" in err and "write blocks: 100%" in err  # the driver's bars
+    spark = tmp_path / "spark"
+    assert not [p.name for p in spark.iterdir() if "partial" in p.name]  # scratch and temporary names gone
+    mask, scale, units, chunks = read_image(spark / "cells_mask.ome.zarr")
+    assert scale == pytest.approx([0.05, 0.01, 0.01]) and units == ["micrometer"] * 3 and chunks == (4, 192, 192)
 
-    predict(PredictConfig(model_uri=model_uri, input=",".join(map(str, paths[:3])), output_dir=str(tmp_path / "one"),
-                          min_object_size=5))
-    for name in names[:3]:
-        spark_mask = tifffile.imread(tmp_path / "spark" / f"{name}_mask.tif")
-        single = tifffile.imread(tmp_path / "one" / f"{name}_mask.tif")
-        assert spark_mask.dtype == single.dtype == np.uint8 and spark_mask.shape == single.shape
-        np.testing.assert_array_equal(spark_mask, single, err_msg=name)
-    deep = tifffile.imread(tmp_path / "one" / "deep_mask.tif")
-    np.testing.assert_array_equal(zarr_mask, deep)  # the chunks the tasks wrote make predict's volume
-    assert 0.05 < (deep == 255).mean() < 0.95  # a real segmentation, not all one value
+    predict(PredictConfig(model_uri=model_uri, input=",".join(map(str, paths)), output_dir=str(tmp_path / "one"),
+                          **OPTIONS))
+    one = tmp_path / "one"
+    for name, fmt in zip(names, ("ome.zarr", "tif")):
+        read = (lambda p: read_image(p)[0]) if fmt == "ome.zarr" else tifffile.imread
+        got = {kind: (read(spark / f"{name}_{kind}.{fmt}"), read(one / f"{name}_{kind}.{fmt}"))
+               for kind in ("mask", "prob", "labels")}
+        assert got["mask"][0].dtype == np.uint8 and got["labels"][0].dtype == np.uint32
+        np.testing.assert_array_equal(*got["mask"], err_msg=name)
+        np.testing.assert_allclose(*got["prob"], atol=1e-6, err_msg=name)
+        mapping = bijection(got["labels"][1], got["labels"][0])  # predict's cells, renumbered
+        assert len(mapping) > 5, name
+        assert read_instances(spark / f"{name}_instances.csv") == read_instances(one / f"{name}_instances.csv")
+        assert table_rows(spark / f"{name}_objects.csv") == table_rows(one / f"{name}_objects.csv")
+    assert 0.05 < (mask == 255).mean() < 0.95  # a real segmentation, not all one value
+    labels = read_image(spark / "cells_labels.ome.zarr")[0]
+    assert len(np.unique(labels)) == len(CELLS) + 1  # every painted cell one id, none split at a face
 
-    # Had a chunk been normalised with its own statistics, its mask would differ.
-    segmenter = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    last = tifffile.imread(paths[0])[8:10]
-    assert (segmenter.segment(last, *stack_stats(last)) * 255 != deep[8:10]).any()
+    def ids(name):
+        (y, x), r = CELLS[name]
+        return np.unique(labels[:, y - r // 2:y + r // 2, x - r // 2:x + r // 2])
 
-    table = list(csv.DictReader(open(tmp_path / "spark" / "objects.csv")))
-    assert [(r["stack"], int(r["slice"])) for r in table] == [(n, z) for n, z_size in zip(names, (10, 3, 5, 10))
-                                                               for z in range(z_size)]
-    for name in names[:3]:
-        single_rows = list(csv.DictReader(open(tmp_path / "one" / f"{name}_objects.csv")))
-        spark_rows = [{k: v for k, v in r.items() if k != "stack"} for r in table if r["stack"] == name]
-        assert spark_rows == single_rows, name
-    assert any(int(r["objects"]) > 0 for r in table)
+    assert all(len(ids(name)) == 1 and ids(name)[0] > 0 for name in CELLS)
+    # BIG lies across all eight blocks: its one id is in every block's core.
+    assert all((labels[z:z + 4, y:y + 192, x:x + 192] == ids("big")[0]).any()
+               for z in (0, 4) for y in (0, 192) for x in (0, 192))
+    # The cells by a face, seen whole by the first block and in the halo only by its neighbours: one id,
+    # written by the first block only.
+    for name in ("near_x_face", "near_y_face"):
+        where = np.argwhere(labels == ids(name)[0])
+        assert where[:, 1].max() < 192 and where[:, 2].max() < 192 and len(where) > 8 * 250, name
 
+    table = list(csv.DictReader(open(spark / "objects.csv")))
+    assert [(r["stack"], int(r["slice"])) for r in table] == [(n, z) for n in names for z in range(8)]
     run = mlflow.search_runs(experiment_names=["em-unet"], filter_string="tags.step = 'predict_spark'",
                              output_format="list")[0]
-    assert run.info.status == "FINISHED" and run.data.params["chunk_slices"] == "4"
-    assert run.data.metrics["slices"] == 28 and run.data.tags["model_run_id"] == world["trained"]["run_id"]
+    assert run.info.status == "FINISHED" and run.data.params["region"] == "0:8"
+    assert run.data.metrics["blocks"] == 10 and run.data.tags["model_run_id"] == model_run
 
+
+def test_slice_areas_add_the_blocks_counts_of_a_slice():
+    left = np.array([[[1, 1, 0], [2, 0, 0]], [[0, 0, 0], [0, 3, 3]]], np.uint32)
+    right = np.array([[[1, 0], [0, 0]], [[3, 0], [0, 0]]], np.uint32)
+    counts = np.concatenate([slice_counts(left, 5), slice_counts(right, 5)])
+    assert counts.tolist() == [[5, 1, 2], [5, 2, 1], [6, 3, 2], [5, 1, 1], [6, 3, 1]]
+    assert slice_areas(counts - [5, 0, 0], 3) == [[3, 1], [3], []]
 
 def test_predict_spark_refuses_clashing_names_before_starting_spark(tmp_path):
     for folder in ("a", "b"):
@@ -171,6 +206,13 @@ def test_stack_facts_are_whole_stack_statistics_or_a_named_error(tmp_path):
     assert (facts["error"] == "").all() and (facts["slices"] == 6).all()
     assert all((f.low, f.high) == stack_stats(stack) for f in facts.itertuples())
     assert cut.error.startswith(f"{tmp_path / 'cut.tif'}: ") and "truncated or corrupt" in cut.error
+    # With predict's `level` and `region`: the statistics of what the run segments.
+    write_ome_zarr(tmp_path / "two.ome.zarr", stack, levels=2)
+    frame = pd.DataFrame({"stack": [0], "path": [str(tmp_path / "two.ome.zarr")]})
+    part = pd.concat(stack_facts(iter([frame]), {"level": "1", "region": "1:4,2:8,:"})).iloc[0]
+    with open_volume(tmp_path / "two.ome.zarr", level=1, region="1:4,2:8,:") as volume:
+        assert (part.slices, part.height, part.width) == volume.shape and volume.shape[:2] == (3, 6)
+        assert (part.low, part.high) == stack_stats(volume)
 
 
 def test_two_attempts_of_one_task_never_write_into_each_others_file(tmp_path):
@@ -189,17 +231,4 @@ def test_two_attempts_of_one_task_never_write_into_each_others_file(tmp_path):
         first(1, first_slices[1])
         first(2, first_slices[2])
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_mask.tif"), first_slices)
-    assert [p.name for p in tmp_path.iterdir()] == ["cells_mask.tif"]
-
-
-def test_a_spark_task_writes_its_mask_from_packed_slices(tmp_path):
-    masks = np.random.default_rng(0).random((3, 10, 13)) > 0.5
-    frame = pd.DataFrame({"stack": [0] * 3, "slice": [2, 0, 1], "mask": [np.packbits(m).tobytes() for m in masks[[2, 0, 1]]],
-                          "objects": [0] * 3, "total_area": [0] * 3, "mean_area": [0.0] * 3, "areas": [""] * 3})
-    calibration = {"fmt": "tif", "voxel_size": (2.0, 0.5, 0.25), "unit": "µm"}
-    rows = write_mask_stack(frame, str(tmp_path), {0: ("cells", 3, 10, 13, calibration)})
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "cells_mask.tif"), masks * 255)
-    with open_volume(tmp_path / "cells_mask.tif") as back:  # the input's calibration, as predict keeps it
-        assert back.voxel_size == pytest.approx((2.0, 0.5, 0.25)) and back.unit == "µm"
-    assert list(rows.columns) == ["stack", "slice", "objects", "total_area", "mean_area", "areas"]
     assert [p.name for p in tmp_path.iterdir()] == ["cells_mask.tif"]

@@ -365,15 +365,24 @@ def _open_npy(path: Path) -> Volume:
         raise InputError(f"{path}: not a readable .npy array ({exc})") from None
     if array.ndim not in (2, 3):
         raise InputError(f"{path}: expected a 2-D image or a (Z, H, W) stack but found shape {array.shape}")
-    array = array[None] if array.ndim == 2 else array
+    flat = array.ndim == 2
+    array = array[None] if flat else array
     if min(array.shape) == 0:
         raise InputError(f"{path}: the stack is empty (shape {array.shape})")
-    dtype = read_dtype(array.dtype, path)
+    dtype, shape = read_dtype(array.dtype, path), tuple(array.shape)
+    del array
 
     def read_block(a: int, b: int, ys: slice = slice(None), xs: slice = slice(None)) -> np.ndarray:
-        return np.asarray(array[a:b, ys, xs]).astype(dtype, copy=False)
+        # A map of its own per read, dropped after it: the pages a read touched leave this process with
+        # the map (one map kept open holds every page ever read: a 16384^2 slice read by blocks grew the
+        # process by the whole slice, bench/big_slice.py).
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        mapped = mapped[None] if flat else mapped
+        out = np.array(mapped[a:b, ys, xs], dtype=dtype)
+        del mapped
+        return out
 
-    return Volume(path, tuple(array.shape), dtype, lambda a, b: read_block(a, b), read_block=read_block)
+    return Volume(path, shape, dtype, lambda a, b: read_block(a, b), read_block=read_block)
 
 
 def _read_png(path: Path) -> np.ndarray:

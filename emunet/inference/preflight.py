@@ -1,5 +1,5 @@
 """Checks a run (predict, predict_spark) makes before any work: that its results never land on the user's
-data, and that its largest slice fits in memory.
+data, and that it can be segmented in the memory there is (slice by slice or, beyond, by blocks).
 
 What a run reads is a *container*: a file (TIFF, MRC, .npy; an HDF5 `file.h5:/dataset` is the file), or a
 whole folder tree (a Zarr image, `x.ome.zarr/0` included, or a folder of slices): writing anywhere inside
@@ -12,7 +12,7 @@ so (Software or ImageDescription "em-unet"), an OME-Zarr image with our marker
 name (their `cells_mask.tif` ground truth, say) is never overwritten.
 
     check_results([*inputs, *labels], output_dir, names, formats, probability, labels)  # before output_dir is made
-    check_slices_fit(inputs, scored=bool(labels), level=level, region=region)
+    check_slices_fit(inputs, scored=bool(labels), budget=budget, params=params, level=level, region=region)
 """
 
 import os
@@ -26,7 +26,11 @@ from emunet.core.errors import InputError
 from emunet.core.io import HDF5_SPEC, ZARR_MARKERS, available_memory, open_volume
 from emunet.core.objects import MEASURE_COLUMNS
 from emunet.core.omezarr import written_by_us
+from emunet.inference.blockplan import halo_for, smallest_block_bytes
+from emunet.inference.blocks import MEMORY_FRACTION
 from emunet.inference.outputs import OBJECT_COLUMNS, result_targets
+from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.tiling import plan_tiles
 
 WRITER = "em-unet"  # the TIFF Software / ImageDescription of our results' first page
 # The first lines of the CSVs we write: per input `<name>_objects.csv` and `<name>_instances.csv`, and
@@ -143,23 +147,41 @@ def slice_working_bytes(height: int, width: int, itemsize: int = 1, scored: bool
 
 
 def check_slice_memory(path: str | Path, shape: tuple, dtype, scored: bool = False,
-                       available: int | None = None) -> None:
-    """Before any work: refuse a volume of `shape` `(Z, Y, X)` whose one slice needs more memory to
-    segment (`slice_working_bytes`; `scored`: with labels) than is available (`available`, default
-    `available_memory()`), with the figures and the remedy. The readers' up-front checks count a slice's
-    pixels only; the work on it takes some 60 to 110 times that."""
+                       available: int | None = None, budget: float | None = None,
+                       params: SegmentParams | None = None) -> None:
+    """Before any work: refuse a volume of `shape` `(Z, Y, X)` that cannot be segmented in the memory
+    available (`available`, default `available_memory()`). A slice whose working memory
+    (`slice_working_bytes`) is more than that goes by blocks in z, y and x (`emunet.inference.blockwise`),
+    so it is refused only when even the smallest block (`blockplan.smallest_block_bytes`, with the tiles of
+    `params`, default `DEFAULTS`) does not fit `budget` (default half of `available`, as predict's
+    `memory_gb` 0). `scored` (against labels) refuses a slice that does not fit: the scores are counted
+    on whole slices. The readers' up-front checks count a slice's pixels only; the work on it takes some
+    60 to 110 times that."""
     height, width = int(shape[-2]), int(shape[-1])
     needed = slice_working_bytes(height, width, np.dtype(dtype).itemsize, scored)
     free = available_memory() if available is None else int(available)
-    if needed > free:
+    if scored and needed > free:
         raise InputError(f"{path}: one {height} x {width} slice needs about {needed / 2**30:.1f} GiB of memory to "
-                         f"segment but only {free / 2**30:.1f} GiB is available; segment part of it with "
+                         f"segment and score but only {free / 2**30:.1f} GiB is available; segment part of it with "
                          f"region=z0:z1,y0:y1,x0:x1 (a block of y and x), or use a machine with more memory")
+    budget = free * MEMORY_FRACTION if budget is None else float(budget)
+    if needed <= budget:
+        return
+    params = params or DEFAULTS
+    tiles = plan_tiles(height, width, params.tile_size, 1, params.overlap, params.batch_size)
+    smallest = smallest_block_bytes((int(shape[0]), height, width), tiles, halo_for("2d"))
+    if smallest > budget:
+        raise InputError(f"{path}: one {height} x {width} slice goes by blocks, but even the smallest block needs "
+                         f"about {smallest / 2**20:.0f} MiB of memory and the budget is {budget / 2**20:.0f} MiB; "
+                         f"pass a larger memory_gb, a smaller tile_size, segment part of it with "
+                         f"region=z0:z1,y0:y1,x0:x1, or use a machine with more memory")
 
 
-def check_slices_fit(paths: Iterable[str | Path], scored: bool = False, **where) -> None:
+def check_slices_fit(paths: Iterable[str | Path], scored: bool = False, budget: float | None = None,
+                     params: SegmentParams | None = None, **where) -> None:
     """`check_slice_memory` for every input, opened lazily (headers only); `scored`: the run scores against
-    labels; `where`: `open_volume`'s `level` and `region`, as the run will read them."""
+    labels; `budget`, `params`: the run's block budget and segmentation params; `where`: `open_volume`'s
+    `level` and `region`, as the run will read them."""
     for path in paths:
         with open_volume(path, **where) as volume:
-            check_slice_memory(path, volume.shape, volume.dtype, scored)
+            check_slice_memory(path, volume.shape, volume.dtype, scored, budget=budget, params=params)

@@ -1,0 +1,97 @@
+"""The plan of a blockwise segmentation: how large a block may be in a memory budget, how much halo
+its labelling needs, and whether a volume needs blocks at all (`emunet.inference.blockwise`).
+
+A block reads its core plus a label halo of `HALO_YX` pixels in y and x (about a cell radius: the
+labelling sees the cell across a face as the whole slice does) and of one slice in z (2-D objects: links
+between two slices are made by both blocks that see them) or `HALO_YX` slices (3-D objects); its
+probabilities come from the whole slice's tiles that touch the read box (`blocktask.block_probabilities`),
+so its memory is that of its read box and of its tile region (`block_bytes`).
+"""
+
+import numpy as np
+
+from emunet.inference.blocks import (MIN_YX, Block, block_shape_for_memory, box_shape, default_memory_budget,
+                                     plan_blocks)
+from emunet.inference.params import SegmentParams
+from emunet.inference.segment import BYTES_PER_VOXEL_3D, instance_mode
+from emunet.inference.tiling import TilePlan, plan_tiles
+
+HALO_YX = 64  # label halo in y and x: about a cell radius (see the module)
+# Bytes a pixel of a block's read box holds while it is labelled: its probabilities (4) and the
+# labelling's temporaries (foreground, components, seeds, flood priorities, the watershed's ids, the
+# linker's int64 ids: about 40).
+BYTES_PER_PIXEL = 48
+# Bytes a pixel of the block's tile region (the read box plus the tiles around it) holds while its
+# probabilities are made: the raw image (up to 4), normalised (4), blended sums (4) and weights (4).
+TILE_BYTES_PER_PIXEL = 16
+
+
+
+def _tile_rows(plan: TilePlan, start: int, stop: int, axis: int) -> list[int]:
+    """Starts of the plan's tiles along `axis` (0: y, 1: x) that cover some of `[start, stop)`."""
+    side = plan.tile_h if axis == 0 else plan.tile_w
+    return sorted({box[axis] for box in plan.boxes if box[axis] < stop and box[axis] + side > start})
+
+
+def tile_region(plan: TilePlan, read: tuple[tuple[int, int], tuple[int, int]]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The `((y0, y1), (x0, x1))` of the (mirror-padded) slice that the tiles touching `read` cover."""
+    ys, xs = _tile_rows(plan, *read[0], 0), _tile_rows(plan, *read[1], 1)
+    return (ys[0], ys[-1] + plan.tile_h), (xs[0], xs[-1] + plan.tile_w)
+
+
+def halo_for(mode: str) -> tuple[int, int, int]:
+    """The label halo (z, y, x): one slice in z for linked 2-D objects, `HALO_YX` for 3-D ones."""
+    return (HALO_YX if mode == "3d" else 1, HALO_YX, HALO_YX)
+
+
+def block_bytes(block: Block, tiles: TilePlan) -> int:
+    """Bytes segmenting `block` holds: `TILE_BYTES_PER_PIXEL` of its tile region and `BYTES_PER_PIXEL` of
+    its read box, for each slice it reads."""
+    (y0, y1), (x0, x1) = tile_region(tiles, block.read[1:])
+    depth, height, width = box_shape(block.read)
+    return int(depth) * ((y1 - y0) * (x1 - x0) * TILE_BYTES_PER_PIXEL + height * width * BYTES_PER_PIXEL)
+
+
+def smallest_block_bytes(shape, tiles: TilePlan, halo, chunks=None) -> int:
+    """Bytes (`block_bytes`) of the smallest block a `(Z, H, W)` volume can go by: one slice (or z chunk)
+    deep, `MIN_YX` pixels (or one chunk) a side, read with `halo` (an inner block: halos on all sides)."""
+    blocks = plan_blocks(shape, (1, min(MIN_YX, shape[1]), min(MIN_YX, shape[2])), halo, chunks)
+    return block_bytes(blocks[len(blocks) // 2], tiles)
+
+
+def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None = None, block=None,
+             halo=None, mode: str = "2d", chunks=None) -> tuple[list[Block], TilePlan]:
+    """The blocks of a `(Z, H, W)` volume and its slices' tile plan. Without `block`, blocks are as large
+    as `budget` bytes allow (default `blocks.default_memory_budget()`) by `block_bytes`: the largest
+    blocks `blocks.block_shape_for_memory` gives for the read box, made smaller until their tile regions
+    fit too. With `chunks` (z, y, x), block sides are multiples of them (an output's chunks: whole chunks
+    per block, as `blocks.plan_blocks` makes them)."""
+    tiles = plan_tiles(shape[1], shape[2], params.tile_size, multiple, params.overlap, params.batch_size)
+    halo = halo_for(mode) if halo is None else tuple(int(h) for h in np.broadcast_to(halo, 3))
+    if block is not None:
+        return plan_blocks(shape, block, halo, chunks), tiles
+    budget = default_memory_budget() if budget is None else budget
+    share = float(budget)
+    while True:
+        try:
+            block = block_shape_for_memory(shape, BYTES_PER_PIXEL, share, halo, chunks)
+        except ValueError:
+            smallest = smallest_block_bytes(shape, tiles, halo, chunks)
+            raise ValueError(f"blocks of a volume of {shape} need at least {smallest / 2**20:.0f} "
+                             f"MiB (a {MIN_YX}-pixel block, or one chunk, with its halo and its tiles) but the memory budget is "
+                             f"{budget / 2**20:.0f} MiB") from None
+        blocks = plan_blocks(shape, block, halo, chunks)
+        if max(block_bytes(b, tiles) for b in blocks) <= budget:
+            return blocks, tiles
+        share *= 0.9
+
+
+def needs_blocks(shape, params: SegmentParams, multiple: int, budget: float, voxel_size=None) -> bool:
+    """Whether a `(Z, H, W)` volume must go by blocks to stay within `budget` bytes: one slice's working
+    memory (`BYTES_PER_PIXEL` and `TILE_BYTES_PER_PIXEL` of the padded slice) for objects found slice
+    by slice, the volume's (`segment.BYTES_PER_VOXEL_3D` a voxel) for 3-D objects."""
+    z_size, height, width = (int(n) for n in shape)
+    tiles = plan_tiles(height, width, params.tile_size, multiple, params.overlap, params.batch_size)
+    if instance_mode(params, voxel_size) == "3d":
+        return z_size * height * width * BYTES_PER_VOXEL_3D > budget
+    return tiles.pad_h * tiles.pad_w * (BYTES_PER_PIXEL + TILE_BYTES_PER_PIXEL) > budget

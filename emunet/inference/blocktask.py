@@ -1,0 +1,189 @@
+"""One block's share of a blockwise segmentation, written once for the two places that run it: one
+process (`emunet.inference.blockwise.segment_in_blocks`, predict) and a cluster task
+(`serving.predict_spark`).
+
+First pass (`label_in_block`): the block's read box becomes probabilities and ids of its own
+(`label_block`); what leaves the block is its core (probabilities, local labels) and the labels of its
+overlaps with the neighbours (`blocks.overlap_slabs`), from which `stitch.local_pairs` finds the ids two
+blocks share.
+
+Exact probabilities: the whole slice's tile plan (`tiling.plan_tiles` on the full height and width) is
+kept; a block runs only the tiles of that plan that touch its read box (so it reads the image those
+tiles cover: the read box plus at most one tile around it), in the plan's order and in batches of the
+sizes the whole slice uses, and blends them with the same Gaussian window. Every pixel of the read box
+then gets the very tiles, in the same order, and the same weight sum as in the whole slice: the same
+float32 numbers (a tile is computed in a batch of the same size, filled with copies where the block does
+not need the rest of that batch, so a compiled network rounds it as in the whole slice).
+
+Objects: each block labels its read box (2-D: `slice_instances` per slice, linked through the block's
+slices with `SliceLinker`; 3-D: `volume_instances`) with the halo of `blockplan.halo_for`.
+
+Second pass (`relabel_in_block`): once `stitch.merge_pairs` (or the slab-by-slab tables of `blockwise`)
+has given each block its table `local id -> volume id`, the core is relabelled, and the block's share of
+the instances table (`stitch.block_measures`) and of the per-slice objects table (`slice_counts`) is
+counted, so that no one ever holds the volume's ids.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from emunet.core.normalize import normalize
+from emunet.inference.blockplan import tile_region
+from emunet.inference.blocks import Block, Box, Overlap, core_of, overlap_slabs, read_box
+from emunet.inference.context import context_indices
+from emunet.inference.instances import SliceLinker, slice_instances
+from emunet.inference.instances3d import volume_instances
+from emunet.inference.params import SegmentParams
+from emunet.inference.stitch import MeasurePartial, block_measures, core_sizes, relabel
+from emunet.inference.tiling import TilePlan, gaussian_window, mirror_pad, with_tta
+
+
+def _batch_sizes(plan: TilePlan, depth: int) -> Callable[[int, int], tuple[int, int]]:
+    """For slice z and tile number i of a `depth`-slice volume: `(pass and batch key, size of that batch)`
+    as `tiling.iter_probabilities` batches the whole volume (`slices_per_pass` slices a pass, jobs in
+    slice then tile order, `plan.batch` jobs a batch, the last one shorter)."""
+    per_pass, count = plan.slices_per_pass, len(plan.boxes)
+
+    def where(z: int, i: int) -> tuple[int, int]:
+        first = z - z % per_pass
+        jobs = (min(depth, first + per_pass) - first) * count
+        job = (z - first) * count + i
+        start = job // plan.batch * plan.batch
+        return (first, start), min(plan.batch, jobs - start)
+
+    return where
+
+
+def _channels(volume, z0: int, z1: int, ys, xs, context: int, low: float, high: float) -> np.ndarray:
+    """`(z1 - z0, h, w, 2 * context + 1)` normalised float32: the box `ys`, `xs` of slices z0..z1-1, each
+    with its `context` neighbours above and below as channels, mirrored at the volume's ends as the
+    whole-volume path takes them (`emunet.inference.context`); each slice read once."""
+    n = volume.shape[0]
+    indices = [context_indices(z, context, n) for z in range(z0, z1)]
+    lo, hi = min(min(i) for i in indices), max(max(i) for i in indices) + 1
+    image = normalize(read_box(volume, ((lo, hi), ys, xs)), low, high)
+    return np.stack([np.moveaxis(image[[i - lo for i in group]], 0, -1) for group in indices])
+
+
+def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float, read, tta: str = "none",
+                        depth: int | None = None, context: int = 0) -> np.ndarray:
+    """`(rz, ry, rx)` float32 probabilities of the box `read` `((z0, z1), (y0, y1), (x0, x1))` of a raw
+    volume, equal to those of `tiling.iter_probabilities` on the whole slices with `plan` (see the
+    module). `forward` maps `(n, h, w, 2 * context + 1)` float32 tiles to `(n, h, w, 1)` probabilities
+    (`context`: a 2.5-D network's neighbouring slices as channels); `depth` is the volume's number of
+    slices (the batches of the last pass are shorter)."""
+    (z0, z1), ys, xs = read
+    height, width = volume.shape[1:]
+    depth = volume.shape[0] if depth is None else depth
+    predict = with_tta(forward, tta)
+    (ty0, ty1), (tx0, tx1) = tile_region(plan, (ys, xs))
+    image = _channels(volume, z0, z1, (ty0, min(ty1, height)), (tx0, min(tx1, width)), context, low, high)
+    # Past the slice's end only when the slice is smaller than a tile: then the region is the whole axis.
+    image = np.stack([mirror_pad(image[..., c], ty1 - ty0, tx1 - tx0) for c in range(image.shape[-1])], axis=-1)
+    window = gaussian_window(plan.tile_h, plan.tile_w)
+    tiles = [(i, y, x) for i, (y, x) in enumerate(plan.boxes)
+             if y < ys[1] and y + plan.tile_h > ys[0] and x < xs[1] and x + plan.tile_w > xs[0]]
+    weight = np.zeros(image.shape[1:3], np.float32)
+    for _, y, x in tiles:
+        weight[y - ty0:y - ty0 + plan.tile_h, x - tx0:x - tx0 + plan.tile_w] += window
+    sums = np.zeros(image.shape[:3], np.float32)
+    where = _batch_sizes(plan, depth)
+    groups: dict[tuple, list] = {}
+    for k in range(z1 - z0):
+        for i, y, x in tiles:
+            key, size = where(z0 + k, i)
+            groups.setdefault(key, [size]).append((k, y - ty0, x - tx0))
+    for size, *jobs in groups.values():
+        batch = [image[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in jobs]
+        batch += [batch[0]] * (size - len(batch))  # the whole slice's batch size, filled with copies
+        probs = np.asarray(predict(np.stack(batch)), np.float32)[..., 0]
+        for (k, y, x), p in zip(jobs, probs):
+            sums[k, y:y + plan.tile_h, x:x + plan.tile_w] += p * window
+    del image
+    crop = (slice(None), slice(ys[0] - ty0, ys[1] - ty0), slice(xs[0] - tx0, xs[1] - tx0))
+    return sums[crop] / weight[crop[1:]]
+
+
+def label_block(prob: np.ndarray, params: SegmentParams, mode: str) -> np.ndarray:
+    """int32 ids of a block's `(rz, ry, rx)` probabilities, ids of its own: "2d" objects of each slice
+    linked through the block's slices, or "3d" objects (`volume_instances`)."""
+    if mode == "3d":
+        return volume_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
+                                params.seed_depth, params.grow_over_all)
+    linker, out = SliceLinker(), np.zeros(prob.shape, np.int32)
+    for k, plane in enumerate(prob):
+        out[k] = linker.ids(slice_instances(plane, params.threshold, params.seed_threshold,
+                                            params.min_object_size, params.seed_depth))
+    return out
+
+
+
+
+@dataclass
+class LabelledBlock:
+    """What the first pass keeps of one block: `prob` `(cz, cy, cx)` float32 and `labels` int32 local ids
+    of its core, `sizes` (`stitch.core_sizes`: the ids written there and their voxels), `id_count` the
+    largest local id of the read box, and `slabs` `{overlap number: local labels of that overlap's box}`."""
+
+    prob: np.ndarray
+    labels: np.ndarray
+    sizes: np.ndarray
+    id_count: int
+    slabs: dict[int, np.ndarray]
+
+    @property
+    def written(self) -> np.ndarray:
+        """`written[local id]`: whether the id is present in the core (bool, `id_count + 1` long)."""
+        out = np.zeros(self.id_count + 1, bool)
+        out[self.sizes[:, 0]] = True
+        return out
+
+
+def label_in_block(forward, volume, tiles: TilePlan, low: float, high: float, block: Block,
+                   params: SegmentParams, mode: str, overlaps: list[Overlap], numbers: list[int],
+                   context: int = 0) -> LabelledBlock:
+    """The first pass on `block` of a raw `(Z, H, W)` `volume` (array or lazily read): probabilities of its
+    read box with the slices' tile plan `tiles` and window `low`, `high` (`block_probabilities`; `forward`
+    the network, `context` a 2.5-D network's neighbouring slices), labelled in `mode` ("2d", "3d";
+    `label_block`); `numbers` are the overlaps of `overlaps` the block is part of."""
+    prob = block_probabilities(forward, volume, tiles, low, high, block.read, params.tta, volume.shape[0], context)
+    labels = label_block(prob, params, mode)
+    core = np.ascontiguousarray(core_of(block, labels))
+    slabs = overlap_slabs(overlaps, numbers, block, labels)
+    return LabelledBlock(np.ascontiguousarray(core_of(block, prob)), core, core_sizes(core),
+                         int(labels.max(initial=0)), slabs)
+
+
+def slice_counts(ids: np.ndarray, z0: int) -> np.ndarray:
+    """`(n, 3)` int64 rows `(z, id, pixels)`: the pixels of each id (0 left out) in each slice of a block's
+    `(cz, cy, cx)` volume ids whose first slice is `z0`; summed over the blocks of a slice, they are that
+    slice's objects and areas (`outputs.object_row`)."""
+    rows = []
+    for k, plane in enumerate(np.asarray(ids)):
+        found, counts = np.unique(plane, return_counts=True)
+        keep = found > 0
+        rows.append(np.stack([np.full(keep.sum(), z0 + k), found[keep], counts[keep]], axis=1))
+    return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
+
+
+def slice_areas(counts: np.ndarray, depth: int) -> list[list[int]]:
+    """Per slice `0..depth-1`, the areas of its objects by volume id, from `slice_counts` rows of all the
+    blocks (rows of one slice and id from several blocks are added)."""
+    counts = np.asarray(counts, np.int64).reshape(-1, 3)
+    keys, where = np.unique(counts[:, :2], axis=0, return_inverse=True)
+    totals = np.bincount(where.ravel(), counts[:, 2], len(keys)).astype(np.int64)
+    out: list[list[int]] = [[] for _ in range(depth)]
+    for (z, _), area in zip(keys, totals):  # by slice, then by id
+        out[int(z)].append(int(area))
+    return out
+
+
+def relabel_in_block(local_core: np.ndarray, table: np.ndarray, core: Box
+                     ) -> tuple[np.ndarray, MeasurePartial, np.ndarray]:
+    """The second pass on a block whose core `core` holds the local ids `local_core`: `(ids, measures,
+    counts)`, its volume ids (`table[local_core]`, uint32 as the labels image stores them), its
+    `stitch.MeasurePartial` and its `slice_counts`."""
+    ids = relabel(local_core, table).astype(np.uint32)
+    return ids, block_measures(ids, core), slice_counts(ids, core[0][0])
