@@ -8,6 +8,7 @@ pixels and objects.
     python bench/time_to_quality.py --reference         # also train the original recipe, same budget
     python bench/time_to_quality.py --original_only     # only the original recipe
     python bench/time_to_quality.py --training_slices   # also score the slices it trained on
+    python bench/time_to_quality.py --recipe '[{}, {"context_slices": 1}]'   # recipes side by side, one run
 
 - ISBI 2012 (`../shared/datasets/isbi2012`): train slices 0-23, validate 24-29; labels: cell interior
   (255) vs membrane (0). Figure: mean two-class Dice (cell interior and membrane).
@@ -219,7 +220,8 @@ def main():
     parser.add_argument("--pictures", default="", help="folder for an overlay of the first held-out slice")
     parser.add_argument("--training_slices", action="store_true",
                         help="also score the training slices (does the model underfit or overfit?)")
-    parser.add_argument("--recipe", default="{}", help='train overrides as JSON, e.g. \'{"crop_size": 256}\'')
+    parser.add_argument("--recipe", default="{}", help='train overrides as JSON, e.g. \'{"crop_size": 256}\'; a '
+                        'list of them trains each in turn on the same data in this run, e.g. \'[{}, {"context_slices": 1}]\'')
     parser.add_argument("--save_probabilities", default="", help="folder for the held-out probabilities (tta none)")
     args = parser.parse_args()
     SAVE["folder"] = str(Path(args.save_probabilities).resolve()) if args.save_probabilities else ""
@@ -235,9 +237,12 @@ def main():
             if args.original_only:
                 run(name, DATASETS[name], args.minutes, ORIGINAL, "original recipe", args.pictures)
                 continue
-            overrides = json.loads(args.recipe)
-            ours = run(name, DATASETS[name], args.minutes, overrides, f"default recipe{' + ' + args.recipe if overrides else ''}",
-                       args.pictures, args.training_slices)
+            recipes = json.loads(args.recipe)
+            results = {}
+            for overrides in recipes if isinstance(recipes, list) else [recipes]:
+                label = f"default recipe{' + ' + json.dumps(overrides) if overrides else ''}"
+                results[label] = run(name, DATASETS[name], args.minutes, overrides, label, args.pictures,
+                                     args.training_slices)
             if args.reference:
                 reference, source = run(name, DATASETS[name], args.minutes, ORIGINAL, "original recipe", args.pictures), "this run"
             elif name in ISSUE_REFERENCE:
@@ -245,15 +250,21 @@ def main():
                                                             "this kind), not measured in this run: pass --reference")
             else:  # synthetic: the reference is the components figure printed above (same model, same run)
                 continue
-            key, target = TARGETS[name]
-            for tta, both in ours.items():
-                for which, figures in both.items():
-                    # The original recipe without TTA, on the same slices (the issue's figure: the whole block).
-                    ref = reference["none"][which] if "none" in reference else reference
-                    print(f"{name}: {key} {figures[key]:.4f} (tta {tta}, {which} held-out slices) vs original "
-                          f"recipe {ref[key]:.4f} ({source}{'' if 'none' in reference else ', all slices'}): "
-                          f"ratio {figures[key] / ref[key]:.3f}; target {target}: "
-                          f"{'met' if figures[key] >= target else 'NOT met'}", flush=True)
+            for label, ours in results.items():
+                compare(name, label, ours, reference, source)
+
+
+def compare(name: str, label: str, ours: dict, reference: dict, source: str) -> None:
+    """One recipe's figure (`run`'s result) against the original recipe's and the dataset's target."""
+    key, target = TARGETS[name]
+    for tta, both in ours.items():
+        for which, figures in both.items():
+            # The original recipe without TTA, on the same slices (the issue's figure: the whole block).
+            ref = reference["none"][which] if "none" in reference else reference
+            print(f"{name} [{label}]: {key} {figures[key]:.4f} (tta {tta}, {which} held-out slices) vs original "
+                  f"recipe {ref[key]:.4f} ({source}{'' if 'none' in reference else ', all slices'}): "
+                  f"ratio {figures[key] / ref[key]:.3f}; target {target}: "
+                  f"{'met' if figures[key] >= target else 'NOT met'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from emunet.core.errors import InputError
 from emunet.inference.blockplan import block_bytes, plan_for
 from emunet.inference.blockwise import segment_in_blocks
 from emunet.inference.params import SegmentParams
@@ -191,6 +192,23 @@ def test_predict_by_blocks_writes_what_predict_by_slices_writes(world, tmp_path,
     cells = [sorted(row[1:] for row in list(csv.reader(open(tmp_path / out / "big_instances.csv")))[1:])
              for out in ("slices", "blocks")]
     assert cells[0] == cells[1] and len(cells[0]) == len(mapping) - 1
+
+
+def test_planes_ortho_by_blocks_is_refused_in_one_line(world, tmp_path):
+    """Blocks see their slices only: asking for the three planes of a volume whose slices go by blocks is
+    a user error that names the way out, before anything is written."""
+    import tifffile
+
+    from emunet.core.synthetic import synthetic_stack
+    from serving.predict import PredictConfig, predict
+
+    image, _ = synthetic_stack(0, 3, (8, 600, 500))
+    tifffile.imwrite(tmp_path / "big.tif", image, photometric="minisblack")
+    config = PredictConfig(model_uri=world["trained"]["model_uri"], input=str(tmp_path / "big.tif"), tile_size=64,
+                           planes="ortho", memory_gb=0.015, output_dir=str(tmp_path / "out"))
+    with pytest.raises(InputError, match="planes=ortho needs whole slices .* use planes=xy or a larger memory_gb"):
+        predict(config)
+    assert not list((tmp_path / "out").glob("big_*"))
 
 
 def test_a_budget_below_the_smallest_block_names_both():

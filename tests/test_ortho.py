@@ -121,7 +121,7 @@ def test_auto_planes_follow_the_voxel_size():
 
 
 @pytest.mark.slow
-def test_an_ortho_trained_model_predicts_the_three_planes(store, tmp_path):
+def test_an_ortho_trained_model_predicts_the_three_planes(store, tmp_path, capsys):
     from emunet.core.dataset import write_dataset
     from emunet.core.synthetic import synthetic_stack
     from pipeline.train import train
@@ -147,3 +147,14 @@ def test_an_ortho_trained_model_predicts_the_three_planes(store, tmp_path):
                             for view in ortho_views(volume)))
     got = segmenter.segment(volume, output="probability", precision="float32", engine="tensorflow")
     np.testing.assert_allclose(got, expected, atol=1e-5)
+    # Slices too large for the memory budget go by blocks, which see the xy planes only: said, then done so.
+    import tifffile
+
+    from serving.predict import PredictConfig, predict
+
+    big, _ = synthetic_stack(0, 3, (8, 600, 500))
+    tifffile.imwrite(tmp_path / "big.tif", big, photometric="minisblack")
+    predict(PredictConfig(model_uri=trained["model_uri"], input=str(tmp_path / "big.tif"), tile_size=64,
+                          memory_gb=0.015, output_dir=str(tmp_path / "out")))
+    assert "which see the xy planes only" in capsys.readouterr().out
+    assert tifffile.imread(tmp_path / "out" / "big_mask.tif").shape == big.shape
