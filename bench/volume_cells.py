@@ -10,13 +10,12 @@ change set to background in 3-D, as the voxel size is isotropic; the ids kept fo
 - `2d`: one slice in (`context_slices=0`), objects found per slice and linked through the slices
   (`instances=2d`): the recipe before issue 23.
 - `3d`: the volume recipe: the neighbouring slices as channels (`context_slices`, default 1), trained on
-  and predicting the xy, xz and yz planes (`planes`, default auto: ortho, the voxel size being
-  isotropic), the best epoch by 3-D object F1 (on the medulla, 87 % of voxels are cell interior: an
+  the slices and asked about the xy, xz and yz planes (`planes`, default auto, which does so for an
+  isotropic voxel size), the best epoch by 3-D object F1 (on the medulla, 87 % of voxels are cell interior: an
   all-foreground network has a Dice of 0.93 and per-slice objects are often none), objects found in 3-D (`instances=3d`), scored twice: over the foreground (cores and dips),
   and over every voxel (`grow_over_all`: fragments agglomerated by the mean probability of their shared
   surfaces, as connectomics tools label dense tissue).
-- `3d-xy`: as `3d`, but trained on the xy slices only and asked about the three planes at inference
-  (an xy-trained network sees xz and yz planes of isotropic voxels as slices like its own).
+- `3d-ortho`: as `3d`, but trained on the xy, xz and yz planes alike (`planes=ortho`).
 The `2d` arm's probabilities are also scored through the 3-D dense step, which separates what the
 network gains from what the instance step gains.
 Scores (3-D, whole objects; every true voxel scored, a true voxel in no predicted object is a segment of
@@ -81,9 +80,9 @@ def show(label: str, figures: dict) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--arms", default="2d,3d", help="of 2d, 3d, 3d-xy (see above)")
+    parser.add_argument("--arms", default="2d,3d", help="of 2d, 3d, 3d-ortho (see above)")
     parser.add_argument("--context_slices", type=int, default=1)
-    parser.add_argument("--planes", default="auto", help="training planes of the 3d arm: auto, xy or ortho")
+    parser.add_argument("--planes", default="auto", help="planes of the 3d arm: auto, xy or ortho")
     parser.add_argument("--champion_metric", default="object_f1_3d",
                         help="the 3d arm's best-epoch rule (the 2d arm keeps the default, per-slice object F1)")
     parser.add_argument("--save_probabilities", default="",
@@ -107,16 +106,15 @@ def main():
                                            label_kind="instances", val_slices=f"{HELD_OUT[0]}:{HELD_OUT[1]}"))
         for arm in args.arms.split(","):
             context = 0 if arm == "2d" else args.context_slices
-            planes = "xy" if arm in ("2d", "3d-xy") else args.planes
-            asked = {"planes": "ortho"} if arm == "3d-xy" else {}  # else as trained (`auto`)
+            planes = {"2d": "xy", "3d-ortho": "ortho"}.get(arm, args.planes)
             rule = {} if arm == "2d" else {"champion_metric": args.champion_metric}
             start = time.perf_counter()
             trained = train(TrainConfig(dataset_uri=data["dataset_uri"], max_minutes=args.minutes,
                                         context_slices=context, planes=planes, **rule))
             seconds = time.perf_counter() - start
-            probs = held_out_probabilities(trained["model_uri"], volume, **asked)  # warms the engine up
+            probs = held_out_probabilities(trained["model_uri"], volume)  # warms the engine up
             begin = time.perf_counter()
-            probs = held_out_probabilities(trained["model_uri"], volume, **asked)
+            probs = held_out_probabilities(trained["model_uri"], volume)
             per_slice = (time.perf_counter() - begin) / probs.shape[0]
             if saved:
                 saved.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             # The resolved recipe too: under `mlflow run -e train` the preset placeholders (0) are logged.
             log_config(cfg, replicas=replicas, global_batch_size=global_batch, per_replica_batch=per_replica,
                        peak_learning_rate=peak_rate, dtype_policy=policy,
-                       thinnest_structure_px=plan["thinnest_structure_px"],
+                       thinnest_structure_px=plan["thinnest_structure_px"], predict_planes=plan["planes"],
+                       crop_planes=plan["crop_planes"],
                        recipe=json.dumps({k: getattr(cfg, k) for k in (*PRESETS[cfg.preset], "input_scale")}))
             mlflow.log_dict(plan, "plan.json")
             mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
@@ -91,7 +92,7 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
                 mlflow.log_metrics({"best_val_dice": state.best_dice, f"best_val_{cfg.champion_metric}": state.best_score,
                                     "best_epoch": state.best_epoch, "epochs_trained": state.next_epoch})
                 # context_slices: what every caller must stack as channels (emunet.inference.context).
-                meta = {"multiple_of": plan["multiple_of"], "context_slices": cfg.context_slices, "planes": cfg.planes,
+                meta = {"multiple_of": plan["multiple_of"], "context_slices": cfg.context_slices, "planes": plan["planes"],
                         "spec": asdict(spec), "crop_size": cfg.crop_size,
                         "data_fingerprint": manifest["eval_fingerprint"],
                         **({"init_model": source.lineage} if source else {})}

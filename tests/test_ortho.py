@@ -108,16 +108,37 @@ def manifest(voxel_size, sparse=False):
 
 
 def test_auto_planes_follow_the_voxel_size():
+    """(crop planes, asked planes): `auto` trains on the slices and asks near-isotropic models about all
+    three planes; the user's choice is both."""
     auto = TrainConfig()
-    assert choose_planes(auto, manifest([10, 10, 10])) == "ortho"
-    assert choose_planes(auto, manifest([15, 8, 8])) == "ortho"  # within 2x
-    assert choose_planes(auto, manifest([50, 4, 4])) == "xy"  # serial sections
-    assert choose_planes(auto, manifest(None)) == "xy"  # unknown is not isotropic
-    assert choose_planes(TrainConfig(planes="ortho"), manifest(None)) == "ortho"  # the user's choice stands
-    assert choose_planes(TrainConfig(planes="xy"), manifest([10, 10, 10])) == "xy"
-    assert choose_planes(auto, manifest([10, 10, 10], sparse=True)) == "xy"
+    assert choose_planes(auto, manifest([10, 10, 10])) == ("xy", "ortho")
+    assert choose_planes(auto, manifest([15, 8, 8])) == ("xy", "ortho")  # within 2x
+    assert choose_planes(auto, manifest([50, 4, 4])) == ("xy", "xy")  # serial sections
+    assert choose_planes(auto, manifest(None)) == ("xy", "xy")  # unknown is not isotropic
+    assert choose_planes(auto, manifest([10, 10, 10], sparse=True)) == ("xy", "ortho")  # slices are annotated
+    assert choose_planes(TrainConfig(planes="ortho"), manifest(None)) == ("ortho", "ortho")  # the user's choice stands
+    assert choose_planes(TrainConfig(planes="xy"), manifest([10, 10, 10])) == ("xy", "xy")
     with pytest.raises(InputError, match="planes=ortho needs fully annotated stacks"):
         choose_planes(TrainConfig(planes="ortho"), manifest([10, 10, 10], sparse=True))
+
+
+def test_the_plan_records_the_planes_asked_apart_from_the_crops(tmp_path):
+    """The model's recorded planes (`plan["planes"]`, its meta) are those it will be asked about; the
+    resolved config holds the crops' planes."""
+    from emunet.core.dataset import read_manifest, write_dataset
+    from emunet.core.synthetic import synthetic_stack
+    from emunet.training.config import resolve
+    from emunet.training.plan import make_plan
+
+    image, mask = synthetic_stack(0, 0, (8, 64, 64))
+    write_dataset(tmp_path / "data", [dict(name=n, split=n, image=image, mask=mask,
+                                           source={"voxel_size": [8.0, 8.0, 8.0], "unit": "nm"})
+                                      for n in ("train", "val")])
+    manifest = read_manifest(tmp_path / "data")
+    for planes, crops, asked in (("auto", "xy", "ortho"), ("ortho", "ortho", "ortho"), ("xy", "xy", "xy")):
+        cfg, plan = make_plan(resolve(TrainConfig(planes=planes, crop_size=32, input_scale=1)), False,
+                              tmp_path / "data", manifest)
+        assert (cfg.planes, plan["crop_planes"], plan["planes"]) == (crops, crops, asked)
 
 
 @pytest.mark.slow
@@ -132,8 +153,9 @@ def test_an_ortho_trained_model_predicts_the_three_planes(store, tmp_path, capsy
         stacks.append(dict(name=f"s{i}", split="val" if i == 2 else "train", image=image, mask=mask,
                            source={"voxel_size": [8.0, 8.0, 8.0], "unit": "nm"}))
     write_dataset(tmp_path / "data", stacks)
-    trained = train(TrainConfig(dataset_uri=str(tmp_path / "data"), **TINY_TRAIN))
-    assert mlflow.get_run(trained["run_id"]).data.params["planes"] == "ortho"
+    trained = train(TrainConfig(dataset_uri=str(tmp_path / "data"), planes="ortho", **TINY_TRAIN))
+    params = mlflow.get_run(trained["run_id"]).data.params
+    assert (params["planes"], params["crop_planes"], params["predict_planes"]) == ("ortho", "ortho", "ortho")
     meta = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/model/artifacts/unet.json"))
                       .read_text())
     assert meta["planes"] == "ortho"

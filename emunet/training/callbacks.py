@@ -101,7 +101,7 @@ class Validation(keras.callbacks.Callback):
     strategy, compiled with XLA like the served model, through the one segmentation path with the
     served defaults (`emunet.inference.segment`): what is measured is what will be served and what
     evaluate will score. The best epoch is the best on `cfg.champion_metric` (the registry's rule).
-    One exception: an ortho-plane network (`planes=ortho`) is validated on the xy planes only. Its epochs
+    One exception: a network to be asked about three planes (`planes`) is validated on the xy planes only. Its epochs
     are ranked by the same network's answers at a third of the cost (asking all three planes made an
     epoch on the medulla cube 2.4x as long as the slices' recipe's, against the issue's 2x); evaluate
     and every later caller average the three planes.

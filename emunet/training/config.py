@@ -45,7 +45,7 @@ class TrainConfig:
     depth: int = 0  # number of poolings
     input_scale: int = 0  # the network works at 1/input_scale of the image resolution (1, 2 or 4); 0 = auto: the largest that keeps the thinnest labelled structure 16 px thick (emunet.training.plan); preset crops grow with it
     context_slices: int = 0  # 2.5-D: the k slices above and below each slice are extra input channels (2k + 1, mirrored at the stack's ends); helps where structures continue across slices (near-isotropic FIB-SEM); 0 = the 2-D network; at most 4
-    planes: str = "auto"  # xy: train on the slices; ortho: on the xy, xz and yz planes alike, and predict all three averaged (near-isotropic volumes: FIB-SEM); auto: ortho where every training stack's voxel size is near-isotropic (slice spacing within 2x of the pixel size), else xy
+    planes: str = "auto"  # xy: train on the slices and predict them; ortho: train on the xy, xz and yz planes alike and predict all three, averaged (near-isotropic volumes: FIB-SEM); auto: train on the slices, and predict all three planes where every training stack's voxel size is near-isotropic (slice spacing within 2x of the pixel size), else the slices (emunet.training.plan.choose_planes). Resolved, it holds the crops' planes
     batch_size: int = 0  # per replica; global batch = batch_size x replicas
     learning_rate: float = 0.0  # Adam; scaled linearly with the number of replicas
     steps_per_epoch: int = 0  # batches between validations
