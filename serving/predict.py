@@ -60,7 +60,7 @@ class PredictConfig:
     min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice; smaller pieces are not objects
     seed_threshold: float = DEFAULTS.seed_threshold  # cores that seed one object each; <= threshold: no split
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
-    planes: str = DEFAULTS.planes  # auto: as the model was trained (ortho-plane models average the xy, xz and yz planes); xy; ortho
+    planes: str = DEFAULTS.planes  # auto: the planes the model records (near-isotropic training data: the xy, xz and yz planes, averaged); xy; ortho
     grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
     engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
     precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16

@@ -24,7 +24,7 @@ OUTPUTS = ("mask", "probability", "labels")
 # "3d" as solid objects by a 3-D watershed (near-isotropic volumes); "auto" by the voxel size.
 INSTANCE_MODES = ("auto", "2d", "3d")
 # The planes the network is asked about: "xy" the slices; "ortho" the xy, xz and yz planes, averaged
-# (a 2.5-D ensemble for near-isotropic volumes, emunet.inference.context); "auto" as the model was trained.
+# (a 2.5-D ensemble for near-isotropic volumes, emunet.inference.context); "auto" the planes the model records.
 PLANE_MODES = ("auto", "xy", "ortho")
 ENGINES = ("auto", "openvino", "tensorflow")  # emunet.inference.engines: what runs the network
 # The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
@@ -71,8 +71,8 @@ class SegmentParams:
     # "auto": in 3-D where the slice spacing is within 2x of the pixel size (the voxel size says so;
     # unknown: slice by slice), else in each slice linked through the slices. See INSTANCE_MODES.
     instances: str = "auto"
-    # "auto": the planes the model was trained on (ortho-plane models predict the xy, xz and yz planes of
-    # a volume and average them: 3x the time); "xy": the slices only; "ortho": all three. See PLANE_MODES.
+    # "auto": the planes the model records (models of near-isotropic training data predict the xy, xz and
+    # yz planes of a volume and average them: 3x the time); "xy": the slices only; "ortho": all three.
     planes: str = "auto"
     # Objects grow over every voxel, membranes included (3-D), as connectomics tools label dense tissue;
     # False: over the foreground only.

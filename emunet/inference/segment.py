@@ -55,7 +55,7 @@ class Segmenter:
     """A network as the path uses it: `forward` maps a `(n, h, w, c)` float32 batch in [0, 1] to
     `(n, h, w, 1)` probabilities; `multiple` is its down-sampling (`2**depth`, times `input_scale`);
     `context` the slices above and below that a 2.5-D network takes as channels (`c = 2 * context + 1`;
-    0: one slice, the 2-D network); `planes` those it was trained on: "xy", or "ortho" (xy, xz and yz
+    0: one slice, the 2-D network); `planes` those it records: "xy", or "ortho" (xy, xz and yz
     planes of near-isotropic volumes: it is then asked about all three, `emunet.inference.ortho`)."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray] | None = None, multiple: int = 1,
@@ -65,7 +65,7 @@ class Segmenter:
 
     def plane_mode(self, params: SegmentParams, slices: int) -> str:
         """"xy" or "ortho" for a volume of `slices` slices: the params' choice, or with "auto" the planes
-        the model was trained on, xy for a volume too thin to have xz and yz planes."""
+        the model records, xy for a volume too thin to have xz and yz planes."""
         mode = self.planes if params.planes == "auto" else params.planes
         if mode == "ortho" and slices < MIN_ORTHO_SLICES:
             if params.planes == "ortho":
