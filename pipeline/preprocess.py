@@ -64,15 +64,26 @@ def unlabelled_slices(mask: np.ndarray) -> list[int]:
     return [int(z) for z in np.flatnonzero(~labelled)]
 
 
-def keep_slices(part: dict, start: int, unlabelled: list[int]) -> dict:
-    """`part` (slices `start`.. of its source stack) without the `unlabelled` ones, noted in its source."""
-    dropped = [z for z in unlabelled if start <= z < start + part["image"].shape[0]]
+def keep_slices(part: dict, start: int, unlabelled: list[int], name: str) -> list[dict]:
+    """`part` (slices `start`.. of its source stack `name`) without the `unlabelled` ones: one stack per run
+    of consecutive slices left (`<name>_z<a>-<b>`, slices a..b-1 of the source), each noting what was left
+    out. Runs, not one stack closed over the gaps: a slice's neighbours stay its neighbours, so 2.5-D
+    context, 3-D crops and 3-D objects never jump a missing slice (an end of a run is mirrored, as a
+    stack's end is)."""
+    depth = part["image"].shape[0]
+    dropped = [z for z in unlabelled if start <= z < start + depth]
     if not dropped:
-        return part
-    keep = [z - start for z in range(start, start + part["image"].shape[0]) if z not in dropped]
-    ids = {"ids": part["ids"][keep]} if part.get("ids") is not None else {}
-    return {**part, "image": part["image"][keep], "mask": part["mask"][keep], **ids,
-            "source": {**part["source"], "unlabelled_slices_left_out": dropped}}
+        return [part]
+    runs, a = [], start
+    for z in sorted(dropped) + [start + depth]:
+        if z > a:
+            runs.append((a, z))
+        a = z + 1
+    return [{**part, "name": f"{name}_z{a}-{b}", "image": part["image"][a - start:b - start],
+             "mask": part["mask"][a - start:b - start],
+             **({"ids": part["ids"][a - start:b - start]} if part.get("ids") is not None else {}),
+             "source": {**part["source"], "slices": f"{a}:{b}", "unlabelled_slices_left_out": dropped}}
+            for a, b in runs]
 
 
 @dataclass(frozen=True)
@@ -119,16 +130,16 @@ def split_single(name: str, image: np.ndarray, mask: np.ndarray, block: tuple[in
                  ids: np.ndarray | None = None) -> list[dict]:
     """Contiguous blocks of one stack: before, held-out, after. Neighbouring sections are nearly the
     same image, so random slices would leak into validation. `unlabelled` slices (numbered in the
-    whole stack) are left out of their block; a block left with none is dropped. `window` is the whole
+    whole stack) are left out of their block, which becomes its runs of consecutive slices (`keep_slices`);
+    a block left with none is dropped. `window` is the whole
     stack's `(low, high)`, one normalisation for all its blocks (computed when not given)."""
     low, high = window or stack_stats(image)
     start, stop = block
     parts = [(0, start, "train"), (start, stop, "val"), (stop, image.shape[0], "train")]
-    blocks = [keep_slices(dict(name=f"{name}_z{a}-{b}", split=split, image=image[a:b], mask=mask[a:b], low=low,
-                               high=high, source={**source, "slices": f"{a}:{b}"},
-                               ids=None if ids is None else ids[a:b]), a, list(unlabelled))
-              for a, b, split in parts if b > a]
-    return [b for b in blocks if b["image"].shape[0]]
+    return [run for a, b, split in parts if b > a
+            for run in keep_slices(dict(name=f"{name}_z{a}-{b}", split=split, image=image[a:b], mask=mask[a:b],
+                                        low=low, high=high, source={**source, "slices": f"{a}:{b}"},
+                                        ids=None if ids is None else ids[a:b]), a, list(unlabelled), name)]
 
 
 def read_labels(path: Path, image, image_path: Path | None = None, ignore_label: int = NO_IGNORE,
@@ -241,10 +252,8 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
         if len(images) == 1:
             return split_single(name, image, mask, parse_block(cfg.val_slices, image.shape[0]), source, unlabelled,
                                 (low, high), ids)
-        stack = keep_slices(dict(name=name, split="val" if i == len(images) - 1 else "train", image=image,
-                                 mask=mask, source=source, low=low, high=high, ids=ids), 0, unlabelled)
-        if stack["image"].shape[0]:
-            stacks.append(stack)
+        stacks += keep_slices(dict(name=name, split="val" if i == len(images) - 1 else "train", image=image,
+                                   mask=mask, source=source, low=low, high=high, ids=ids), 0, unlabelled, name)
     return stacks
 
 

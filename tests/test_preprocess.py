@@ -83,10 +83,14 @@ def test_unannotated_slices_are_left_out_of_training_and_validation(store, tmp_p
     folder = artifact_dir(preprocess(PreprocessConfig(**cfg)))
     assert "slice(s) 1, 6 have no labelled pixel" in capsys.readouterr().out
     stacks = read_manifest(folder)["stacks"]
+    # Each block becomes its runs of consecutive slices: no slice gets a neighbour that is not its own
+    # (2.5-D context, 3-D crops and objects).
     assert [(s.name, s.split, s.shape[0]) for s in stacks] == [
-        ("vol_z0-5", "train", 4), ("vol_z5-8", "val", 2), ("vol_z8-10", "train", 2)]
-    np.testing.assert_array_equal(np.load(f"{folder}/vol_z0-5/image.npy"), image[[0, 2, 3, 4]])
-    np.testing.assert_array_equal(np.load(f"{folder}/vol_z5-8/mask.npy") > 0, labels[[5, 7]] > 0)
+        ("vol_z0-1", "train", 1), ("vol_z2-5", "train", 3), ("vol_z5-6", "val", 1), ("vol_z7-8", "val", 1),
+        ("vol_z8-10", "train", 2)]
+    np.testing.assert_array_equal(np.load(f"{folder}/vol_z2-5/image.npy"), image[2:5])
+    np.testing.assert_array_equal(np.load(f"{folder}/vol_z7-8/mask.npy") > 0, labels[7:8] > 0)
+    assert [s.source["unlabelled_slices_left_out"] for s in stacks[:2]] == [[1], [1]]
     kept = read_manifest(artifact_dir(preprocess(PreprocessConfig(**cfg, unlabelled="keep"))))["stacks"]
     assert [s.shape[0] for s in kept] == [5, 3, 2]
 
