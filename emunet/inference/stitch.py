@@ -144,8 +144,9 @@ def _summed_links(links: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray
 def link_tables(pairs, objects: dict, id_counts: dict, links: dict, known: dict | None = None,
                 next_id: int = 1) -> tuple[dict[int, np.ndarray], int]:
     """Relabel tables for blocks whose ids are 2-D objects, one id per object of one slice (the "2d"
-    labelling): `(tables, next_id)`, `tables[n][local id]` the volume-wide 3-D id (0: not written),
-    exactly the cells `instances.SliceLinker` makes of the whole slices, up to their numbering.
+    labelling): `(tables, next_id)`, `tables[n][local id]` the volume-wide 3-D id (0: not written). Where
+    the blocks' objects of each slice are the whole slice's, the cells are exactly those
+    `instances.SliceLinker` makes of the whole slices, up to their numbering.
 
     Each block's objects join those of its neighbours within a slice through the overlaps (`pairs`:
     `(a, b, local_pairs(...))`, as `merge_pairs`): the volume's 2-D objects. Their sizes, first pixels and
@@ -170,10 +171,9 @@ def link_tables(pairs, objects: dict, id_counts: dict, links: dict, known: dict 
     def nodes(n, local) -> np.ndarray:
         return np.asarray(local, np.int64) + offsets[n]
 
-    empty = np.zeros((0, len(OBJECT_COLUMNS)), np.int64)
-    rows = np.concatenate([np.asarray(objects[n], np.int64).reshape(-1, len(OBJECT_COLUMNS)) for n in order] or [empty])
-    node = np.concatenate([nodes(n, np.asarray(objects[n], np.int64).reshape(-1, len(OBJECT_COLUMNS))[:, 0])
-                           for n in order] or [np.zeros(0, np.int64)])
+    per_block = [np.asarray(objects[n], np.int64).reshape(-1, len(OBJECT_COLUMNS)) for n in order]
+    rows = np.concatenate([*per_block, np.zeros((0, len(OBJECT_COLUMNS)), np.int64)])
+    node = np.concatenate([*(nodes(n, t[:, 0]) for n, t in zip(order, per_block)), np.zeros(0, np.int64)])
     present = np.zeros(total, bool)
     present[node] = True
     edges = [np.stack([nodes(a, p[:, 0]), nodes(b, p[:, 1])], axis=1)
