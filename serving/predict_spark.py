@@ -10,12 +10,16 @@ with a halo (`emunet.inference.blockplan`: at most `chunk_slices` slices deep, a
 path (`emunet.inference.blocktask`). Stages:
 1. one task per stack reads it once for its normalisation statistics: percentiles of the WHOLE stack, as
    `predict` uses (a block normalised by its own percentiles would come out differently);
-2. one task per block: probabilities of its read box (exactly whole-slice inference's), its cells with ids
-   of its own; it writes its core's mask (and probabilities) and its local ids into chunk-aligned images
-   (no two tasks share a chunk) and keeps the labels of its overlaps with its neighbours;
+2. one task per block: probabilities of its read box (exactly whole-slice inference's), its objects with
+   ids of its own (2-D: each slice's, with their sizes and the pixels they share with the slice before,
+   counted in the block's core; 3-D: its cells); it writes its core's mask (and probabilities) and its
+   local ids into chunk-aligned images (no two tasks share a chunk) and keeps the labels of its overlaps
+   with its neighbours;
 3. one task per overlap compares the two blocks' labels there (`stitch.local_pairs`); only the pairs of
-   ids that are one cell come back to the driver, which joins them (`stitch.merge_pairs`, union-find) into
-   one table per block (local id -> volume id) and broadcasts them;
+   ids that are one object come back to the driver, which joins them (union-find) into one table per
+   block (local id -> volume id) and broadcasts them: 3-D cells as the pairs join them
+   (`stitch.merge_pairs`), 2-D objects linked through the slices from the blocks' summed counts by the
+   rule that links predict's whole slices (`stitch.link_tables`), so the cells are predict's;
 4. one task per block relabels its core and writes it into `<name>_labels`, and returns its share of the
    instances table and of the per-slice objects table (a few numbers per cell): the driver adds them up
    into `<name>_instances.csv` and `<name>_objects.csv` (and `objects.csv`, all stacks in one table);
@@ -64,7 +68,7 @@ from emunet.inference.outputs import (DTYPES, OBJECT_COLUMNS, check_targets, mas
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.segment import instance_mode
-from emunet.inference.stitch import local_pairs, merge_measures, merge_pairs
+from emunet.inference.stitch import link_tables, local_pairs, merge_measures, merge_pairs
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
 FACTS = "stack long, slices long, height long, width long, low double, high double, error string"
@@ -177,7 +181,8 @@ def spark_blocks(shape, params: SegmentParams, multiple: int, budget: float, mod
 def label_task(item, plans, params: SegmentParams, where: dict):
     """Stage 2, one block `(stack, n)`: label it (`blocktask.label_in_block`), write its core's mask, its
     probabilities (when asked) and its local ids into the stack's images; returns `(stack, n, id_count,
-    sizes, slabs)`, the slabs being its overlaps' labels."""
+    sizes, slabs, objects, links)`, the slabs being its overlaps' labels, `objects` and `links` the
+    tables of its 2-D objects (`stitch.link_tables`; None for 3-D objects)."""
     stack, n = item
     plan = plans.value[stack]
     block = plan.blocks[n]
@@ -191,7 +196,7 @@ def label_task(item, plans, params: SegmentParams, where: dict):
     if "prob" in plan.images:
         open_image(plan.images["prob"])[core] = part.prob
     open_image(plan.images["local"])[core] = part.labels
-    return stack, n, part.id_count, part.sizes, part.slabs
+    return stack, n, part.id_count, part.sizes, part.slabs, part.objects, part.links
 
 
 def pairs_task(item):
@@ -213,6 +218,18 @@ def relabel_task(item, plans, tables):
     if "labels" in plan.images:
         open_image(plan.images["labels"])[box_slices(block.core)] = ids
     return stack, measures, counts
+
+
+def stack_tables(mode: str, found: list, pairs: list) -> dict:
+    """`{block: relabel table}` of one stack from its blocks' `(n, id_count, sizes, objects, links)` and
+    its overlaps' `(a, b, pairs)`: 2-D objects linked through the slices from the summed tables
+    (`stitch.link_tables`: exactly predict's cells, up to their numbering), 3-D ones joined by their
+    overlaps (`stitch.merge_pairs`)."""
+    found = sorted(found, key=lambda f: f[0])
+    if mode == "3d":
+        return dict(enumerate(merge_pairs(pairs, [f[1] for f in found], [f[2] for f in found])))
+    return link_tables(pairs, {f[0]: f[3] for f in found}, {f[0]: f[1] for f in found},
+                       {f[0]: f[4] for f in found})[0]
 
 
 def tiff_task(job):
@@ -379,17 +396,15 @@ def _segment_on_spark(spark, paths, names, formats, model_dir: Path, multiple: i
     shared = context.broadcast(plans)
     labelled = context.parallelize(items, len(items)).map(
         lambda item: label_task(item, shared, params, where)).persist(StorageLevel.MEMORY_AND_DISK)
-    found = _collect(spark, labelled.map(lambda r: r[:4]), len(items), "label blocks")
+    found = _collect(spark, labelled.map(lambda r: (*r[:4], *r[5:])), len(items), "label blocks")
     slabs = labelled.flatMap(lambda r: [((r[0], o), (r[1], slab)) for o, slab in r[4].items()])
     pairs = slabs.groupByKey(max(1, min(len(items), context.defaultParallelism * 4))).map(
         lambda kv: pairs_task((kv[0], list(kv[1])))).collect()
     labelled.unpersist()
     tables = {}
     for i, plan in plans.items():
-        mine = sorted((n, count, sizes) for stack, n, count, sizes in found if stack == i)
-        stack_tables = merge_pairs([(a, b, p) for stack, a, b, p in pairs if stack == i],
-                                   [count for _, count, _ in mine], [sizes for _, _, sizes in mine])
-        tables.update({(i, n): table for n, table in enumerate(stack_tables)})
+        tables.update({(i, n): table for n, table in stack_tables(plan.mode, [f[1:] for f in found if f[0] == i],
+                                                                  [p[1:] for p in pairs if p[0] == i]).items()})
     shared_tables = context.broadcast(tables)
     parts = _collect(spark, context.parallelize(items, len(items)).map(
         lambda item: relabel_task(item, shared, shared_tables)), len(items), "write blocks")

@@ -11,10 +11,10 @@ from skimage.segmentation import watershed
 from emunet.core.io import Volume, open_volume
 from emunet.core.objects import ObjectMeasures
 from emunet.inference import blocks as blocks_module
-from emunet.inference.blocks import (block_shape_for_memory, box_shape, core_of, default_memory_budget,
-                                     plan_blocks, plan_overlaps, read_box)
-from emunet.inference.stitch import (block_measures, core_sizes, local_pairs, merge_measures, merge_pairs,
-                                     relabel, segment_blockwise)
+from emunet.inference.blocks import (block_shape_for_memory, box_shape, box_slices, core_of, default_memory_budget,
+                                     overlap_slabs, overlaps_by_block, plan_blocks, plan_overlaps, read_box)
+from emunet.inference.stitch import (block_measures, core_sizes, link_tables, local_pairs, merge_measures,
+                                     merge_pairs, relabel, segment_blockwise)
 
 
 def balls(shape, cells) -> np.ndarray:
@@ -173,6 +173,65 @@ def test_merge_pairs_numbers_written_cells_densely_in_plan_order():
     assert relabel(np.array([[0, 2], [1, 1]]), tables[1]).tolist() == [[0, 1], [3, 3]]
     with pytest.raises(ValueError, match="outside"):
         relabel(np.array([3]), tables[1])
+
+
+def slice_objects_by_blocks(prob: np.ndarray, block, halo) -> tuple:
+    """The 2-D path without a network: each block's objects of each slice and their tables
+    (`blocktask.label_slices`), the pairs of its overlaps; `(blocks, pairs, objects, links, id counts,
+    core labels)`, per block number."""
+    from emunet.inference.blocktask import label_slices
+    from emunet.inference.params import SegmentParams
+
+    blocks = plan_blocks(prob.shape, block, halo)
+    overlaps = plan_overlaps(blocks)
+    of_block = overlaps_by_block(overlaps)
+    objects, links, counts, cores, slabs = {}, {}, {}, {}, {}
+    for n, blk in enumerate(blocks):
+        labels, objects[n], links[n] = label_slices(read_box(prob, blk.read), SegmentParams(), blk, prob.shape[2])
+        counts[n], cores[n] = int(labels.max(initial=0)), core_of(blk, labels)
+        slabs.update({(o, n): s for o, s in overlap_slabs(overlaps, of_block.get(n, []), blk, labels).items()})
+    pairs = [(o.a, o.b, local_pairs(slabs[i, o.a], slabs[i, o.b])) for i, o in enumerate(overlaps)]
+    return blocks, pairs, objects, links, counts, cores
+
+
+def test_link_tables_give_the_whole_volumes_linked_cells_numbered_by_first_voxel():
+    """Objects of each slice, linked through the slices from the blocks' summed counts, are the cells
+    `SliceLinker` makes of whole slices (`tests.test_blockwise.crossing_volume`: a block alone would link
+    WIDE to TUBE), numbered 1..N by their first slice, then first pixel."""
+    from emunet.inference.instances import label_instances
+    from tests.test_blockwise import crossing_volume
+
+    prob = (crossing_volume() > 100).astype(np.float32)
+    blocks, pairs, objects, links, counts, cores = slice_objects_by_blocks(prob, (4, 48, 48), (1, 24, 24))
+    assert len(blocks) == 12
+    tables, next_id = link_tables(pairs, objects, counts, links)
+    labels = np.zeros(prob.shape, np.int64)
+    for n, blk in enumerate(blocks):
+        labels[box_slices(blk.core)] = relabel(cores[n], tables[n])
+    assert len(bijection(label_instances(prob), labels)) == 4 and next_id == 4  # TUBE, FAR + WIDE, LOW
+    ids, first = np.unique(labels, return_index=True)
+    assert ids.tolist() == list(range(4)) and np.all(np.diff(first) > 0)
+
+
+def test_link_tables_slab_by_slab_keep_the_ids_of_all_at_once():
+    """`blockwise` decides a slab at a time, with the slab before's objects and ids: the same tables."""
+    from tests.test_blockwise import crossing_volume
+
+    prob = (crossing_volume() > 100).astype(np.float32)
+    blocks, pairs, objects, links, counts, _ = slice_objects_by_blocks(prob, (4, 48, 48), (1, 24, 24))
+    at_once, _ = link_tables(pairs, objects, counts, links)
+    tables, next_id, earlier = {}, 1, []
+    for slab in ([n for n, b in enumerate(blocks) if b.index[0] == i] for i in range(3)):
+        mine = [*earlier, *slab]
+        found, next_id = link_tables([p for p in pairs if p[1] in mine], {n: objects[n] for n in mine},
+                                     {n: counts[n] for n in mine}, {n: links[n] for n in slab},
+                                     {n: tables[n] for n in earlier}, next_id)
+        tables.update({n: found[n] for n in slab})
+        earlier = slab
+    assert next_id == 4
+    for n in range(len(blocks)):
+        written = objects[n][objects[n][:, 2] > 0, 0]  # the ids of the block's core
+        assert tables[n][written].tolist() == at_once[n][written].tolist()
 
 
 @pytest.mark.parametrize("block", [16, (16, 16, 11), (10, 32, 32)])

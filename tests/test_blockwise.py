@@ -120,6 +120,39 @@ def test_scores_with_a_truth_equal_the_whole_volumes():
     assert blocked.metrics() == pytest.approx(whole.metrics(), nan_ok=True)
 
 
+CROSSING_SHAPE = (12, 96, 96)  # 3 x 2 x 2 blocks of BLOCK
+
+
+def crossing_volume() -> np.ndarray:
+    """Cells whose links through the slices a block cannot see whole (blocks of `BLOCK`, halo `HALO`: the
+    left blocks read x < 72). TUBE runs through slices 0-6 (more than a block and its halo), drifting
+    right to the face x = 48; FAR lies beyond the left blocks' read box but for a strip x 60-71. In slice
+    7 one object, WIDE, covers both: 14 columns of TUBE, 31 of FAR, so it continues FAR and TUBE ends.
+    The left blocks see FAR's strip only (12 columns): linked in a block, WIDE would continue TUBE there.
+    LOW grows across the face slice by slice."""
+    out = np.full(CROSSING_SHAPE, 30, np.uint8)
+    for z, plane in enumerate(out):
+        if z <= 6:
+            plane[22:39, 6 + 4 * z:26 + 4 * z] = 220  # TUBE
+            plane[22:39, 60:91] = 220  # FAR
+        else:
+            plane[22:39, 36:91] = 220  # WIDE
+        plane[60:80, 20:30 + 3 * z] = 220  # LOW
+    return out
+
+
+def test_cells_linked_through_more_slices_than_a_block_get_the_whole_volumes_ids():
+    """The blocks link each slice's objects from their counts added up (`stitch.link_tables`), not each
+    block through its own slices: WIDE continues FAR as in the whole volume, not TUBE as the left blocks
+    alone would link it (which split WIDE at the face and merged it with TUBE)."""
+    whole, blocked, _, _ = both_ways(volume=crossing_volume(), block=BLOCK, halo=HALO)
+    ids, truth = np.stack([r.ids for r in blocked]), np.stack([r.ids for r in whole])
+    assert len(bijection(truth, ids)) == 4  # background, TUBE, FAR and WIDE, LOW
+    tube, far, wide = ids[6, 30, 40], ids[6, 30, 80], ids[7, 30, 40]
+    assert wide == far != tube and wide == ids[7, 30, 80]
+    assert [len(np.unique(plane)) for plane in ids] == [4] * 7 + [3] * 5
+
+
 def test_3d_objects_across_the_blocks_are_one_cell_each():
     zz, yy, xx = np.indices((24, 48, 48))
     volume = np.full((24, 48, 48), 30, np.uint8)

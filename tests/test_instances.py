@@ -133,9 +133,15 @@ def plain_slice_instances(prob, threshold, seed_threshold, min_size, depth):
 
 def plain_links(slices):
     """3-D ids by the linking rule written plainly, object by object: a new object takes the id of the
-    previous slice's object it overlaps most (ties: the lower id) when that one overlaps it most too (ties:
-    the lower label) and they share at least half of the smaller; else the next new id, in label order."""
+    previous slice's object it overlaps most (ties: the one whose first pixel in raster order comes first)
+    when that one overlaps it most too (ties: likewise) and they share at least half of the smaller; else
+    the next new id, in label order."""
     from emunet.inference.instances import LINK_OVERLAP
+
+    def largest(labels, inside):  # the label overlapping `inside` most; ties: the first pixel first
+        found, shared = np.unique(labels[inside & (labels > 0)], return_counts=True)
+        tied = found[shared == shared.max()]
+        return min(tied, key=lambda t: np.flatnonzero((labels == t).ravel())[0]), shared.max()
 
     out, previous, next_id = [], None, 1
     for labels in slices:
@@ -144,12 +150,11 @@ def plain_links(slices):
         for n in present:
             if previous is None:
                 break
-            olds, shared = np.unique(previous[(labels == n) & (previous > 0)], return_counts=True)
-            if not len(olds):
+            if not ((labels == n) & (previous > 0)).any():
                 continue
-            o, s = olds[np.argmax(shared)], shared.max()
-            news, back = np.unique(labels[(previous == o) & (labels > 0)], return_counts=True)
-            if news[np.argmax(back)] == n and s >= LINK_OVERLAP * min((labels == n).sum(), (previous == o).sum()):
+            o, s = largest(previous, labels == n)
+            back, _ = largest(labels, previous == o)
+            if back == n and s >= LINK_OVERLAP * min((labels == n).sum(), (previous == o).sum()):
                 ids[labels == n] = o
         for n in present:
             if not ids[labels == n].any():
@@ -210,14 +215,20 @@ def test_linking_thousands_of_objects_counts_overlaps_by_sorting_and_agrees():
     assert np.array_equal(linked[1][b > 0], linked[0][b > 0]) and linked[2].max() == 1024 + 1024
 
 
-def test_a_tie_between_two_cells_goes_to_the_lower_id_whatever_their_labels_in_the_slice_before():
+def test_a_tie_between_two_cells_goes_to_the_first_in_raster_order_whatever_their_ids_and_labels():
+    """Ties are broken by where the objects lie, not how they are numbered, so that blocks, which number
+    them otherwise, link alike (`stitch.link_tables`). Here the cell on the right has the lower id."""
     first = np.zeros((2, 6), np.int32)
-    first[:, :2], first[:, 4:] = 1, 2  # ids 1 and 2
+    first[:, 4:], first[:, :2] = 1, 2  # ids 1 (right) and 2 (left)
     second = np.zeros((2, 6), np.int32)
-    second[:, 4:], second[:, :2] = 1, 2  # the same cells, numbered the other way round in this slice
+    second[:, :2], second[:, 4:] = 1, 2  # the same cells, numbered the other way round in this slice
     third = np.ones((2, 6), np.int32)  # one cell over both: 4 pixels of each
     linker = SliceLinker()
     ids = [linker.ids(s) for s in (first, second, third)]
-    assert ids[1][0, 0] == ids[0][0, 0] == 1 and ids[1][0, 5] == 2
-    assert np.unique(ids[2]).tolist() == [1]
+    assert ids[1][0, 0] == ids[0][0, 0] == 2 and ids[1][0, 5] == 1
+    assert np.unique(ids[2]).tolist() == [2]  # the left cell, whose first pixel comes first
     assert np.array_equal(np.stack(ids), plain_links([first, second, third]))
+    # Two objects of the next slice tie for one cell: the first in raster order continues it.
+    fourth = np.zeros((2, 6), np.int32)
+    fourth[1, 1:3], fourth[0, 3:5] = 1, 2  # (1, 1) comes after (0, 3): label 2 is first
+    assert np.unique(linker.ids(fourth)[0, 3:5]).tolist() == [2]

@@ -42,7 +42,10 @@ CELLS = {"big": ((192, 192), 70),  # across all eight blocks
 
 def cells_volume(shape=(8, 384, 384)) -> np.ndarray:
     """Bright cells (`CELLS`) on a dark background, BIG and NEIGHBOUR parted by a two-pixel membrane;
-    the cells shift a little from slice to slice, as sections do."""
+    the cells shift a little from slice to slice, as sections do. Above them, the cells of
+    `tests.test_blockwise.crossing_volume` at this scale (the blocks left of x = 192 read x < 256): TUBE
+    through slices 0-5, drifting to the face; FAR, which those blocks see only as a strip x 236-255; in
+    slices 6-7 WIDE over both (28 columns of TUBE, 64 of FAR), which continues FAR, not TUBE."""
     yy, xx = np.indices(shape[1:])
     out = np.full(shape, 30, np.uint8)
     for z in range(shape[0]):
@@ -50,6 +53,11 @@ def cells_volume(shape=(8, 384, 384)) -> np.ndarray:
         for (y, x), r in CELLS.values():
             plane |= (yy - y - z % 3 + 1) ** 2 + (xx - x) ** 2 <= r * r
         plane[:, 261:263] = False
+        if z <= 5:
+            plane[15:46, 60 + 16 * z:100 + 16 * z] = True  # TUBE
+            plane[15:46, 236:300] = True  # FAR
+        else:
+            plane[15:46, 152:300] = True  # WIDE
         out[z][plane] = 220
     return out
 
@@ -142,7 +150,9 @@ def test_spark_blocks_give_single_machine_predicts_results(store, tmp_path, monk
         assert table_rows(spark / f"{name}_objects.csv") == table_rows(one / f"{name}_objects.csv")
     assert 0.05 < (mask == 255).mean() < 0.95  # a real segmentation, not all one value
     labels = read_image(spark / "cells_labels.ome.zarr")[0]
-    assert len(np.unique(labels)) == len(CELLS) + 1  # every painted cell one id, none split at a face
+    assert len(np.unique(labels)) == len(CELLS) + 3  # every painted cell one id, none split at a face
+    # Linked as in the whole volume, whatever a block alone sees: WIDE continues FAR, TUBE ends.
+    assert labels[6, 30, 170] == labels[6, 30, 280] == labels[5, 30, 280] != labels[5, 30, 170] > 0
 
     def ids(name):
         (y, x), r = CELLS[name]

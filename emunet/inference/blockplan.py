@@ -2,8 +2,9 @@
 its labelling needs, and whether a volume needs blocks at all (`emunet.inference.blockwise`).
 
 A block reads its core plus a label halo of `HALO_YX` pixels in y and x (about a cell radius: the
-labelling sees the cell across a face as the whole slice does) and of one slice in z (2-D objects: links
-between two slices are made by both blocks that see them) or `HALO_YX` slices (3-D objects); its
+labelling sees the cell across a face as the whole slice does) and of one slice in z (2-D objects: the
+block counts the pixels its first slice shares with the slice before, `blocktask.label_slices`) or
+`HALO_YX` slices (3-D objects); its
 probabilities come from the whole slice's tiles that touch the read box (`blocktask.block_probabilities`),
 so its memory is that of its read box and of its tile region (`block_bytes`).
 """

@@ -2,10 +2,10 @@
 process (`emunet.inference.blockwise.segment_in_blocks`, predict) and a cluster task
 (`serving.predict_spark`).
 
-First pass (`label_in_block`): the block's read box becomes probabilities and ids of its own
-(`label_block`); what leaves the block is its core (probabilities, local labels) and the labels of its
-overlaps with the neighbours (`blocks.overlap_slabs`), from which `stitch.local_pairs` finds the ids two
-blocks share.
+First pass (`label_in_block`): the block's read box becomes probabilities and ids of its own; what
+leaves the block is its core (probabilities, local labels), the labels of its overlaps with the
+neighbours (`blocks.overlap_slabs`), from which `stitch.local_pairs` finds the ids two blocks share, and
+for 2-D objects the tables from which `stitch.link_tables` links them through the slices.
 
 Exact probabilities: the whole slice's tile plan (`tiling.plan_tiles` on the full height and width) is
 kept; a block runs only the tiles of that plan that touch its read box (so it reads the image those
@@ -15,11 +15,16 @@ then gets the very tiles, in the same order, and the same weight sum as in the w
 float32 numbers (a tile is computed in a batch of the same size, filled with copies where the block does
 not need the rest of that batch, so a compiled network rounds it as in the whole slice).
 
-Objects: each block labels its read box (2-D: `slice_instances` per slice, linked through the block's
-slices with `SliceLinker`; 3-D: `volume_instances`) with the halo of `blockplan.halo_for`.
+Objects: each block labels its read box with the halo of `blockplan.halo_for`. 3-D: `volume_instances`.
+2-D (`label_slices`): `slice_instances` per slice, NOT linked here: linking in the block would decide
+links from objects its read box cuts off, and a cell longer than a block would be linked otherwise
+than in the whole volume. Instead the block counts, in its core's columns only (the cores tile every
+slice), each object's pixels and first pixel, and the pixels each object shares with each object of the
+slice before, for its core slices (the z halo gives it the slice before its first): added up over the
+blocks, these are exactly the counts `SliceLinker` makes on whole slices, whatever cuts the blocks make.
 
-Second pass (`relabel_in_block`): once `stitch.merge_pairs` (or the slab-by-slab tables of `blockwise`)
-has given each block its table `local id -> volume id`, the core is relabelled, and the block's share of
+Second pass (`relabel_in_block`): once `stitch.merge_pairs` or `stitch.link_tables` (or the slab-by-slab
+tables of `blockwise`) has given each block its table `local id -> volume id`, the core is relabelled, and the block's share of
 the instances table (`stitch.block_measures`) and of the per-slice objects table (`slice_counts`) is
 counted, so that no one ever holds the volume's ids.
 """
@@ -33,7 +38,7 @@ from emunet.core.normalize import normalize
 from emunet.inference.blockplan import tile_region
 from emunet.inference.blocks import Block, Box, Overlap, core_of, overlap_slabs, read_box
 from emunet.inference.context import context_indices
-from emunet.inference.instances import SliceLinker, slice_instances
+from emunet.inference.instances import first_pixels, overlap_counts, slice_instances
 from emunet.inference.instances3d import volume_instances
 from emunet.inference.params import SegmentParams
 from emunet.inference.stitch import MeasurePartial, block_measures, core_sizes, relabel
@@ -106,32 +111,62 @@ def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float
     return sums[crop] / weight[crop[1:]]
 
 
-def label_block(prob: np.ndarray, params: SegmentParams, mode: str) -> np.ndarray:
-    """int32 ids of a block's `(rz, ry, rx)` probabilities, ids of its own: "2d" objects of each slice
-    linked through the block's slices, or "3d" objects (`volume_instances`)."""
-    if mode == "3d":
-        return volume_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
-                                params.seed_depth, params.grow_over_all)
-    linker, out = SliceLinker(), np.zeros(prob.shape, np.int32)
+def _slice_tables(objects: np.ndarray, count: int, offset: int, z: int, in_core: bool, block: Block, width: int,
+                  previous: tuple | None) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+    """One slice's share of `stitch.link_tables`: its objects' rows (`stitch.OBJECT_COLUMNS`, ids moved
+    by `offset`) in the block's core columns and, in a core slice, its links to the slice before
+    (`stitch.LINK_COLUMNS`); and what the next slice needs of this one."""
+    (y0, y1), (x0, x1) = block.core[1:]
+    core = objects[block.core_in_read[1:]]
+    area = np.bincount(core.ravel(), minlength=count + 1)
+    present = np.flatnonzero(area[1:]) + 1
+    y, x = np.divmod(first_pixels(core, count)[present], x1 - x0)
+    rows = np.stack([present + offset, np.full(len(present), z), np.full(len(present), int(in_core)),
+                     area[present], (y + y0) * width + x + x0], axis=1)
+    links = None
+    if in_core and previous is not None:
+        before, before_count, before_offset = previous
+        new, old, shared = overlap_counts(core, before, before_count + 1, count + 1)
+        links = np.stack([old + before_offset, new + offset, shared], axis=1)
+    return rows, links, (core, count, offset)
+
+
+def label_slices(prob: np.ndarray, params: SegmentParams, block: Block, width: int) -> tuple:
+    """The "2d" labelling of a block's `(rz, ry, rx)` probabilities: `(labels, objects, links)`, int32
+    labels of each slice's objects (`slice_instances`), ids of the block's own and never two slices'
+    alike, not linked here; `objects` and `links` are its int64 tables for `stitch.link_tables` (a slice
+    is `width` pixels wide), which links the volume's objects as `SliceLinker` links whole slices."""
+    labels = np.zeros(prob.shape, np.int32)
+    objects, links, offset, previous = [], [], 0, None
+    core_z = block.core_in_read[0]
     for k, plane in enumerate(prob):
-        out[k] = linker.ids(slice_instances(plane, params.threshold, params.seed_threshold,
-                                            params.min_object_size, params.seed_depth))
-    return out
-
-
+        found = slice_instances(plane, params.threshold, params.seed_threshold, params.min_object_size,
+                                params.seed_depth)
+        count = int(found.max(initial=0))
+        rows, pairs, previous = _slice_tables(found, count, offset, block.read[0][0] + k,
+                                              core_z.start <= k < core_z.stop, block, width, previous)
+        np.add(found, offset, out=labels[k], where=found > 0)
+        objects.append(rows)
+        links += [] if pairs is None else [pairs]
+        offset += count
+    return (labels, np.concatenate(objects).astype(np.int64),
+            np.concatenate(links).astype(np.int64) if links else np.zeros((0, 3), np.int64))
 
 
 @dataclass
 class LabelledBlock:
     """What the first pass keeps of one block: `prob` `(cz, cy, cx)` float32 and `labels` int32 local ids
     of its core, `sizes` (`stitch.core_sizes`: the ids written there and their voxels), `id_count` the
-    largest local id of the read box, and `slabs` `{overlap number: local labels of that overlap's box}`."""
+    largest local id of the read box, `slabs` `{overlap number: local labels of that overlap's box}`,
+    and for "2d" objects `objects` and `links`, the tables of `stitch.link_tables` (None for "3d")."""
 
     prob: np.ndarray
     labels: np.ndarray
     sizes: np.ndarray
     id_count: int
     slabs: dict[int, np.ndarray]
+    objects: np.ndarray | None = None
+    links: np.ndarray | None = None
 
     @property
     def written(self) -> np.ndarray:
@@ -146,14 +181,22 @@ def label_in_block(forward, volume, tiles: TilePlan, low: float, high: float, bl
                    context: int = 0) -> LabelledBlock:
     """The first pass on `block` of a raw `(Z, H, W)` `volume` (array or lazily read): probabilities of its
     read box with the slices' tile plan `tiles` and window `low`, `high` (`block_probabilities`; `forward`
-    the network, `context` a 2.5-D network's neighbouring slices), labelled in `mode` ("2d", "3d";
-    `label_block`); `numbers` are the overlaps of `overlaps` the block is part of."""
+    the network, `context` a 2.5-D network's neighbouring slices), labelled in `mode`: "2d" objects of
+    each slice (`label_slices`, with their tables), "3d" ones (`volume_instances`); `numbers` are the
+    overlaps of `overlaps` the block is part of."""
     prob = block_probabilities(forward, volume, tiles, low, high, block.read, params.tta, volume.shape[0], context)
-    labels = label_block(prob, params, mode)
+    if mode == "3d":
+        labels = volume_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
+                                  params.seed_depth, params.grow_over_all)
+        objects = links = None
+    else:
+        labels, objects, links = label_slices(prob, params, block, volume.shape[2])
     core = np.ascontiguousarray(core_of(block, labels))
     slabs = overlap_slabs(overlaps, numbers, block, labels)
-    return LabelledBlock(np.ascontiguousarray(core_of(block, prob)), core, core_sizes(core),
-                         int(labels.max(initial=0)), slabs)
+    # 2-D: the ids written and their voxels are the objects' core rows, no pass over the core needed.
+    sizes = core_sizes(core) if objects is None else objects[objects[:, 2] > 0][:, [0, 3]]
+    return LabelledBlock(np.ascontiguousarray(core_of(block, prob)), core, sizes, int(labels.max(initial=0)), slabs,
+                         objects, links)
 
 
 def slice_counts(ids: np.ndarray, z0: int) -> np.ndarray:

@@ -6,10 +6,14 @@ slice order, like `segment_volume`'s.
 Blocks agree on ids through `emunet.inference.stitch.local_pairs` in their overlaps. The volume goes slab
 by slab (the blocks of one z range): a slab's ids are decided when it is done, continuing the ids of the
 slab before, so memory and scratch disk stay with one slab (numpy memory maps of its probabilities and
-local labels in a temporary folder), never the volume. Two cells of earlier slabs that a later slab
-finds to be one keep the earlier of the two ids there (ids already written are not rewritten); with
-one-to-one links (2-D) this does not arise. (A cluster, `serving.predict_spark`, merges all pairs at
-once with `stitch.merge_pairs` instead: its tasks run in any order.)
+local labels in a temporary folder), never the volume. 3-D objects: two cells of earlier slabs that a
+later slab finds to be one keep the earlier of the two ids there (ids already written are not
+rewritten). 2-D objects (`_linked_ids`): a slab's blocks count the links into each of their slices from
+the slice before (`blocktask.label_slices`), so a slab decides the links into its own slices with the
+objects of the slab before's last slice (kept as small tables, with their ids): the cells of
+`stitch.link_tables`, the whole volume's, which links never merge after the fact (they are one-to-one).
+(A cluster, `serving.predict_spark`, decides all at once with `stitch.merge_pairs` or
+`stitch.link_tables` instead: its tasks run in any order.)
 """
 
 import tempfile
@@ -26,7 +30,7 @@ from emunet.inference.blocks import overlaps_by_block, plan_overlaps
 from emunet.inference.blocktask import label_in_block
 from emunet.inference.params import SegmentParams
 from emunet.inference.segment import SliceResult, Truth, _score_row, instance_mode
-from emunet.inference.stitch import MeasurePartial, block_measures, local_pairs
+from emunet.inference.stitch import MeasurePartial, block_measures, link_tables, local_pairs
 
 
 class _Scratch:
@@ -100,6 +104,19 @@ def _final_ids(slab: list[int], pairs: list, written: dict, tables: dict, next_i
     return out, next_id
 
 
+def _linked_ids(slab: list[int], pairs: list, found: tuple, before: tuple, tables: dict, next_id: int
+                ) -> tuple[dict, int]:
+    """Tables `local id -> volume id` of the slab's blocks for 2-D objects (`stitch.link_tables`): `found`
+    holds their `(objects, links, id_counts)`, `pairs` the pairs of this slab's overlaps; `before` is
+    `(blocks, pairs, found)` of the slab before, whose ids (`tables`) are kept and whose objects give the
+    sizes of the last slice before this slab, to which its first slice links."""
+    earlier, earlier_pairs, (earlier_objects, _, earlier_counts) = before
+    objects, links, counts = found
+    out, next_id = link_tables(earlier_pairs + pairs, {**earlier_objects, **objects}, {**earlier_counts, **counts},
+                               links, {n: tables[n] for n in earlier}, next_id)
+    return {n: out[n] for n in slab}, next_id
+
+
 def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budget: float | None = None,
                       progress: Callable[[int, int], None] | None = None, truth: Truth | None = None,
                       voxel_size=None, halo=None) -> Iterator[SliceResult]:
@@ -125,14 +142,14 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
     slabs: dict[int, list[int]] = {}
     for n, blk in enumerate(blocks):
         slabs.setdefault(blk.index[0], []).append(n)
-    pending, tables, next_id, done = {}, {}, 1, 0
+    pending, tables, next_id, done, before = {}, {}, 1, 0, ([], [], ({}, {}, {}))
     with tempfile.TemporaryDirectory(prefix="emunet-blockwise-") as folder:
         for slab in slabs.values():
             (z0, z1) = blocks[slab[0]].core[0]
             depth = (z1 - z0, shape[1], shape[2])
             prob_file = _Scratch(Path(folder) / f"prob{z0}.npy", depth, np.float32)
             local_file = _Scratch(Path(folder) / f"local{z0}.npy", depth, np.int32)
-            pairs, written = [], {}
+            pairs, written, tables_2d = [], {}, ({}, {}, {})  # 2-D: objects, links, id counts
             for n in slab:
                 blk = blocks[n]
                 part = label_in_block(forward, volume, tiles, low, high, blk, params, mode, overlaps,
@@ -141,6 +158,9 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
                 prob_file.write(place, part.prob)
                 local_file.write(place, part.labels)
                 written[n] = part.written
+                if mode == "2d":
+                    for table, value in zip(tables_2d, (part.objects, part.links, part.id_count)):
+                        table[n] = value
                 for o, slab_labels in part.slabs.items():
                     if o in pending:  # the other block came first
                         pairs.append((overlaps[o].a, overlaps[o].b, local_pairs(pending.pop(o), slab_labels)))
@@ -149,7 +169,11 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
                 del part
                 done += 1
                 report(done, len(blocks))
-            slab_tables, next_id = _final_ids(slab, pairs, written, tables, next_id)
+            if mode == "2d":
+                slab_tables, next_id = _linked_ids(slab, pairs, tables_2d, before, tables, next_id)
+                before = (slab, pairs, tables_2d)
+            else:
+                slab_tables, next_id = _final_ids(slab, pairs, written, tables, next_id)
             tables.update(slab_tables)
             yield from _slab_slices(folder, z0, z1, shape, slab, blocks, tables, prob_file, local_file, params,
                                     truth)

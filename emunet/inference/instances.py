@@ -77,33 +77,68 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
 PAIR_TABLE_MIN = 1 << 16
 
 
+def first_pixels(labels: np.ndarray, count: int) -> np.ndarray:
+    """`(count + 1,)` int64: the raster index (`y * width + x`) of each label's first pixel in a 2-D
+    `labels` (`labels.size` for a label absent). Distinct objects of a slice have distinct first pixels:
+    the key that breaks a tie between them whatever their numbering (see `one_to_one`)."""
+    flat = np.asarray(labels).ravel()
+    out = np.full(count + 1, flat.size, np.int64)
+    np.minimum.at(out, flat, np.arange(flat.size, dtype=np.int64))
+    return out
+
+
+def one_to_one(new, old, shared, area_new, area_old, key_new, key_old) -> np.ndarray:
+    """The linking rule (see the module), on a table: which of the pairs `(new[i], old[i])` of objects of
+    two consecutive slices that share `shared[i] > 0` pixels are links (bool, one per pair). A pair links
+    when each is the other's largest overlap and they share at least `LINK_OVERLAP` of the smaller one's
+    pixels (`area_*[i]`: the pixels of the pair's objects). A tie goes to the object whose first pixel
+    comes first (`key_*[i]`, `first_pixels`), so links depend on the objects, never on their numbering:
+    whole slices (`SliceLinker`) and tables summed over blocks (`stitch.link_tables`) link alike. Any
+    integers name the objects, as long as each names one object."""
+    new, old, shared = (np.asarray(a, np.int64) for a in (new, old, shared))
+    best = np.ones(len(new), bool)
+    if not len(new):
+        return best
+    for mine, their_key in ((new, key_old), (old, key_new)):  # each object's largest overlap, ties by key
+        order = np.lexsort((np.asarray(their_key), -shared, mine))
+        first = np.r_[True, mine[order][1:] != mine[order][:-1]]
+        chosen = np.zeros(len(new), bool)
+        chosen[order[first]] = True
+        best &= chosen
+    return best & (shared >= LINK_OVERLAP * np.minimum(area_new, area_old))
+
+
 class SliceLinker:
     """Gives the objects of consecutive slices their 3-D ids as slices come: `ids(labels)` maps a slice's
-    per-slice labels to stack-wide ids, continuing an object of the previous slice where it overlaps one
-    one-to-one (see the module), else starting a new id."""
+    per-slice labels to stack-wide ids, continuing an object of the previous slice where `one_to_one`
+    links them, else starting a new id (in label order)."""
 
     def __init__(self):
-        # The last slice: its labels as given, their pixel counts and their 3-D ids (`ids[label]`).
-        self.previous: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # The last slice: its labels as given, their pixel counts, first pixels and 3-D ids (`ids[label]`).
+        self.previous: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.next_id = 1
 
     def ids(self, labels: np.ndarray) -> np.ndarray:
         labels = np.array(labels, copy=True)  # kept for the next slice: the caller may reuse its array
         count = int(labels.max(initial=0))
         area = np.bincount(labels.ravel().astype(np.int64, copy=False), minlength=count + 1)
+        key = first_pixels(labels, count)
         mapping = np.zeros(count + 1, np.int64)
         if self.previous is not None and count:
-            for new, old in _one_to_one(labels, area, *self.previous).items():
-                mapping[new] = old
+            previous, area_old, key_old, old_ids = self.previous
+            new, old, shared = overlap_counts(labels, previous, len(area_old), len(area))
+            linked = one_to_one(new, old, shared, area[new], area_old[old], key[new], key_old[old])
+            mapping[new[linked]] = old_ids[old[linked]]
         for i in np.flatnonzero((area[1:] > 0) & (mapping[1:] == 0)) + 1:
             mapping[i], self.next_id = self.next_id, self.next_id + 1
-        self.previous = (labels, area, mapping)
+        self.previous = (labels, area, key, mapping)
         return mapping[labels]
 
 
-def _overlaps(labels: np.ndarray, previous: np.ndarray, width: int, height: int) -> tuple:
-    """`(new, old, shared)`: the pairs of labels (`labels` < `height`, `previous` < `width`, both > 0)
-    that share pixels, sorted by new then old, and how many pixels each pair shares."""
+def overlap_counts(labels: np.ndarray, previous: np.ndarray, width: int, height: int) -> tuple:
+    """`(new, old, shared)`: the pairs of labels (`labels` < `height`, `previous` < `width`, both > 0; two
+    label images of one shape) that share pixels, sorted by new then old, and how many pixels each pair
+    shares (int64 arrays)."""
     both = (labels > 0) & (previous > 0)
     key = labels[both].astype(np.int64)
     key *= width
@@ -116,26 +151,6 @@ def _overlaps(labels: np.ndarray, previous: np.ndarray, width: int, height: int)
         pairs, shared = np.unique(key, return_counts=True)
     new, old = np.divmod(pairs, width)
     return new, old, shared
-
-
-def _one_to_one(labels: np.ndarray, area_new: np.ndarray, previous: np.ndarray, area_old: np.ndarray,
-                old_ids: np.ndarray) -> dict[int, int]:
-    """`{label in labels: 3-D id in old_ids}` for pairs that are each other's largest overlap, sharing at
-    least `LINK_OVERLAP` of the smaller one's pixels. `previous`: the last slice's labels, `old_ids` their
-    3-D ids; `area_*`: pixels per label. A tie goes to the lower new label and the lower old 3-D id."""
-    new, old, shared = _overlaps(labels, previous, len(area_old), len(area_new))
-    order = np.lexsort((old_ids[old], new))  # by new, then by 3-D id: the order ties are decided in
-    best_for_new, best_for_old = {}, {}
-    for n, o, s in zip(new[order].tolist(), old[order].tolist(), shared[order].tolist()):
-        if s > best_for_new.get(n, (0, 0))[1]:
-            best_for_new[n] = (o, s)
-        if s > best_for_old.get(o, (0, 0))[1]:
-            best_for_old[o] = (n, s)
-    links = {}
-    for n, (o, s) in best_for_new.items():
-        if best_for_old[o][0] == n and s >= LINK_OVERLAP * min(area_new[n], area_old[o]):
-            links[n] = int(old_ids[o])
-    return links
 
 
 def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,

@@ -18,6 +18,17 @@ The halo must hold the context the labelling needs to split two cells at a face 
 would (for a watershed from cell cores: the core of the cell across the face, about a cell radius); with
 less, both blocks see one cell by the face and the two merge. Cells are compared, never re-segmented.
 
+Objects found slice by slice and linked through the slices ("2d", `instances.SliceLinker`) are not
+joined as cells at all: a block would link the objects of its slices from what its read box shows, and
+a cell longer than a block, or an object its read box cuts off, would be linked otherwise than in the
+whole volume (whose links pick each object's largest overlap: a cut changes which is largest). Each
+block's ids are the objects of each slice; they join across y/x faces by the rule above (within a slice:
+ids of two slices never share a voxel), and `link_tables` links the volume's objects from the blocks'
+counts (sizes, first pixels, pixels shared with the slice before, each counted by the one block whose
+core holds the pixel), added up: the very numbers `SliceLinker` counts on whole slices, decided by the
+same function (`instances.one_to_one`). The cells are then the whole volume's by construction, as far
+as the objects of each slice are (those depend on the y/x halo as above).
+
 For a cluster, every step is small or per block: `local_pairs` per overlap (pairs of ids), `merge_pairs`
 on the driver (union-find over all pairs: tables of ids, not voxels), `relabel` and `block_measures` per
 block, `merge_measures` on the driver (a few numbers per cell). `segment_blockwise` runs them in one process.
@@ -34,6 +45,7 @@ from scipy.sparse.csgraph import connected_components
 
 from emunet.inference.blocks import (Box, box_slices, core_of, overlap_slabs, overlaps_by_block, plan_blocks,
                                      plan_overlaps, read_box)
+from emunet.inference.instances import one_to_one
 
 SAME_CELL_IOU = 0.5  # intersection over union, within the overlap, above which two ids are one cell
 # How two blocks' ids are found to be one cell: "iou" (above) for labellings that split touching cells
@@ -74,6 +86,16 @@ def core_sizes(core_labels: np.ndarray) -> np.ndarray:
     return np.stack([ids[keep], counts[keep]], axis=1).astype(np.int64)
 
 
+def _id_dtype(count: int):
+    return np.int32 if count < 2**31 else np.int64
+
+
+def _components(edges: np.ndarray, total: int) -> tuple[int, np.ndarray]:
+    """Union-find over all `(n, 2)` `edges` of `total` nodes at once: `(count, component of each node)`."""
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total, total))
+    return connected_components(graph, directed=False)
+
+
 def merge_pairs(pairs, id_counts: list[int], sizes: list[np.ndarray], min_voxels: int = 0) -> list[np.ndarray]:
     """Relabel tables, one per block: `tables[n][local id]` is the volume-wide id (0: background or not
     written), numbered 1..N densely in the order cells first appear in the plan's cores.
@@ -95,17 +117,99 @@ def merge_pairs(pairs, id_counts: list[int], sizes: list[np.ndarray], min_voxels
     # blocks is seen by both, and all neighbours, diagonal ones too, are compared directly); through
     # such an id, two cells that one block saw as one at its border would chain into one.
     edges = edges[written[edges[:, 0]] & written[edges[:, 1]]]
-    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(total, total))
-    count, cell = connected_components(graph, directed=False)  # union-find over all pairs at once
+    count, cell = _components(edges, total)
     per_cell = np.bincount(cell[nodes], voxels, minlength=count)
     first = np.full(count, total)
     np.minimum.at(first, cell[nodes], nodes)
     kept = np.flatnonzero(per_cell >= max(min_voxels, 1))  # cells with no core voxel were never written
-    dtype = np.int32 if len(kept) < 2**31 else np.int64
+    dtype = _id_dtype(len(kept))
     global_id = np.zeros(count, dtype)
     global_id[kept[np.argsort(first[kept], kind="stable")]] = np.arange(1, len(kept) + 1, dtype=dtype)
     return [np.concatenate([[0], global_id[cell[offsets[n] + 1:offsets[n + 1] + 1]]]).astype(dtype)
             for n in range(len(id_counts))]
+
+
+OBJECT_COLUMNS = ("id", "z", "core", "area", "first")  # a block's table of its 2-D objects (`link_tables`)
+LINK_COLUMNS = ("old", "new", "shared")  # a block's counts of shared pixels between slices z - 1 and z
+
+
+def _summed_links(links: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(old, new, shared)` with the rows of one pair of objects (from several blocks) added up."""
+    pair, where = np.unique(links[:, 0] * count + links[:, 1], return_inverse=True)
+    shared = np.zeros(len(pair), np.int64)
+    np.add.at(shared, where.ravel(), links[:, 2])
+    return *np.divmod(pair, count), shared
+
+
+def link_tables(pairs, objects: dict, id_counts: dict, links: dict, known: dict | None = None,
+                next_id: int = 1) -> tuple[dict[int, np.ndarray], int]:
+    """Relabel tables for blocks whose ids are 2-D objects, one id per object of one slice (the "2d"
+    labelling): `(tables, next_id)`, `tables[n][local id]` the volume-wide 3-D id (0: not written). Where
+    the blocks' objects of each slice are the whole slice's, the cells are exactly those
+    `instances.SliceLinker` makes of the whole slices, up to their numbering.
+
+    Each block's objects join those of its neighbours within a slice through the overlaps (`pairs`:
+    `(a, b, local_pairs(...))`, as `merge_pairs`): the volume's 2-D objects. Their sizes, first pixels and
+    the pixels they share with the slice before are the blocks' counts added up, from which
+    `instances.one_to_one` links them as it links whole slices; the chains of links are the cells. Block
+    n (any hashable key) gives `id_counts[n]` (its largest local id), `objects[n]` (`OBJECT_COLUMNS` rows
+    for each object present in its core columns, in any slice it read: `core` 1 in a slice of its core,
+    `area` its pixels in the core columns, `first` the raster index `y * width + x` of its first pixel
+    there) and `links[n]` (`LINK_COLUMNS` rows, in the core columns, for each slice z of its core: a
+    pair counted by one block only). Objects in no block's core (seen in halos only) take their size
+    from the halo rows; they are never written.
+
+    Cells are numbered from `next_id` by their first slice, then first pixel. `known[n]`, for blocks
+    whose ids were given earlier (a slab before, `blockwise`), keeps those ids: such blocks give their
+    objects (the sizes of the slice before this slab's), no links (theirs were decided)."""
+    known = known or {}
+    order = list(id_counts)
+    sizes = [int(id_counts[n]) + 1 for n in order]
+    offsets = dict(zip(order, np.cumsum([0, *sizes[:-1]], dtype=np.int64).tolist()))
+    total = int(sum(sizes))
+
+    def nodes(n, local) -> np.ndarray:
+        return np.asarray(local, np.int64) + offsets[n]
+
+    per_block = [np.asarray(objects[n], np.int64).reshape(-1, len(OBJECT_COLUMNS)) for n in order]
+    rows = np.concatenate([*per_block, np.zeros((0, len(OBJECT_COLUMNS)), np.int64)])
+    node = np.concatenate([*(nodes(n, t[:, 0]) for n, t in zip(order, per_block)), np.zeros(0, np.int64)])
+    present = np.zeros(total, bool)
+    present[node] = True
+    edges = [np.stack([nodes(a, p[:, 0]), nodes(b, p[:, 1])], axis=1)
+             for a, b, p in ((a, b, np.asarray(p, np.int64).reshape(-1, 2)) for a, b, p in pairs)
+             if a in offsets and b in offsets]
+    edges = np.concatenate(edges) if edges else np.zeros((0, 2), np.int64)
+    count, piece = _components(edges[present[edges[:, 0]] & present[edges[:, 1]]], total)  # the 2-D objects
+    obj, core = piece[node], rows[:, 2] > 0
+    own = core | ~np.isin(obj, obj[core])  # an object's core rows; all its rows if it has none
+    area = np.bincount(obj[own], rows[own, 3], count).astype(np.int64)
+    first = np.full(count, np.iinfo(np.int64).max)
+    np.minimum.at(first, obj[own], rows[own, 4])
+    z = np.full(count, np.iinfo(np.int64).max)
+    z[obj] = rows[:, 1]
+    counted = [np.stack([piece[nodes(n, l[:, 0])], piece[nodes(n, l[:, 1])], l[:, 2]], axis=1)
+               for n, l in ((n, np.asarray(links[n], np.int64).reshape(-1, 3)) for n in order if n in links)]
+    old, new, shared = _summed_links(np.concatenate(counted) if counted else np.zeros((0, 3), np.int64), count)
+    linked = one_to_one(new, old, shared, area[new], area[old], first[new], first[old])
+    cells, cell = _components(np.stack([old[linked], new[linked]], axis=1), count)
+    given = np.zeros(cells, np.int64)  # an id given before, else 0
+    for n, table in known.items():
+        ids = np.asarray(table, np.int64)
+        np.maximum.at(given, cell[piece[nodes(n, np.arange(len(ids)))]], ids)
+    written = np.zeros(cells, bool)
+    written[cell[obj[core]]] = True
+    start = np.lexsort((first, z))  # each cell's first object: by slice, then first pixel
+    firsts = start[np.unique(cell[start], return_index=True)[1]]  # one per cell, in cell order
+    fresh = np.flatnonzero(written & (given == 0))
+    fresh = fresh[np.lexsort((first[firsts[fresh]], z[firsts[fresh]]))]
+    given[fresh] = np.arange(next_id, next_id + len(fresh))
+    next_id += len(fresh)
+    dtype = _id_dtype(next_id)
+    ids = given[cell[piece]].astype(dtype)
+    tables = {n: np.concatenate([[0], ids[offsets[n] + 1:offsets[n] + size]]).astype(dtype)
+              for n, size in zip(order, sizes)}
+    return tables, next_id
 
 
 def relabel(core_labels: np.ndarray, table: np.ndarray) -> np.ndarray:
