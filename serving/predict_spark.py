@@ -442,7 +442,12 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
             contextlib.ExitStack() as images:
         log_config(cfg)
         model_dir = _fetch_model(cfg.model_uri, Path(tmp))
-        multiple = int(load_segmenter(str(model_dir)).meta["multiple_of"])  # also: refuse a bad model early
+        meta = load_segmenter(str(model_dir)).meta  # also: refuse a bad model early
+        multiple = int(meta["multiple_of"])
+        if meta.get("planes", "xy") == "ortho":  # blocks see their slices; xz and yz planes cross every block
+            print("this model is to be asked about the xy, xz and yz planes; Spark's blocks see the slices (xy) "
+                  "only, so it is asked about the slices (predict, for volumes whose slices fit memory_gb, "
+                  "asks all three)", flush=True)
         mlflow.set_tag("model_run_id", mlflow.models.Model.load(str(model_dir)).run_id or "")
         ours = SparkSession.getActiveSession() is None  # a session we start, we stop; a caller's stays
         # Spark's own console bar would write over the driver's bars of blocks.
