@@ -37,7 +37,7 @@ from emunet.inference.blockwise import combine_measures, segment_in_blocks
 from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.outputs import (OBJECT_COLUMNS, check_targets, object_row, output_format, output_names,
                                       result_files, result_targets, rows_to_csv)
-from emunet.inference.stitch import merge_measures
+from emunet.inference.measures import merge_measures
 from emunet.inference.blocks import default_memory_budget
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.segment import Truth, VolumeScores, segment_volume

@@ -68,7 +68,8 @@ from emunet.inference.outputs import (DTYPES, OBJECT_COLUMNS, check_targets, mas
 from emunet.inference.params import DEFAULTS, SegmentParams
 from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.segment import instance_mode
-from emunet.inference.stitch import link_tables, local_pairs, merge_measures, merge_pairs
+from emunet.inference.measures import merge_measures
+from emunet.inference.stitch import link_tables, local_pairs, merge_pairs
 
 MODEL_ARCHIVE = "em_unet_model.zip"  # unpacked by Spark on every executor under this name
 FACTS = "stack long, slices long, height long, width long, low double, high double, error string"

@@ -13,8 +13,8 @@ from emunet.core.objects import ObjectMeasures
 from emunet.inference import blocks as blocks_module
 from emunet.inference.blocks import (block_shape_for_memory, box_shape, box_slices, core_of, default_memory_budget,
                                      overlap_slabs, overlaps_by_block, plan_blocks, plan_overlaps, read_box)
-from emunet.inference.stitch import (block_measures, core_sizes, link_tables, local_pairs, merge_measures,
-                                     merge_pairs, relabel, segment_blockwise)
+from emunet.inference.measures import block_measures, merge_measures
+from emunet.inference.stitch import core_sizes, link_tables, local_pairs, merge_pairs, relabel, segment_blockwise
 
 
 def balls(shape, cells) -> np.ndarray:

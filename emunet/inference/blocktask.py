@@ -25,7 +25,7 @@ blocks, these are exactly the counts `SliceLinker` makes on whole slices, whatev
 
 Second pass (`relabel_in_block`): once `stitch.merge_pairs` or `stitch.link_tables` (or the slab-by-slab
 tables of `blockwise`) has given each block its table `local id -> volume id`, the core is relabelled, and the block's share of
-the instances table (`stitch.block_measures`) and of the per-slice objects table (`slice_counts`) is
+the instances table (`measures.block_measures`) and of the per-slice objects table (`slice_counts`) is
 counted, so that no one ever holds the volume's ids.
 """
 
@@ -41,7 +41,8 @@ from emunet.inference.context import context_indices
 from emunet.inference.instances import first_pixels, overlap_counts, slice_instances
 from emunet.inference.instances3d import volume_instances
 from emunet.inference.params import SegmentParams
-from emunet.inference.stitch import MeasurePartial, block_measures, core_sizes, relabel
+from emunet.inference.measures import MeasurePartial, block_measures
+from emunet.inference.stitch import core_sizes, relabel
 from emunet.inference.tiling import TilePlan, gaussian_window, mirror_pad, with_tta
 
 
@@ -227,6 +228,6 @@ def relabel_in_block(local_core: np.ndarray, table: np.ndarray, core: Box
                      ) -> tuple[np.ndarray, MeasurePartial, np.ndarray]:
     """The second pass on a block whose core `core` holds the local ids `local_core`: `(ids, measures,
     counts)`, its volume ids (`table[local_core]`, uint32 as the labels image stores them), its
-    `stitch.MeasurePartial` and its `slice_counts`."""
+    `measures.MeasurePartial` and its `slice_counts`."""
     ids = relabel(local_core, table).astype(np.uint32)
     return ids, block_measures(ids, core), slice_counts(ids, core[0][0])

@@ -30,7 +30,8 @@ from emunet.inference.blocks import overlaps_by_block, plan_overlaps
 from emunet.inference.blocktask import label_in_block
 from emunet.inference.params import SegmentParams
 from emunet.inference.segment import SliceResult, Truth, _score_row, instance_mode
-from emunet.inference.stitch import MeasurePartial, block_measures, link_tables, local_pairs
+from emunet.inference.measures import MeasurePartial, block_measures
+from emunet.inference.stitch import link_tables, local_pairs
 
 
 class _Scratch:
@@ -53,8 +54,8 @@ class _Scratch:
 class BlockSliceResult(SliceResult):
     """A `SliceResult` assembled from blocks: `prob`, `objects` and `ids` are memory maps of scratch
     files (read as they are used), `areas` were counted block by block, and `measures` is the slice's
-    share of the instances table (`stitch.MeasurePartial`: `combine_measures` over the slices, then
-    `stitch.merge_measures` give the table without reading whole slices)."""
+    share of the instances table (`measures.MeasurePartial`: `combine_measures` over the slices, then
+    `measures.merge_measures` give the table without reading whole slices)."""
 
     def __init__(self, *args, areas: list[int], measures: MeasurePartial, **kwargs):
         super().__init__(*args, **kwargs)
@@ -182,7 +183,7 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
 
 
 def combine_measures(parts: list[MeasurePartial]) -> MeasurePartial:
-    """One `stitch.MeasurePartial` of several (blocks, slices): per id, voxels and coordinate sums added,
+    """One `measures.MeasurePartial` of several (blocks, slices): per id, voxels and coordinate sums added,
     first and last coordinates the least and the greatest. Keeps the instances table of a volume at a few
     numbers a cell while its slices go by."""
     ids = np.concatenate([p.ids for p in parts])
