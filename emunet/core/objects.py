@@ -16,13 +16,18 @@ import numpy as np
 def components(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
     """Objects of one `(H, W)` mask: int32 labels 1..N of its 4-connected components of at least
     `min_size` pixels, 0 elsewhere."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, np.uint8), connectivity=4,
-                                                               ltype=cv2.CV_32S)
-    keep = np.zeros(count, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_size
+    count, labels = cv2.connectedComponents(np.asarray(mask, np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    if min_size <= 1:  # every component has a pixel: cv2's labels are the answer
+        return labels
+    # Sizes from the components' pixels only (cv2's statistics, or counting the background too, take
+    # several times as long on a sparse slice).
+    keep = np.bincount(labels[labels > 0], minlength=count) >= min_size
+    if keep[1:].all():
+        return labels
+    keep[0] = False
     new_ids = np.zeros(count, np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels]
+    return np.take(new_ids, labels)
 
 
 def sizes(labels: np.ndarray) -> list[int]:
@@ -39,7 +44,7 @@ def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     keep[0] = False
     new_ids = np.zeros(len(counts), np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels]
+    return np.take(new_ids, labels)  # half the time of new_ids[labels]
 
 
 def truth_objects(truth: np.ndarray, min_size: int = 0, instances: bool = False) -> np.ndarray:
