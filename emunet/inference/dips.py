@@ -11,18 +11,24 @@ def _passes(labels: np.ndarray, prob: np.ndarray, count: int) -> tuple[np.ndarra
     the highest, over face-neighbouring voxel pairs on their border, of the lower probability of the
     two. Any number of dimensions."""
     keys, heights = [], []
+    if not labels.size:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    flat, values = np.ascontiguousarray(labels).reshape(-1), np.ascontiguousarray(prob).reshape(-1)
     for axis in range(labels.ndim):
-        head = (slice(None),) * axis
-        a, b = labels[head + (slice(None, -1),)], labels[head + (slice(1, None),)]
-        change = a != b  # then, over those few pairs only, the ones between two regions (not the background)
-        la, lb = a[change].astype(np.int64), b[change].astype(np.int64)
+        # Voxel i and its neighbour i + step along the axis, compared over the flat arrays (contiguous: a
+        # view of a box's last axis is slow to compare and select from), except where i is the axis' last.
+        step = int(np.prod(labels.shape[axis + 1:], dtype=np.int64))
+        change = np.zeros(flat.size, bool)
+        np.not_equal(flat[:-step], flat[step:], out=change[:-step])
+        change.reshape(-1, labels.shape[axis], step)[:, -1] = False
+        first = np.flatnonzero(change)  # the few voxels where the label changes: then, between two regions?
+        la, lb = flat[first].astype(np.int64), flat[first + step].astype(np.int64)
         border = (la > 0) & (lb > 0)
         if not border.any():
             continue
-        la, lb = la[border], lb[border]
+        first, la, lb = first[border], la[border], lb[border]
         keys.append(np.minimum(la, lb) * (count + 1) + np.maximum(la, lb))
-        heights.append(np.minimum(prob[head + (slice(None, -1),)][change][border],
-                                  prob[head + (slice(1, None),)][change][border]))
+        heights.append(np.minimum(values[first], values[first + step]))
     if not keys:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     keys, heights = np.concatenate(keys), np.concatenate(heights)
