@@ -32,7 +32,10 @@ def components(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
 
 def sizes(labels: np.ndarray) -> list[int]:
     """Pixel counts of objects 1..N of a label image (ids need not be contiguous: missing ids are skipped)."""
-    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64))
+    labels = np.asarray(labels)
+    if 4 * np.count_nonzero(labels) < labels.size:  # mostly background: counted over the objects' pixels
+        labels = labels[labels != 0]
+    counts = np.bincount(labels.ravel().astype(np.int64, copy=False))
     return [int(c) for c in counts[1:] if c > 0]
 
 
@@ -69,6 +72,36 @@ def unknown_axes_note(voxel_size) -> str | None:
             f"the {', '.join(missing)} centroid are left empty (pass voxel_size=z,y,x to give it)")
 
 
+# Per id of an `(H, W)` slice of ids: its pixels and the sums of their rows and of their columns, from one
+# bincount each. The sums are of integers below 2**53, exact in float64 in any order.
+
+def _sparse_sums(ids: np.ndarray, n: int) -> tuple:
+    """Over the objects' pixels only (most of the slice is background), found by flat index (np.nonzero
+    takes three times as long)."""
+    where = np.flatnonzero(ids)
+    values = ids.reshape(-1)[where].astype(np.int64)
+    ys, xs = np.divmod(where, ids.shape[1])
+    return (np.bincount(values, minlength=n), np.bincount(values, ys, minlength=n),
+            np.bincount(values, xs, minlength=n))
+
+
+def _dense_sums(ids: np.ndarray, n: int, rows: int = 64) -> tuple:
+    """Over every pixel (the objects are most of the slice: selecting their pixels would cost more), the
+    background's left out; the rows and columns given as weights a band of `rows` rows at a time (a
+    few MB)."""
+    flat = ids.reshape(-1).astype(np.int64, copy=False)
+    voxels, sum_y, sum_x = np.bincount(flat, minlength=n), np.zeros(n), np.zeros(n)
+    height, width = ids.shape
+    columns = np.tile(np.arange(width, dtype=np.float64), min(rows, height))
+    for top in range(0, height, rows):
+        band = flat[top * width:min(top + rows, height) * width]
+        sum_y += np.bincount(band, np.repeat(np.arange(top, top + len(band) // width, dtype=np.float64), width),
+                             minlength=n)
+        sum_x += np.bincount(band, columns[:len(band)], minlength=n)
+    voxels[0], sum_y[0], sum_x[0] = 0, 0, 0  # the background
+    return voxels, sum_y, sum_x
+
+
 class ObjectMeasures:
     """Size and centroid of every object of a `(Z, H, W)` instance label volume (ids followed through the
     slices), added one slice at a time so that the volume never sits in memory: `add(z, ids)` per slice,
@@ -92,18 +125,17 @@ class ObjectMeasures:
 
     def add(self, z: int, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
-        ys, xs = np.nonzero(ids)
-        if not len(ys):
+        count = np.count_nonzero(ids)
+        if not count:
             return
-        values = ids[ys, xs].astype(np.int64)
-        n = int(values.max()) + 1
+        n = int(ids.max()) + 1
+        voxels, sum_y, sum_x = (_dense_sums if 4 * count >= ids.size else _sparse_sums)(ids, n)
         self._grow(n)
-        voxels = np.bincount(values, minlength=n)
         present = voxels > 0
         self.sums[:n, 0] += voxels
         self.sums[:n, 1] += voxels * z
-        self.sums[:n, 2] += np.bincount(values, ys, minlength=n)
-        self.sums[:n, 3] += np.bincount(values, xs, minlength=n)
+        self.sums[:n, 2] += sum_y
+        self.sums[:n, 3] += sum_x
         unseen = present & (self.first[:n] < 0)
         self.first[:n][unseen] = z
         self.last[:n][present] = z
