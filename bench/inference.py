@@ -6,9 +6,9 @@ ms/slice, slices/s and GFLOP/s with its largest and mean probability difference 
 whole tiled path (`iter_probabilities`: normalisation, tiles, blending) with each engine against a plain
 TF float32 forward of the same weights in batches of 4 (target: >= 3.5x). Then slices/s of our tiled,
 batched inference against a naive loop of `model.predict` one whole slice at a time, on the same model
-in the same run; the time per slice with and without the instance step of `output="labels"` (seeded
-watershed + linking through the slices); then the peak resident memory of the `predict` entry point on a
-large synthetic stack.
+in the same run; the time per slice with and without the instance step of `output="labels"` (all that
+the pyfunc does after the network: the one path's masks, seeded watershed, linking through the slices,
+the ids stacked); then the peak resident memory of the `predict` entry point on a large synthetic stack.
 
 The instance step's cost depends on what it is given: a fresh network's probabilities are a haze around
 0.5 with no structure, so it is also timed on probability maps shaped like a trained model's, the
@@ -47,7 +47,8 @@ from emunet.core.hardware import BF16_FLAGS, cpu_features, cpu_model  # noqa: E4
 from emunet.core.model import UNetSpec, build_unet, spec_of  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
-from emunet.inference.instances import label_instances  # noqa: E402
+from emunet.inference.params import DEFAULTS  # noqa: E402
+from emunet.inference.segment import segment_probabilities  # noqa: E402
 from emunet.inference.engines import OpenVINOForward, TensorFlowForward, cpu_count, make_forward  # noqa: E402
 from emunet.inference.tiling import MAX_BATCH_PIXELS, iter_probabilities, predict_probabilities  # noqa: E402
 
@@ -60,6 +61,13 @@ LABELS = {"isbi 30x512x512": SHARED / "isbi2012" / "train-labels.tif",
 
 def naive(model, stack, low, high):
     return np.stack([model.predict(normalize(s, low, high)[None, ..., None], verbose=0)[0, ..., 0] for s in stack])
+
+
+def served_labels(probs: np.ndarray) -> np.ndarray:
+    """The instance step as the pyfunc's `output="labels"` runs it after the network, on `(Z, H, W)`
+    probabilities: the one path's masks, objects of each slice (`slice_instances`) and their ids through
+    the slices (`SliceLinker`), with the default parameters, stacked as the pyfunc returns them."""
+    return np.stack([r.ids for r in segment_probabilities(probs, DEFAULTS)], dtype=np.int32)
 
 
 def timed(fn, *args, repeat=2):
@@ -99,7 +107,7 @@ def speed(model, spec, naive_too: bool = True):
         # The step against inference timed in turns (`round_robin`), so that a busy moment of a shared
         # machine does not fall on one of them only: the instance step runs on one core, the network on all.
         jobs = {"inference": lambda: predict_probabilities(forward, stack, low, high, multiple=2**spec.depth),
-                **{what: (lambda p=prob: label_instances(p, 0.5, 0.9, 20)) for what, prob in maps.items()}}
+                **{what: (lambda p=prob: served_labels(p)) for what, prob in maps.items()}}
         times, outputs = round_robin(jobs, rounds=3)
         for what in maps:
             step, inference = times[what], times["inference"]
