@@ -158,7 +158,8 @@ def _overlaps(labels: np.ndarray, previous: np.ndarray, width: int, height: int)
     else:
         pairs, shared = np.unique(key, return_counts=True)
         area = np.bincount(pairs // width, weights=shared, minlength=height).astype(np.int64)
-        pairs, shared = pairs[pairs % width > 0], shared[pairs % width > 0]  # (all of new label > 0 here)
+        on_old = pairs % width > 0  # (the keys are of the objects' pixels only: every new label is > 0)
+        pairs, shared = pairs[on_old], shared[on_old]
     area[0] = 0
     new, old = np.divmod(pairs, width)
     return (new, old, shared), area
