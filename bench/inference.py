@@ -16,13 +16,14 @@ dataset's own labels blurred (Gaussian, sigma 2 px) so that cells are sure in th
 their borders.
 
 Measured (issue 24, item 5; the default network run by OpenVINO in bfloat16 on the shared 2-core Xeon with
-AMX-BF16, under `nice -n 19` at a load of 7-8, `--memory_slices 0 --no_naive --no_engines`, two runs):
-the instance step on the blurred labels +20.9 % and +15.5 % of inference at 512 x 512 (ISBI: 35.7 and
-25.0 ms a slice against 171 and 161 ms), +3.4 % and +3.2 % at 1024 x 1024 (VNC: 26.6 and 34.1 ms against
-774 and 1056 ms: the load slows the two-thread network far more than the one-thread step; quiet, the
-network ran such a slice in 98 ms). Target (at most +20 %) met in one of the two runs at 512. On a fresh
-network's probabilities the step depends on what its random weights give: +4.8 to +114 % (a haze with
-cores everywhere floods most of the slice, the watershed's time, as before).
+AMX-BF16, under `nice -n 19` at a load of 4-8, `--memory_slices 0 --no_naive --no_engines`, three runs):
+the instance step on the blurred labels +20.9, +15.5 and +17.7 % of inference at 512 x 512 (ISBI: 35.7,
+25.0 and 20.8 ms a slice against 171, 161 and 117 ms), +3.4, +3.2 and +4.3 % at 1024 x 1024 (VNC: 26.6,
+34.1 and 22.7 ms against 774, 1056 and 529 ms: the load slows the two-thread network far more than the
+one-thread step; quiet, the network ran such a slice in 98 ms). Target (at most +20 %) met in two of the
+three runs at 512, in all at 1024. On a fresh network's probabilities the step depends on what its
+random weights give: +4.8 to +114 % (a haze with cores everywhere floods most of the slice, the
+watershed's time, as before).
 
     python bench/inference.py                        # ISBI 30 x 512 x 512, VNC 20 x 1024 x 1024, 200 x 2048 x 2048
     python bench/inference.py --memory_slices 20     # a shorter memory run
