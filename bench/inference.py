@@ -6,14 +6,24 @@ ms/slice, slices/s and GFLOP/s with its largest and mean probability difference 
 whole tiled path (`iter_probabilities`: normalisation, tiles, blending) with each engine against a plain
 TF float32 forward of the same weights in batches of 4 (target: >= 3.5x). Then slices/s of our tiled,
 batched inference against a naive loop of `model.predict` one whole slice at a time, on the same model
-in the same run; the time per slice with and without the instance step of `output="labels"` (seeded
-watershed + linking through the slices); then the peak resident memory of the `predict` entry point on a
-large synthetic stack.
+in the same run; the time per slice with and without the instance step of `output="labels"` (all that
+the pyfunc does after the network: the one path's masks, seeded watershed, linking through the slices,
+the ids stacked); then the peak resident memory of the `predict` entry point on a large synthetic stack.
 
 The instance step's cost depends on what it is given: a fresh network's probabilities are a haze around
 0.5 with no structure, so it is also timed on probability maps shaped like a trained model's, the
 dataset's own labels blurred (Gaussian, sigma 2 px) so that cells are sure in the middle and unsure at
 their borders.
+
+Measured (issue 24, item 5; the default network run by OpenVINO in bfloat16 on the shared 2-core Xeon with
+AMX-BF16, under `nice -n 19` at a load of 4-8, `--memory_slices 0 --no_naive --no_engines`, three runs):
+the instance step on the blurred labels +20.9, +15.5 and +17.7 % of inference at 512 x 512 (ISBI: 35.7,
+25.0 and 20.8 ms a slice against 171, 161 and 117 ms), +3.4, +3.2 and +4.3 % at 1024 x 1024 (VNC: 26.6,
+34.1 and 22.7 ms against 774, 1056 and 529 ms: the load slows the two-thread network far more than the
+one-thread step; quiet, the network ran such a slice in 98 ms). Target (at most +20 %) met in two of the
+three runs at 512, in all at 1024. On a fresh network's probabilities the step depends on what its
+random weights give: +4.8 to +114 % (a haze with cores everywhere floods most of the slice, the
+watershed's time, as before).
 
     python bench/inference.py                        # ISBI 30 x 512 x 512, VNC 20 x 1024 x 1024, 200 x 2048 x 2048
     python bench/inference.py --memory_slices 20     # a shorter memory run
@@ -47,7 +57,8 @@ from emunet.core.hardware import BF16_FLAGS, cpu_features, cpu_model  # noqa: E4
 from emunet.core.model import UNetSpec, build_unet, spec_of  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
-from emunet.inference.instances import label_instances  # noqa: E402
+from emunet.inference.params import DEFAULTS  # noqa: E402
+from emunet.inference.segment import segment_probabilities  # noqa: E402
 from emunet.inference.engines import OpenVINOForward, TensorFlowForward, cpu_count, make_forward  # noqa: E402
 from emunet.inference.tiling import MAX_BATCH_PIXELS, iter_probabilities, predict_probabilities  # noqa: E402
 
@@ -60,6 +71,13 @@ LABELS = {"isbi 30x512x512": SHARED / "isbi2012" / "train-labels.tif",
 
 def naive(model, stack, low, high):
     return np.stack([model.predict(normalize(s, low, high)[None, ..., None], verbose=0)[0, ..., 0] for s in stack])
+
+
+def served_labels(probs: np.ndarray) -> np.ndarray:
+    """The instance step as the pyfunc's `output="labels"` runs it after the network, on `(Z, H, W)`
+    probabilities: the one path's masks, objects of each slice (`slice_instances`) and their ids through
+    the slices (`SliceLinker`), with the default parameters, stacked as the pyfunc returns them."""
+    return np.stack([r.ids for r in segment_probabilities(probs, DEFAULTS)], dtype=np.int32)
 
 
 def timed(fn, *args, repeat=2):
@@ -99,7 +117,7 @@ def speed(model, spec, naive_too: bool = True):
         # The step against inference timed in turns (`round_robin`), so that a busy moment of a shared
         # machine does not fall on one of them only: the instance step runs on one core, the network on all.
         jobs = {"inference": lambda: predict_probabilities(forward, stack, low, high, multiple=2**spec.depth),
-                **{what: (lambda p=prob: label_instances(p, 0.5, 0.9, 20)) for what, prob in maps.items()}}
+                **{what: (lambda p=prob: served_labels(p)) for what, prob in maps.items()}}
         times, outputs = round_robin(jobs, rounds=3)
         for what in maps:
             step, inference = times[what], times["inference"]

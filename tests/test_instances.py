@@ -108,15 +108,66 @@ def test_a_shallow_dip_between_two_cores_is_texture_inside_one_cell():
     assert slice_instances(prob, depth=0).max() == 2  # without the rule every core is its own object
 
 
+def plain_components(mask, min_size=0):
+    """4-connected components written plainly (cv2's areas, every id looked up), as `components` was."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, np.uint8), connectivity=4,
+                                                               ltype=cv2.CV_32S)
+    keep = np.zeros(count, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_size
+    new_ids = np.zeros(count, np.int32)
+    new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
+    return new_ids[labels]
+
+
+def plain_drop_small(labels, min_size):
+    """Objects under `min_size` pixels dropped, the others numbered 1..N in the order of their ids."""
+    ids = [i for i in np.unique(labels) if i > 0 and (labels == i).sum() >= max(min_size, 1)]
+    out = np.zeros(labels.shape, np.int32)
+    for new, i in enumerate(ids, start=1):
+        out[labels == i] = new
+    return out
+
+
+def plain_merge_shallow(labels, prob, depth):
+    """The shallow-dip rule written plainly: every face-neighbouring pair of voxels of two regions looked
+    at (the pass of two regions: the highest of the lower probabilities), each region's peak taken on its
+    own, passes merged highest first (ties: the lower pair of ids first), a merged region keeping the
+    higher peak, under the root of the pair's lower id."""
+    passes = {}
+    for axis in range(labels.ndim):
+        head = (slice(None),) * axis
+        a, b = labels[head + (slice(None, -1),)], labels[head + (slice(1, None),)]
+        pa, pb = prob[head + (slice(None, -1),)], prob[head + (slice(1, None),)]
+        where = (a != b) & (a > 0) & (b > 0)
+        for la, lb, h in zip(a[where].tolist(), b[where].tolist(), np.minimum(pa, pb)[where]):
+            pair = (min(la, lb), max(la, lb))
+            passes[pair] = max(passes.get(pair, h), h)
+    peak = {i: prob[labels == i].max() for i in np.unique(labels).tolist() if i > 0}
+    root = {i: i for i in range(int(labels.max(initial=0)) + 1)}
+
+    def find(i):
+        while root[i] != i:
+            i = root[i]
+        return i
+
+    for (low, high), h in sorted(passes.items(), key=lambda item: (-item[1], item[0])):
+        a, b = find(low), find(high)
+        if a != b and min(peak[a], peak[b]) - h < depth:
+            root[b], peak[a] = a, max(peak[a], peak[b])
+    return np.array([find(i) for i in range(len(root))])[labels]
+
+
 def plain_slice_instances(prob, threshold, seed_threshold, min_size, depth):
     """The instance step written plainly, as a reference: every piece of foreground checked one at a time,
-    the pieces with several cores flooded over the whole slice."""
+    the pieces with several cores flooded over the whole slice, merged and renumbered by the plain
+    helpers above (none of the module's own)."""
     from skimage.segmentation import watershed
 
-    from emunet.core.objects import components, drop_small
-    from emunet.inference.dips import merge_shallow
-
-    pieces, seeds = components(prob >= threshold), components(prob >= seed_threshold)
+    pieces, seeds = plain_components(prob >= threshold), plain_components(prob >= seed_threshold)
+    if seed_threshold <= threshold:
+        return plain_components(prob >= threshold, min_size)
     several = np.zeros(prob.shape, bool)
     for piece in range(1, pieces.max() + 1):
         inside = pieces == piece
@@ -126,9 +177,9 @@ def plain_slice_instances(prob, threshold, seed_threshold, min_size, depth):
     if several.any():
         depth_map = (255 - np.round(prob * 255)).astype(np.uint8)
         grown = watershed(depth_map, markers=np.where(several, seeds, 0), mask=several, connectivity=1)
-        grown = merge_shallow(grown, prob, depth) if depth > 0 else grown
+        grown = plain_merge_shallow(grown, prob, depth) if depth > 0 else grown
         labels[several] = grown[several] + pieces.max() + 1
-    return drop_small(labels, min_size)
+    return plain_drop_small(labels, min_size)
 
 
 def plain_links(slices):
@@ -164,29 +215,47 @@ def plain_links(slices):
     return np.stack(out)
 
 
-def isbi_like_probabilities(slices: slice, seed: int = 0) -> np.ndarray:
-    """ISBI's own labels (cell interiors) as a trained network's probabilities look: blurred (sure in the
-    middle of a cell, unsure at its border), with smooth texture that makes cores and shallow dips."""
+def blurred_probabilities(truth: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Labels (objects > 0) as a trained network's probabilities look: blurred (sure in the middle of an
+    object, unsure at its border), with smooth texture that makes cores and shallow dips."""
     import cv2
-    import tifffile
 
-    from tests.conftest import needs_shared
-
-    truth = tifffile.imread(needs_shared("isbi2012", "train-labels.tif"))[slices] > 0
     rng = np.random.default_rng(seed)
     probs = []
-    for t in truth:
+    for t in truth > 0:
         prob = cv2.GaussianBlur(t.astype(np.float32), (0, 0), 2.0) + rng.normal(0, 0.08, t.shape).astype(np.float32)
         probs.append(np.clip(cv2.blur(prob, (3, 3)), 0, 1))
     return np.stack(probs)
 
 
+def isbi_like_probabilities(slices: slice, seed: int = 0) -> np.ndarray:
+    """ISBI's own labels (cell interiors, most of each slice) blurred: see `blurred_probabilities`."""
+    import tifffile
+
+    from tests.conftest import needs_shared
+
+    return blurred_probabilities(tifffile.imread(needs_shared("isbi2012", "train-labels.tif"))[slices], seed)
+
+
+def vnc_like_probabilities(slices: slice, seed: int = 0) -> np.ndarray:
+    """VNC's mitochondria (a few % of 1024 x 1024 slices: sparse foreground) blurred likewise."""
+    import tifffile
+
+    from tests.conftest import needs_shared
+
+    return blurred_probabilities(tifffile.imread(needs_shared("vnc", "stack1-mitochondria.tif"))[slices], seed)
+
+
+PARAMETERS = ((0.5, 0.9, 20, 0.1), (0.5, 0.7, 0, 0.1), (0.4, 0.95, 5, 0.0), (0.5, 0.5, 20, 0.1))
+
+
 def test_the_instance_step_gives_the_labels_of_the_plain_reference_on_real_isbi_slices():
-    """The fast step (flood within the box of the crowded pieces, overlaps counted in a table) against the
-    plain one: the same labels, numbered alike, on four consecutive ISBI slices (about 50 cells each, most
-    of them in one crowded piece of foreground), for the default parameters and two others."""
+    """The fast step (flood within the box of the crowded pieces, the merge as a lookup table, objects
+    numbered from their sizes in one pass, overlaps and areas counted in one table) against the plain
+    one: the same labels, numbered alike, on four consecutive ISBI slices (about 50 cells each, most of
+    them in one crowded piece of foreground), for the default parameters and others (splitting off)."""
     probs = isbi_like_probabilities(slice(0, 4))
-    for threshold, seeds, min_size, depth in ((0.5, 0.9, 20, 0.1), (0.5, 0.7, 0, 0.1), (0.4, 0.95, 5, 0.0)):
+    for threshold, seeds, min_size, depth in PARAMETERS:
         fast = [slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
         plain = [plain_slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
         for got, expected in zip(fast, plain):
@@ -196,6 +265,56 @@ def test_the_instance_step_gives_the_labels_of_the_plain_reference_on_real_isbi_
         linked = np.stack([linker.ids(labels) for labels in fast])
         assert np.array_equal(linked, plain_links(fast))
         assert len(np.unique(linked)) - 1 < sum(int(f.max()) for f in fast)  # cells did continue through slices
+
+
+def test_the_instance_step_gives_the_plain_labels_on_sparse_real_vnc_slices():
+    """The same on VNC's mitochondria, where the foreground is a few % of a 1024 x 1024 slice (sizes and
+    overlaps are then counted over the objects' pixels only), with splitting on and off; some touching
+    mitochondria are split (the step is not just the mask's components); the first slice is empty (the
+    dataset has no mitochondria annotated there)."""
+    probs = vnc_like_probabilities(slice(1, 5))
+    for threshold, seeds, min_size, depth in PARAMETERS:
+        fast = [slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
+        plain = [plain_slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
+        for got, expected in zip(fast, plain):
+            assert got.dtype == np.int32 and np.array_equal(got, expected)
+        assert fast[0].max() == 0 and all(0 < np.count_nonzero(f) < f.size / 4 and f.max() > 5 for f in fast[1:])
+        linker = SliceLinker()
+        assert np.array_equal(np.stack([linker.ids(labels) for labels in fast]), plain_links(fast))
+    split = [slice_instances(p) for p in probs]
+    assert sum(int(s.max()) for s in split) > sum(int(plain_components(p >= 0.5, 0).max()) for p in probs)
+
+
+def test_components_drop_small_and_the_merge_equal_their_plain_versions_on_real_slices():
+    """`components` (areas without cv2's statistics, nothing renumbered when nothing is dropped),
+    `drop_small` (ids looked up with np.take) and `merge_shallow` (the merge as a lookup table) against
+    plain versions: real ISBI and VNC masks, instance ids with gaps in other integer types, and the merge
+    in 2-D and 3-D."""
+    from skimage.segmentation import watershed
+
+    from emunet.core.objects import components, drop_small
+    from emunet.inference.dips import merge_shallow
+
+    probs = [*isbi_like_probabilities(slice(0, 2)), *vnc_like_probabilities(slice(0, 1))]
+    for prob in probs:
+        for mask in (prob >= 0.5, (prob >= 0.5).astype(np.uint8) * 255):
+            for min_size in (0, 1, 20, 10**9):
+                got = components(mask, min_size)
+                assert got.dtype == np.int32 and np.array_equal(got, plain_components(mask, min_size))
+        ids = (plain_components(prob >= 0.5) * 3).astype(np.uint16)  # gaps between the ids
+        for min_size in (0, 20, 500):
+            got = drop_small(ids, min_size)
+            assert got.dtype == np.int32 and np.array_equal(got, plain_drop_small(ids, min_size))
+    isbi = probs[0]
+    grown = watershed(-isbi, markers=plain_components(isbi >= 0.9), mask=isbi >= 0.5, connectivity=1)
+    volume = np.stack([isbi[:96, :96], isbi[1:97, :96], isbi[2:98, :96]])  # a small 3-D volume
+    grown3d = watershed(-volume, markers=np.stack([plain_components(v >= 0.9) for v in volume]) * [[[1]], [[0]], [[0]]],
+                        mask=volume >= 0.5, connectivity=1)
+    for labels, prob in ((grown, isbi), (grown3d, volume)):
+        for depth in (0.05, 0.1, 0.3, 1.0):
+            got = merge_shallow(labels, prob, depth)
+            assert np.array_equal(got, plain_merge_shallow(labels, prob, depth))
+        assert len(np.unique(got)) < len(np.unique(labels))  # something was merged (depth 1: every touching pair)
 
 
 def test_linking_thousands_of_objects_counts_overlaps_by_sorting_and_agrees():

@@ -126,3 +126,27 @@ def test_rand_error_and_vi_equal_scikit_images_on_whole_images():
     assert s["adapted_rand_error"] == pytest.approx(adapted_rand_error(t_fg, p_fg)[0])
     split, merge = variation_of_information(t_fg, p_fg)  # H(pred | truth), H(truth | pred), in bits
     assert s["vi_split"] == pytest.approx(split) and s["vi_merge"] == pytest.approx(merge)
+
+
+def test_object_measures_and_sizes_equal_a_plain_count_on_real_slices():
+    """`ObjectMeasures` (sums over the objects' pixels by flat index on a sparse slice, over every pixel a
+    band of rows at a time on a dense one) and `sizes` against a plain count, object by object: ISBI's
+    cells (most of each slice) and VNC's mitochondria (a few % of it, an empty slice among them)."""
+    from emunet.core.objects import ObjectMeasures
+    from emunet.inference.instances import label_instances
+    from tests.test_instances import isbi_like_probabilities, vnc_like_probabilities
+
+    for probs in (isbi_like_probabilities(slice(0, 3)), vnc_like_probabilities(slice(0, 3))):
+        ids = label_instances(probs, 0.5, 0.9, 20).astype(np.int64)
+        measures = ObjectMeasures((50, 4, 4), "nm")
+        for z, plane in enumerate(ids):
+            measures.add(z, plane)
+            assert sizes(plane) == [int((plane == i).sum()) for i in np.unique(plane) if i > 0]
+        rows = measures.rows()
+        assert [r[0] for r in rows] == [int(i) for i in np.unique(ids) if i > 0] and len(rows) > 20
+        for row in rows:
+            zs, ys, xs = np.nonzero(ids == row[0])
+            centre = [int(c.sum()) / len(zs) for c in (zs, ys, xs)]
+            assert row[1:7] == [len(zs), zs.min(), zs.max(), *(round(c, 2) for c in centre)]
+            assert row[7] == float(f"{len(zs) * 50 * 4 * 4:.6g}") and row[8:] == [
+                float(f"{c * s:.6g}") for c, s in zip(centre, (50, 4, 4))] + ["nm"]

@@ -16,18 +16,26 @@ import numpy as np
 def components(mask: np.ndarray, min_size: int = 0) -> np.ndarray:
     """Objects of one `(H, W)` mask: int32 labels 1..N of its 4-connected components of at least
     `min_size` pixels, 0 elsewhere."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(np.asarray(mask, np.uint8), connectivity=4,
-                                                               ltype=cv2.CV_32S)
-    keep = np.zeros(count, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_size
+    count, labels = cv2.connectedComponents(np.asarray(mask, np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    if min_size <= 1:  # every component has a pixel: cv2's labels are the answer
+        return labels
+    # Sizes from the components' pixels only (cv2's statistics, or counting the background too, take
+    # several times as long on a sparse slice).
+    keep = np.bincount(labels[labels > 0], minlength=count) >= min_size
+    if keep[1:].all():
+        return labels
+    keep[0] = False
     new_ids = np.zeros(count, np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels]
+    return np.take(new_ids, labels)
 
 
 def sizes(labels: np.ndarray) -> list[int]:
     """Pixel counts of objects 1..N of a label image (ids need not be contiguous: missing ids are skipped)."""
-    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64))
+    labels = np.asarray(labels)
+    if 4 * np.count_nonzero(labels) < labels.size:  # mostly background: counted over the objects' pixels
+        labels = labels[labels != 0]
+    counts = np.bincount(labels.ravel().astype(np.int64, copy=False))
     return [int(c) for c in counts[1:] if c > 0]
 
 
@@ -39,7 +47,7 @@ def drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     keep[0] = False
     new_ids = np.zeros(len(counts), np.int32)
     new_ids[keep] = np.arange(1, int(keep.sum()) + 1)
-    return new_ids[labels]
+    return np.take(new_ids, labels)  # half the time of new_ids[labels]
 
 
 def truth_objects(truth: np.ndarray, min_size: int = 0, instances: bool = False) -> np.ndarray:
@@ -62,6 +70,36 @@ def unknown_axes_note(voxel_size) -> str | None:
     missing = [a for a, s in zip("zyx", voxel_size) if s is None]
     return (f"instances table: the input does not give the voxel size along {', '.join(missing)}: `volume` and "
             f"the {', '.join(missing)} centroid are left empty (pass voxel_size=z,y,x to give it)")
+
+
+# Per id of an `(H, W)` slice of ids: its pixels and the sums of their rows and of their columns, from one
+# bincount each. The sums are of integers below 2**53, exact in float64 in any order.
+
+def _sparse_sums(ids: np.ndarray, n: int) -> tuple:
+    """Over the objects' pixels only (most of the slice is background), found by flat index (np.nonzero
+    takes three times as long)."""
+    where = np.flatnonzero(ids)
+    values = ids.reshape(-1)[where].astype(np.int64)
+    ys, xs = np.divmod(where, ids.shape[1])
+    return (np.bincount(values, minlength=n), np.bincount(values, ys, minlength=n),
+            np.bincount(values, xs, minlength=n))
+
+
+def _dense_sums(ids: np.ndarray, n: int, rows: int = 64) -> tuple:
+    """Over every pixel (the objects are most of the slice: selecting their pixels would cost more), the
+    background's left out; the rows and columns given as weights a band of `rows` rows at a time (a
+    few MB)."""
+    flat = ids.reshape(-1).astype(np.int64, copy=False)
+    voxels, sum_y, sum_x = np.bincount(flat, minlength=n), np.zeros(n), np.zeros(n)
+    height, width = ids.shape
+    columns = np.tile(np.arange(width, dtype=np.float64), min(rows, height))
+    for top in range(0, height, rows):
+        band = flat[top * width:min(top + rows, height) * width]
+        sum_y += np.bincount(band, np.repeat(np.arange(top, top + len(band) // width, dtype=np.float64), width),
+                             minlength=n)
+        sum_x += np.bincount(band, columns[:len(band)], minlength=n)
+    voxels[0], sum_y[0], sum_x[0] = 0, 0, 0  # the background
+    return voxels, sum_y, sum_x
 
 
 class ObjectMeasures:
@@ -87,18 +125,17 @@ class ObjectMeasures:
 
     def add(self, z: int, ids: np.ndarray) -> None:
         ids = np.asarray(ids)
-        ys, xs = np.nonzero(ids)
-        if not len(ys):
+        count = np.count_nonzero(ids)
+        if not count:
             return
-        values = ids[ys, xs].astype(np.int64)
-        n = int(values.max()) + 1
+        n = int(ids.max()) + 1
+        voxels, sum_y, sum_x = (_dense_sums if 4 * count >= ids.size else _sparse_sums)(ids, n)
         self._grow(n)
-        voxels = np.bincount(values, minlength=n)
         present = voxels > 0
         self.sums[:n, 0] += voxels
         self.sums[:n, 1] += voxels * z
-        self.sums[:n, 2] += np.bincount(values, ys, minlength=n)
-        self.sums[:n, 3] += np.bincount(values, xs, minlength=n)
+        self.sums[:n, 2] += sum_y
+        self.sums[:n, 3] += sum_x
         unseen = present & (self.first[:n] < 0)
         self.first[:n][unseen] = z
         self.last[:n][present] = z

@@ -127,7 +127,7 @@ def _slice_tables(objects: np.ndarray, count: int, offset: int, z: int, in_core:
     links = None
     if in_core and previous is not None:
         before, before_count, before_offset = previous
-        new, old, shared = overlap_counts(core, before, before_count + 1, count + 1)
+        (new, old, shared), _ = overlap_counts(core, before, before_count + 1, count + 1)
         links = np.stack([old + before_offset, new + offset, shared], axis=1)
     return rows, links, (core, count, offset)
 

@@ -138,7 +138,7 @@ class StackSegmenter(mlflow.pyfunc.PythonModel, Segmenter):
             return np.stack(list(self.probabilities(stack, options)))
         results = segment_volume(self, stack, options)
         if options.output == "labels":
-            return np.stack([r.ids for r in results]).astype(np.int32)
+            return np.stack([r.ids for r in results], dtype=np.int32)  # (no int64 stack first)
         return np.stack([r.mask.astype(np.uint8) for r in results])
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
