@@ -87,8 +87,8 @@ def choose_planes(cfg: TrainConfig, manifest: dict) -> tuple[str, str]:
     (`emunet.core.labels.is_near_isotropic`; unknown counts as not), and trains it on the slices either way.
 
     Why slices for crops under `auto`: on the medulla cube (isotropic 10 nm, bench/volume_cells.py, 10 min
-    each, same runs), networks trained on the slices and asked about the three planes scored a 3-D
-    adapted Rand error of 0.150 and 0.145 (VI 1.68, 1.71), networks trained on all three planes 0.171,
+    each), networks trained on the slices and asked about the three planes scored a 3-D adapted Rand
+    error of 0.150, 0.145 and 0.160 (VI 1.68, 1.71, 1.70), networks trained on all three planes 0.171,
     0.262 and 0.152 (VI 1.83, 2.00, 1.76), at the same cost per epoch; and slices are all sparse labels
     (annotated slices) can give. `planes=ortho` trains on all three."""
     if cfg.planes == "ortho" and is_sparse(manifest):
