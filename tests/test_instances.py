@@ -249,21 +249,27 @@ def vnc_like_probabilities(slices: slice, seed: int = 0) -> np.ndarray:
 PARAMETERS = ((0.5, 0.9, 20, 0.1), (0.5, 0.7, 0, 0.1), (0.4, 0.95, 5, 0.0), (0.5, 0.5, 20, 0.1))
 
 
-def test_the_instance_step_gives_the_labels_of_the_plain_reference_on_real_isbi_slices():
-    """The fast step (flood within the box of the crowded pieces, the merge as a lookup table, objects
-    numbered from their sizes in one pass, overlaps and areas counted in one table) against the plain
-    one: the same labels, numbered alike, on four consecutive ISBI slices (about 50 cells each, most of
-    them in one crowded piece of foreground), for the default parameters and others (splitting off)."""
-    probs = isbi_like_probabilities(slice(0, 4))
+def fast_and_plain_agree(probs):
+    """For each of `PARAMETERS`: the step's labels of each of `probs` and their ids through the slices,
+    after checking both against the plain reference; yields `(labels, ids)`."""
     for threshold, seeds, min_size, depth in PARAMETERS:
         fast = [slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
         plain = [plain_slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
         for got, expected in zip(fast, plain):
             assert got.dtype == np.int32 and np.array_equal(got, expected)
-        assert fast[0].max() > 30  # real cells, not an empty slice
         linker = SliceLinker()
         linked = np.stack([linker.ids(labels) for labels in fast])
         assert np.array_equal(linked, plain_links(fast))
+        yield fast, linked
+
+
+def test_the_instance_step_gives_the_labels_of_the_plain_reference_on_real_isbi_slices():
+    """The fast step (flood within the box of the crowded pieces, the merge as a lookup table, objects
+    numbered from their sizes in one pass, overlaps and areas counted in one table) against the plain
+    one: the same labels, numbered alike, on four consecutive ISBI slices (about 50 cells each, most of
+    them in one crowded piece of foreground), for the default parameters and others (splitting off)."""
+    for fast, linked in fast_and_plain_agree(isbi_like_probabilities(slice(0, 4))):
+        assert fast[0].max() > 30  # real cells, not an empty slice
         assert len(np.unique(linked)) - 1 < sum(int(f.max()) for f in fast)  # cells did continue through slices
 
 
@@ -273,14 +279,8 @@ def test_the_instance_step_gives_the_plain_labels_on_sparse_real_vnc_slices():
     mitochondria are split (the step is not just the mask's components); the first slice is empty (the
     dataset has no mitochondria annotated there)."""
     probs = vnc_like_probabilities(slice(1, 5))
-    for threshold, seeds, min_size, depth in PARAMETERS:
-        fast = [slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
-        plain = [plain_slice_instances(p, threshold, seeds, min_size, depth) for p in probs]
-        for got, expected in zip(fast, plain):
-            assert got.dtype == np.int32 and np.array_equal(got, expected)
+    for fast, _ in fast_and_plain_agree(probs):
         assert fast[0].max() == 0 and all(0 < np.count_nonzero(f) < f.size / 4 and f.max() > 5 for f in fast[1:])
-        linker = SliceLinker()
-        assert np.array_equal(np.stack([linker.ids(labels) for labels in fast]), plain_links(fast))
     split = [slice_instances(p) for p in probs]
     assert sum(int(s.max()) for s in split) > sum(int(plain_components(p >= 0.5, 0).max()) for p in probs)
 
