@@ -110,13 +110,12 @@ def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path
                  shape=tuple(stack.shape), chunks=getattr(stack, "chunks", None))
     if blockwise and segmenter.plane_mode(params, stack.shape[0]) == "ortho":
         # Blocks see their slices (xy) only: the xz and yz planes would run through every block of a column.
-        gb = budget / 2**30
+        gb = f"{budget / 2**30:.3g}"
         if params.planes == "ortho":
-            raise InputError(f"{name}: planes=ortho needs whole slices in memory, and a slice of {stack.shape[1]} x "
-                             f"{stack.shape[2]} goes by blocks within memory_gb {gb:.1f}: use planes=xy or a "
-                             "larger memory_gb")
-        print(f"{name}: by blocks (a slice needs more than memory_gb {gb:.1f}), which see the xy planes only: "
-              "this ortho-plane model is asked about the slices alone (planes=xy)", flush=True)
+            raise InputError(f"{name}: planes=ortho needs whole slices in memory, and this stack goes by blocks "
+                             f"within memory_gb {gb}: use planes=xy or a larger memory_gb")
+        print(f"{name}: by blocks (it needs more than memory_gb {gb} at once), which see the xy planes only: "
+              "this model, made to be asked about three planes, is asked about the slices (planes=xy)", flush=True)
         params = params.replace(planes="xy")
     if not blockwise:
         with result_files(out_dir, name, probability=cfg.save_probability, labels=cfg.save_labels, **where) as add:
