@@ -155,7 +155,10 @@ def test_preprocess_records_ignore_label_and_stores_ignored_voxels(store, tmp_pa
     default = preprocess(PreprocessConfig(images=str(tmp_path / "im.tif"), labels=str(tmp_path / "lab.tif"),
                                           val_slices="5:6", output_dir=str(tmp_path / "dense")))
     assert default["manifest"]["ignore_label"] == -1
-    assert set(np.unique(np.load(tmp_path / "dense" / f"{train.name}" / "mask.npy"))) == {0, 1}
+    # Without ignore_label the unannotated slice 1 is left out (the block's runs z0-1, z2-5): no ignored voxel.
+    dense = stacks_in(read_manifest(tmp_path / "dense"), "train")
+    assert [s.name for s in dense] == ["im_z0-1", "im_z2-5"]
+    assert all(set(np.unique(np.load(tmp_path / "dense" / s.name / "mask.npy"))) == {0, 1} for s in dense)
     with pytest.raises(InputError, match="ignore_label 0 would mark the background"):
         preprocess(PreprocessConfig(images=str(tmp_path / "im.tif"), labels=str(tmp_path / "lab.tif"), ignore_label=0))
 
