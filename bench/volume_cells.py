@@ -7,14 +7,16 @@ against the neuron ids by the pipeline's own scores (`emunet.inference.segment`)
 
 Both arms train on the same dataset artifact (`label_kind=instances`: the cells' interiors, voxels on an id
 change set to background in 3-D, as the voxel size is isotropic; the ids kept for scoring).
-- `2d`: one slice in (`context_slices=0`), objects found per slice and linked through the slices
-  (`instances=2d`): the recipe before issue 23.
-- `3d`: the volume recipe: the neighbouring slices as channels (`context_slices`, default 1), trained on
-  the slices and asked about the xy, xz and yz planes (`planes`, default auto, which does so for an
-  isotropic voxel size), the best epoch by 3-D object F1 (on the medulla, 87 % of voxels are cell interior: an
-  all-foreground network has a Dice of 0.93 and per-slice objects are often none), objects found in 3-D (`instances=3d`), scored twice: over the foreground (cores and dips),
-  and over every voxel (`grow_over_all`: fragments agglomerated by the mean probability of their shared
-  surfaces, as connectomics tools label dense tissue).
+- `2d`: one slice in (`context_slices=0`, `planes=xy`, `champion_metric=object_f1`), objects found per
+  slice and linked through the slices (`instances=2d`): the recipe before issue 23.
+- `3d`: the defaults (every `auto`), which on this isotropic cube of dense instance labels give the volume
+  recipe: the neighbouring slices as channels (`context_slices=auto`: 1), trained on the slices and asked
+  about the xy, xz and yz planes (`planes=auto`), the best epoch by 3-D object F1 (`champion_metric=auto`;
+  on the medulla, 87 % of voxels are cell interior: an all-foreground network has a Dice of 0.93 and
+  per-slice objects are often none), objects found in 3-D (`instances=auto`), scored twice: over the
+  foreground (cores and dips), and over every voxel (`grow_over_all`: fragments agglomerated by the mean
+  probability of their shared surfaces, as connectomics tools label dense tissue), which is what
+  `grow_over_all=auto` gives a model of dense instance labels (the line marked "default").
 - `3d-ortho`: as `3d`, but trained on the xy, xz and yz planes alike (`planes=ortho`).
 The `2d` arm's probabilities are also scored through the 3-D dense step, which separates what the
 network gains from what the instance step gains.
@@ -81,10 +83,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--arms", default="2d,3d", help="of 2d, 3d, 3d-ortho (see above)")
-    parser.add_argument("--context_slices", type=int, default=1)
+    parser.add_argument("--context_slices", default="auto")
     parser.add_argument("--planes", default="auto", help="planes of the 3d arm: auto, xy or ortho")
-    parser.add_argument("--champion_metric", default="object_f1_3d",
-                        help="the 3d arm's best-epoch rule (the 2d arm keeps the default, per-slice object F1)")
+    parser.add_argument("--champion_metric", default="auto",
+                        help="the 3d arm's best-epoch rule (the 2d arm: per-slice object F1, the rule before issue 23)")
     parser.add_argument("--save_probabilities", default="",
                         help="folder for each arm's held-out probabilities (`<arm>_prob.npy`, float16)")
     args = parser.parse_args()
@@ -107,7 +109,7 @@ def main():
         for arm in args.arms.split(","):
             context = 0 if arm == "2d" else args.context_slices
             planes = {"2d": "xy", "3d-ortho": "ortho"}.get(arm, args.planes)
-            rule = {} if arm == "2d" else {"champion_metric": args.champion_metric}
+            rule = {"champion_metric": "object_f1" if arm == "2d" else args.champion_metric}
             start = time.perf_counter()
             trained = train(TrainConfig(dataset_uri=data["dataset_uri"], max_minutes=args.minutes,
                                         context_slices=context, planes=planes, **rule))
@@ -119,7 +121,12 @@ def main():
             if saved:
                 saved.mkdir(parents=True, exist_ok=True)
                 np.save(saved / f"{arm}_prob.npy", probs.astype(np.float16))
-            print(f"{arm} (context_slices {context}, planes {planes}): {trained['epochs']} epochs in {seconds / 60:.1f} min "
+            chosen = mlflow.get_run(trained["run_id"]).data.params
+            grows = chosen["predict_grow_over_all"] == "True"
+            print(f"{arm} (context_slices {context}: {chosen['chosen_context_slices']}, planes {planes}: "
+                  f"{chosen['predict_planes']}, champion_metric {rule['champion_metric']}: "
+                  f"{chosen['chosen_champion_metric']}, grow_over_all auto: {grows}): "
+                  f"{trained['epochs']} epochs in {seconds / 60:.1f} min "
                   f"({seconds / max(1, trained['epochs']):.1f} s an epoch), inference {per_slice * 1000:.0f} ms a slice",
                   flush=True)
             if arm == "2d":
@@ -132,9 +139,10 @@ def main():
                 show("(its probabilities through the 3-D dense step)", scores(probs, ids, instances="3d",
                                                                                grow_over_all=True))
             else:
-                show("3-D, over the foreground", scores(probs, ids, instances="3d"))
-                results[arm] = scores(probs, ids, instances="3d", grow_over_all=True)
-                show("3-D, over every voxel (agglomerated)", results[arm])
+                both = {grow: scores(probs, ids, instances="3d", grow_over_all=grow) for grow in (False, True)}
+                show(f"3-D, over the foreground{' (default)' if not grows else ''}", both[False])
+                show(f"3-D, over every voxel (agglomerated){' (default)' if grows else ''}", both[True])
+                results[arm] = both[grows]  # what predict gives this model by default
     for arm in sorted(set(results) - {"2d"}) if "2d" in results else []:
         vi = {k: results[k]["vi_split_3d"] + results[k]["vi_merge_3d"] for k in ("2d", arm)}
         drop = 1 - vi[arm] / vi["2d"]

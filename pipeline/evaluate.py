@@ -5,6 +5,7 @@ CSV and overlays, register the model and move the `champion` alias if it is bett
     python -m pipeline.evaluate --model_uri runs:/<train run>/model --dataset_uri runs:/<preprocess run>/dataset
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import numpy as np
 from mlflow import MlflowClient
 from tqdm import tqdm
 
-from emunet.registry.champion import (CHAMPION_METRICS, DEFAULT_CHAMPION_METRIC, PIXEL_CHAMPION_METRICS,
+from emunet.registry.champion import (AUTO, CHAMPION_METRICS, PIXEL_CHAMPION_METRICS, choose_champion_metric,
                                        promote_if_better)
 from emunet.registry.cli import run_entry
-from emunet.core.dataset import fully_annotated, is_sparse, mask_parts, open_ids, open_stack, read_manifest, stacks_in
+from emunet.core.dataset import (fully_annotated, is_sparse, mask_parts, open_ids, open_stack, read_manifest, seen_in_3d,
+                                 stacks_in)
 from emunet.core.errors import InputError
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
@@ -38,14 +40,14 @@ class EvaluateConfig:
     dataset_uri: str = ""  # dataset artifact whose `val` stacks are scored
     registered_model: str = DEFAULT_MODEL_NAME
     alias: str = DEFAULT_ALIAS  # moved to the new version only if its test_<champion_metric> is the best
-    champion_metric: str = DEFAULT_CHAMPION_METRIC  # or dice, iou, mean_matched_iou, pixel_accuracy (see CHAMPION_METRICS)
+    champion_metric: str = AUTO  # auto: object_f1_3d where cells are found in 3-D (near-isotropic, fully annotated data), else object_f1; or dice, iou, mean_matched_iou, pixel_accuracy, ... (see CHAMPION_METRICS)
     threshold: float = DEFAULTS.threshold
     tile_size: int = DEFAULTS.tile_size
     min_object_size: int = DEFAULTS.min_object_size  # true and predicted objects: at least this many pixels
     seed_threshold: float = DEFAULTS.seed_threshold  # as output="labels" separates touching cells
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     planes: str = DEFAULTS.planes  # auto: the planes the model records (near-isotropic training data: the xy, xz and yz planes, averaged); xy; ortho
-    grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    grow_over_all: str = DEFAULTS.grow_over_all  # 3-D objects cover membranes too (dense tissue, connectomics style): auto = what the model records (true for dense instance labels); true; false
     engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
     precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     register: bool = True  # false: score only
@@ -82,13 +84,14 @@ def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
     """Object metrics are scored on fully annotated held-out slices only (sparse labels): refuse, before
     any work, to register by one when the dataset has no such slice."""
     manifest = read_manifest(dataset_dir)
-    if not cfg.register or cfg.champion_metric in PIXEL_CHAMPION_METRICS or not is_sparse(manifest):
+    metric = choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest))
+    if not cfg.register or metric in PIXEL_CHAMPION_METRICS or not is_sparse(manifest):
         return
     for info in stacks_in(manifest, "val"):
         annotated = mask_parts(open_stack(dataset_dir, info)[1])[1]
         if fully_annotated(annotated, info.shape[0]):
             return
-    raise InputError(f"champion_metric {cfg.champion_metric} cannot be measured on this dataset: objects are scored "
+    raise InputError(f"champion_metric {metric} cannot be measured on this dataset: objects are scored "
                      f"on fully annotated held-out slices only, and every held-out slice has voxels of the "
                      f"ignore_label; pass champion_metric=dice (or annotate one held-out slice in full)")
 
@@ -156,14 +159,16 @@ def register(cfg: EvaluateConfig, dataset_dir: Path, fingerprint: str, metrics: 
 def evaluate(cfg: EvaluateConfig) -> dict:
     """Run the step: returns `{"run_id", "metrics", "version", "promoted"}`."""
     SegmentParams.from_config(cfg)  # checked before any work
-    if cfg.champion_metric not in CHAMPION_METRICS:
-        raise InputError(f"champion_metric must be one of {', '.join(CHAMPION_METRICS)}, got {cfg.champion_metric!r}")
+    if cfg.champion_metric not in (AUTO, *CHAMPION_METRICS):
+        raise InputError(f"champion_metric must be one of auto, {', '.join(CHAMPION_METRICS)}, got {cfg.champion_metric!r}")
     if not cfg.model_uri:
         raise InputError("no model given: pass model_uri=runs:/<train run id>/model or models:/em-unet/<version>")
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     check_champion_measurable(dataset_dir, cfg)
+    cfg = dataclasses.replace(cfg, champion_metric=choose_champion_metric(cfg.champion_metric,
+                                                                          seen_in_3d(read_manifest(dataset_dir))))
     with step_run("evaluate", cfg.experiment) as run:
-        log_config(cfg)
+        log_config(cfg, chosen_champion_metric=cfg.champion_metric)
         segmenter = load_segmenter(cfg.model_uri)
         forward = segmenter.forward_for(SegmentParams.from_config(cfg))  # chosen on this machine: say which
         print(f"network on {forward.engine} in {forward.precision}", flush=True)

@@ -54,7 +54,7 @@ class MainConfig:
     bn_momentum: float = TrainConfig.bn_momentum
     ema: float = TrainConfig.ema
     patience: int = TrainConfig.patience
-    context_slices: int = TrainConfig.context_slices
+    context_slices: str = TrainConfig.context_slices
     planes: str = TrainConfig.planes
     precision: str = TrainConfig.precision
     workers: int = TrainConfig.workers

@@ -74,7 +74,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             log_config(cfg, replicas=replicas, global_batch_size=global_batch, per_replica_batch=per_replica,
                        peak_learning_rate=peak_rate, dtype_policy=policy,
                        thinnest_structure_px=plan["thinnest_structure_px"], predict_planes=plan["planes"],
-                       crop_planes=plan["crop_planes"],
+                       crop_planes=plan["crop_planes"], chosen_context_slices=plan["context_slices"],
+                       chosen_champion_metric=plan["champion_metric"], predict_grow_over_all=plan["grow_over_all"],
                        recipe=json.dumps({k: getattr(cfg, k) for k in (*PRESETS[cfg.preset], "input_scale")}))
             mlflow.log_dict(plan, "plan.json")
             mlflow.set_tag("data_fingerprint", manifest["eval_fingerprint"])
@@ -92,7 +93,9 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
                 mlflow.log_metrics({"best_val_dice": state.best_dice, f"best_val_{cfg.champion_metric}": state.best_score,
                                     "best_epoch": state.best_epoch, "epochs_trained": state.next_epoch})
                 # context_slices: what every caller must stack as channels (emunet.inference.context).
+                # grow_over_all: what `grow_over_all=auto` gives at predict (dense instance labels: True).
                 meta = {"multiple_of": plan["multiple_of"], "context_slices": cfg.context_slices, "planes": plan["planes"],
+                        "grow_over_all": plan["grow_over_all"],
                         "spec": asdict(spec), "crop_size": cfg.crop_size,
                         "data_fingerprint": manifest["eval_fingerprint"],
                         **({"init_model": source.lineage} if source else {})}

@@ -61,7 +61,7 @@ class PredictConfig:
     seed_threshold: float = DEFAULTS.seed_threshold  # cores that seed one object each; <= threshold: no split
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
     planes: str = DEFAULTS.planes  # auto: the planes the model records (near-isotropic training data: the xy, xz and yz planes, averaged); xy; ortho
-    grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    grow_over_all: str = DEFAULTS.grow_over_all  # 3-D objects cover membranes too (dense tissue, connectomics style): auto = what the model records (true for dense instance labels); true; false
     engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
     precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     save_labels: bool = False  # also write <name>_labels.tif (uint32 instance ids)
@@ -102,7 +102,7 @@ def predict_stack(segmenter, stack, name: str, cfg: PredictConfig, out_dir: Path
     slice is added to `scores`; `low_high` is the stack's intensity window (default: computed here);
     `fmt` "tif" or "zarr" (OME-Zarr images chunked like the stack)."""
     low, high = low_high or stack_stats(stack)
-    params = options(cfg).replace(low=low, high=high)
+    params = segmenter.settle(options(cfg).replace(low=low, high=high))  # grow_over_all=auto: the model's
     labels = Truth.of_labels(truth, cfg.label_kind) if truth is not None else None
     budget = cfg.memory_gb * 2**30 if cfg.memory_gb > 0 else default_memory_budget()
     blockwise = needs_blocks(tuple(stack.shape), params, segmenter.multiple, budget, getattr(stack, "voxel_size", None))
@@ -177,6 +177,9 @@ def predict(cfg: PredictConfig) -> dict:
         forward = segmenter.forward_for(SegmentParams.from_config(cfg))  # chosen on this machine: say which
         print(f"network on {forward.engine} in {forward.precision}", flush=True)
         mlflow.set_tags({"engine": forward.engine, "precision": forward.precision})
+        if options(cfg).grow_over_all == "auto" and segmenter.grow_over_all:
+            print("3-D objects grow over every voxel, membranes included (the model learnt dense instance labels; "
+                  "grow_over_all=false keeps them to the foreground)", flush=True)
         written, scores = [], VolumeScores(options(cfg).min_object_size)
         where = {"level": cfg.level, "region": cfg.region}
         for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):

@@ -33,6 +33,7 @@ the model and this project's code to them. The driver shows a bar per stage of b
 left), from Spark's status tracker.
 """
 
+import dataclasses
 import contextlib
 import csv
 import functools
@@ -97,7 +98,7 @@ class PredictSparkConfig:
     min_object_size: int = DEFAULTS.min_object_size  # pixels in a slice, as in predict
     seed_threshold: float = DEFAULTS.seed_threshold  # as in predict: touching cells counted apart
     instances: str = DEFAULTS.instances  # auto: 3-D objects where the voxel size is near-isotropic, else per slice; 2d; 3d
-    grow_over_all: bool = DEFAULTS.grow_over_all  # objects cover membranes too (dense tissue, connectomics style)
+    grow_over_all: str = DEFAULTS.grow_over_all  # 3-D objects cover membranes too (dense tissue, connectomics style): auto = what the model records (true for dense instance labels); true; false
     engine: str = DEFAULTS.engine  # auto: OpenVINO on a CPU, TensorFlow on a GPU; openvino; tensorflow
     precision: str = DEFAULTS.precision  # auto: bfloat16 where the CPU has bfloat16 units; float32; bfloat16
     save_labels: bool = False  # also write <name>_labels (uint32 instance ids, one per cell in the volume)
@@ -449,6 +450,11 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
             print("this model is to be asked about the xy, xz and yz planes; Spark's blocks see the slices (xy) "
                   "only, so it is asked about the slices (predict, for volumes whose slices fit memory_gb, "
                   "asks all three)", flush=True)
+        grows = SegmentParams.from_config(cfg).settled(bool(meta.get("grow_over_all", False))).grow_over_all
+        if grows and cfg.grow_over_all == "auto":
+            print("3-D objects grow over every voxel, membranes included (the model learnt dense instance labels; "
+                  "grow_over_all=false keeps them to the foreground)", flush=True)
+        cfg = dataclasses.replace(cfg, grow_over_all=str(grows).lower())  # what every task segments with
         mlflow.set_tag("model_run_id", mlflow.models.Model.load(str(model_dir)).run_id or "")
         ours = SparkSession.getActiveSession() is None  # a session we start, we stop; a caller's stays
         # Spark's own console bar would write over the driver's bars of blocks.

@@ -93,7 +93,7 @@ def test_model_takes_2k_plus_1_channels_and_records_its_context():
 def test_context_slices_is_validated():
     assert resolve(TrainConfig(context_slices=4)).context_slices == 4
     for bad in (-1, 5):
-        with pytest.raises(InputError, match=f"context_slices must be between 0 .* and 4 .*; got {bad}"):
+        with pytest.raises(InputError, match=f"context_slices must be auto or between 0 .* and 4 .*; got {bad}"):
             resolve(TrainConfig(context_slices=bad))
 
 

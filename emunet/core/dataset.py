@@ -32,6 +32,7 @@ import numpy as np
 
 from emunet.core.errors import InputError
 from emunet.core.files import atomic_write
+from emunet.core.labels import is_near_isotropic
 from emunet.core.normalize import stack_stats
 
 MANIFEST = "manifest.json"
@@ -284,3 +285,31 @@ def is_sparse(manifest: dict) -> bool:
 def stacks_in(manifest: dict, split: str) -> list[StackInfo]:
     """The stacks of one split."""
     return [s for s in manifest["stacks"] if s.split == split]
+
+
+def seen_in_3d(manifest: dict, split: str | None = None) -> bool:
+    """Whether every stack (of `split`, or of the artifact) is fully annotated and has a near-isotropic
+    voxel size the files give (`emunet.core.labels.is_near_isotropic`; unknown counts as not): data whose
+    cells are found and scored as 3-D objects."""
+    stacks = manifest["stacks"] if split is None else stacks_in(manifest, split)
+    return bool(stacks) and not is_sparse(manifest) and all(
+        is_near_isotropic(s.source.get("voxel_size")) is True for s in stacks)
+
+
+# Instance labels whose cells cover at least this share of the voxels tile the tissue (neurons in a
+# connectome: 99.998 % of the medulla cube): their background is membrane, not a space between cells.
+DENSE_COVERAGE = 0.5
+
+
+def dense_instances(dataset_dir: str | Path, manifest: dict, split: str = "train") -> bool:
+    """Whether the artifact's instance labels (of `split`) are dense tissue: cells with ids cover at least
+    `DENSE_COVERAGE` of the voxels. False for masks (no ids)."""
+    covered = total = 0
+    for info in stacks_in(manifest, split):
+        ids = open_ids(dataset_dir, info)
+        if ids is None:
+            return False
+        for z in range(ids.shape[0]):  # a slice at a time: the ids are memory-mapped
+            covered += int(np.count_nonzero(ids[z]))
+        total += ids.size
+    return total > 0 and covered >= DENSE_COVERAGE * total

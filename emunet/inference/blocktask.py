@@ -188,7 +188,7 @@ def label_in_block(forward, volume, tiles: TilePlan, low: float, high: float, bl
     prob = block_probabilities(forward, volume, tiles, low, high, block.read, params.tta, volume.shape[0], context)
     if mode == "3d":
         labels = volume_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
-                                  params.seed_depth, params.grow_over_all)
+                                  params.seed_depth, params.grows_over_all)
         objects = links = None
     else:
         labels, objects, links = label_slices(prob, params, block, volume.shape[2])

@@ -30,7 +30,7 @@ ENGINES = ("auto", "openvino", "tensorflow")  # emunet.inference.engines: what r
 # The MLflow param type of each field (the pyfunc's schema); None defaults are optional doubles.
 PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "overlap": "double",
                "batch_size": "long", "tta": "string", "min_object_size": "long", "seed_threshold": "double", "seed_depth": "double",
-               "instances": "string", "planes": "string", "grow_over_all": "boolean", "engine": "string", "precision": "string",
+               "instances": "string", "planes": "string", "grow_over_all": "string", "engine": "string", "precision": "string",
                "low": "double", "high": "double"}
 
 
@@ -75,8 +75,10 @@ class SegmentParams:
     # yz planes of a volume and average them: 3x the time); "xy": the slices only; "ortho": all three.
     planes: str = "auto"
     # Objects grow over every voxel, membranes included (3-D), as connectomics tools label dense tissue;
-    # False: over the foreground only.
-    grow_over_all: bool = False
+    # False: over the foreground only; "auto": what the model records (True for a model of dense instance
+    # labels, `emunet.core.dataset.dense_instances`; `Segmenter.settle`), False for probabilities handed
+    # over without a model. See `settled`.
+    grow_over_all: bool | str = "auto"
     # What runs the network: "auto" is OpenVINO on a CPU (4-6x TensorFlow's speed in bfloat16 on CPUs
     # with bfloat16 units, bench/inference.py), TensorFlow + XLA on a GPU or where OpenVINO is absent.
     engine: str = "auto"
@@ -101,9 +103,9 @@ class SegmentParams:
             raise InputError(f"planes must be one of {', '.join(PLANE_MODES)}, got {self.planes!r}")
         if not isinstance(self.grow_over_all, bool):
             text = str(self.grow_over_all).strip().lower()
-            if text not in ("true", "false", "1", "0"):
-                raise InputError(f"grow_over_all must be true or false, got {self.grow_over_all!r}")
-            put("grow_over_all", text in ("true", "1"))
+            if text not in ("true", "false", "1", "0", "auto"):
+                raise InputError(f"grow_over_all must be auto, true or false, got {self.grow_over_all!r}")
+            put("grow_over_all", "auto" if text == "auto" else text in ("true", "1"))
         if self.engine not in ENGINES:
             raise InputError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.precision not in PRECISIONS:
@@ -145,6 +147,15 @@ class SegmentParams:
         """From an entry point's config dataclass: the fields it shares with this one."""
         shared = {k: getattr(cfg, k) for k in FIELDS if hasattr(cfg, k)}
         return cls.from_dict({**shared, **overrides})
+
+    def settled(self, model_grows: bool) -> "SegmentParams":
+        """These params with `grow_over_all="auto"` made the model's choice `model_grows`."""
+        return self.replace(grow_over_all=bool(model_grows)) if self.grow_over_all == "auto" else self
+
+    @property
+    def grows_over_all(self) -> bool:
+        """Whether 3-D objects grow over every voxel: `grow_over_all` True ("auto" not settled: False)."""
+        return self.grow_over_all is True
 
     def replace(self, **changes) -> "SegmentParams":
         return dataclasses.replace(self, **changes)

@@ -59,9 +59,15 @@ class Segmenter:
     planes of near-isotropic volumes: it is then asked about all three, `emunet.inference.ortho`)."""
 
     def __init__(self, forward: Callable[[np.ndarray], np.ndarray] | None = None, multiple: int = 1,
-                 context: int = 0, planes: str = "xy"):
+                 context: int = 0, planes: str = "xy", grow_over_all: bool = False):
         # (None until a pyfunc's load_context sets them)
         self.forward, self.multiple, self.context, self.planes = forward, int(multiple), int(context), planes
+        self.grow_over_all = bool(grow_over_all)
+
+    def settle(self, params: SegmentParams) -> SegmentParams:
+        """`params` with `grow_over_all="auto"` made the model's record (`grow_over_all`: True for a model
+        of dense instance labels)."""
+        return params.settled(self.grow_over_all)
 
     def plane_mode(self, params: SegmentParams, slices: int) -> str:
         """"xy" or "ortho" for a volume of `slices` slices: the params' choice, or with "auto" the planes
@@ -208,7 +214,7 @@ def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[
                          f"region=z0:z1,y0:y1,x0:x1 of the volume")
     volume = np.stack(probs).astype(np.float32, copy=False)
     ids = volume_instances(volume, params.threshold, params.seed_threshold, params.min_object_size,
-                           params.seed_depth, params.grow_over_all)
+                           params.seed_depth, params.grows_over_all)
     for prob, slice_ids in zip(volume, ids):
         yield prob, prob >= params.threshold, _slice_objects(slice_ids), slice_ids
 
@@ -252,6 +258,7 @@ def segment_volume(segmenter, volume, params: SegmentParams, truth: Truth | None
     if truth is not None and tuple(truth.volume.shape) != tuple(volume.shape):
         raise ValueError(f"truth of shape {tuple(truth.volume.shape)} for a volume of {tuple(volume.shape)}")
     voxel_size = voxel_size if voxel_size is not None else getattr(volume, "voxel_size", None)
+    params = segmenter.settle(params)
     return segment_probabilities(segmenter.probabilities(volume, params), params, truth, voxel_size=voxel_size)
 
 

@@ -113,7 +113,8 @@ class StackSegmenter(mlflow.pyfunc.PythonModel, Segmenter):
         self.keras_model = keras.models.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         self.meta = json.loads(Path(context.artifacts["meta"]).read_text())
         Segmenter.__init__(self, None, int(self.meta["multiple_of"]),  # models logged before 2.5-D have no
-                           int(self.meta.get("context_slices", 0)), self.meta.get("planes", "xy"))  # context, planes
+                           int(self.meta.get("context_slices", 0)), self.meta.get("planes", "xy"),  # context, planes,
+                           bool(self.meta.get("grow_over_all", False)))  # nor a choice of grow_over_all
         self.forwards = {}  # (engine, precision) -> forward, made on first use on the machine that serves
 
     def forward_for(self, params: SegmentParams):

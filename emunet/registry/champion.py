@@ -38,6 +38,19 @@ CHAMPION_METRICS = ("object_f1", "dice", "iou", "mean_matched_iou", "pixel_accur
 PIXEL_CHAMPION_METRICS = ("dice", "iou", "pixel_accuracy")  # measurable on sparse labels too
 DEFAULT_CHAMPION_METRIC = "object_f1"
 DEFAULT_METRIC = f"test_{DEFAULT_CHAMPION_METRIC}"  # the version tag compared
+AUTO = "auto"
+# `champion_metric=auto` where cells are found in 3-D: on the medulla cube (bench/volume_cells.py) the
+# per-slice scores (Dice, object F1) ranked epochs whose 3-D cells were worse, Dice even an epoch that
+# called nearly everything foreground (87 % of the cube is cell interior).
+AUTO_3D_METRIC = "object_f1_3d"
+
+
+def choose_champion_metric(name: str, in_3d: bool) -> str:
+    """The metric `name` stands for: itself, or for "auto" `AUTO_3D_METRIC` where the data's cells are
+    found in 3-D (`in_3d`: `emunet.core.dataset.seen_in_3d`), else `DEFAULT_CHAMPION_METRIC`."""
+    if name != AUTO:
+        return name
+    return AUTO_3D_METRIC if in_3d else DEFAULT_CHAMPION_METRIC
 
 
 @contextlib.contextmanager

@@ -110,7 +110,7 @@ class Validation(keras.callbacks.Callback):
     killed in between re-logs them from the backup when it resumes, never twice."""
 
     def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int, eval_model,
-                 strategy, state: TrainingState, chief: bool = True, backup=None):
+                 strategy, state: TrainingState, chief: bool = True, backup=None, grow_over_all: bool = False):
         super().__init__()
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.state, self.backup = state, backup
@@ -119,7 +119,8 @@ class Validation(keras.callbacks.Callback):
         self.eval_model = eval_model
         self.segmenter = Segmenter(compiled_forward(eval_model), multiple_of(UNetSpec(depth=cfg.depth,
                                                                                      input_scale=cfg.input_scale)),
-                                   context=cfg.context_slices)  # xy planes: see above
+                                   context=cfg.context_slices,  # xy planes: see above
+                                   grow_over_all=grow_over_all)  # as the model will segment (plan.json)
         self.metric = cfg.champion_metric
         self.began = self.epoch_began = time.monotonic()
         self.spent_before = 0.0
@@ -146,7 +147,7 @@ class Validation(keras.callbacks.Callback):
         scores, probs = VolumeScores(), []
         for info, image, mask in self.val:
             stack = []
-            for result in segment_volume(self.segmenter, image, DEFAULTS.replace(low=info.low, high=info.high),
+            for result in segment_volume(self.segmenter, image, DEFAULTS.replace(low=info.low, high=info.high),  # (auto: settled)
                                          Truth.of_dataset(mask, self.ids[info.name]),
                                          voxel_size=info.source.get("voxel_size")):
                 scores.add(result, info.name)

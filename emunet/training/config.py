@@ -11,7 +11,7 @@ from emunet.core import hardware
 from emunet.core.errors import InputError
 from emunet.core.losses import LOSSES
 from emunet.core.model import INPUT_SCALES, UNetSpec
-from emunet.registry.champion import CHAMPION_METRICS, DEFAULT_CHAMPION_METRIC
+from emunet.registry.champion import AUTO, CHAMPION_METRICS
 from emunet.registry.tracking import DEFAULT_EXPERIMENT
 from emunet.training.augment import AUGMENTATIONS
 
@@ -44,7 +44,7 @@ class TrainConfig:
     base_filters: int = 0  # filters of the first level, doubled at each level
     depth: int = 0  # number of poolings
     input_scale: int = 0  # the network works at 1/input_scale of the image resolution (1, 2 or 4); 0 = auto: the largest that keeps the thinnest labelled structure 16 px thick (emunet.training.plan); preset crops grow with it
-    context_slices: int = 0  # 2.5-D: the k slices above and below each slice are extra input channels (2k + 1, mirrored at the stack's ends); helps where structures continue across slices (near-isotropic FIB-SEM); 0 = the 2-D network; at most 4
+    context_slices: str = "auto"  # 2.5-D: the k slices above and below each slice are extra input channels (2k + 1, mirrored at the stack's ends); helps where structures continue across slices (near-isotropic FIB-SEM); 0 = the 2-D network; at most 4; auto: 1 where every training stack's voxel size is near-isotropic, else 0 (emunet.training.plan.choose_context). Resolved, it holds the number
     planes: str = "auto"  # xy: train on the slices and predict them; ortho: train on the xy, xz and yz planes alike and predict all three, averaged (near-isotropic volumes: FIB-SEM); auto: train on the slices, and predict all three planes where every training stack's voxel size is near-isotropic (slice spacing within 2x of the pixel size), else the slices (emunet.training.plan.choose_planes). Resolved, it holds the crops' planes
     batch_size: int = 0  # per replica; global batch = batch_size x replicas
     learning_rate: float = 0.0  # Adam; scaled linearly with the number of replicas
@@ -64,7 +64,9 @@ class TrainConfig:
     patience: int = 20  # stop after this many epochs without a better val_<champion_metric>; 0 = never
     # The best epoch (the weights kept) and early stopping follow the metric the registry chooses the
     # champion by, computed by the same code as evaluate: training and the registry agree on "better".
-    champion_metric: str = DEFAULT_CHAMPION_METRIC
+    # auto: object_f1_3d where cells are found in 3-D (every stack near-isotropic and fully annotated),
+    # else object_f1 (emunet.registry.champion.choose_champion_metric).
+    champion_metric: str = AUTO
     precision: str = "auto"  # auto (mixed_float16 on GPU, mixed_bfloat16 on a CPU with AMX/AVX512 bfloat16 units, float32 on other CPUs), float32, mixed_float16 or mixed_bfloat16
     jit_compile: str = "auto"  # XLA for the training step: auto (Keras' rule: on a GPU without tf.distribute), true, false
     global_batch: int = 0  # if set: a fixed global batch split over the replicas (must divide evenly); 0 = batch_size x replicas
@@ -76,13 +78,29 @@ class TrainConfig:
     freeze_encoder_epochs: int = 0  # with init_model: the encoder (contracting path and bottleneck) stays fixed for this many first epochs, so a few new slices adapt the decoder without wrecking the features learnt on the large data; 0 = everything trains from the start
     experiment: str = DEFAULT_EXPERIMENT
 
+    def __post_init__(self):
+        object.__setattr__(self, "context_slices", context_value(self.context_slices))
+
+
+def context_value(value) -> int | str:
+    """`context_slices` as given (a flag's text, an MLflow param, a number): "auto" or a whole number."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"context_slices must be auto or a whole number of slices, got {value!r}") from None
+    if not number.is_integer() or isinstance(value, bool):
+        raise InputError(f"context_slices must be auto or a whole number of slices, got {value!r}")
+    return int(number)
+
 
 def _check_ranges(cfg: TrainConfig) -> None:
     """Refuse values that cannot mean anything, naming the field, the value and what it may be."""
     rules = [
         ("input_scale", cfg.input_scale in (0, *INPUT_SCALES), f"0 (auto) or one of {', '.join(map(str, INPUT_SCALES))}"),
-        ("context_slices", 0 <= cfg.context_slices <= MAX_CONTEXT_SLICES,
-         f"between 0 (one slice, 2-D) and {MAX_CONTEXT_SLICES} slices on each side"),
+        ("context_slices", cfg.context_slices == AUTO or 0 <= cfg.context_slices <= MAX_CONTEXT_SLICES,
+         f"auto or between 0 (one slice, 2-D) and {MAX_CONTEXT_SLICES} slices on each side"),
         ("bn_momentum", 0 < cfg.bn_momentum < 1, "between 0 and 1, e.g. 0.99"),
         ("ema", 0 <= cfg.ema < 1, "a momentum between 0 (off) and 1, e.g. 0.99"),
         ("foreground", 0 <= cfg.foreground <= 1, "a share of crops, between 0 and 1"),
@@ -107,7 +125,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     """Fill fields left at 0 from the preset and check the result."""
     if cfg.preset not in PRESETS:
         raise InputError(f"preset must be one of {', '.join(PRESETS)}, got {cfg.preset!r}")
-    choices = {"champion_metric": CHAMPION_METRICS, "loss": LOSSES, "augment": AUGMENTATIONS, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
+    choices = {"champion_metric": (AUTO, *CHAMPION_METRICS), "loss": LOSSES, "augment": AUGMENTATIONS, "lr_schedule": SCHEDULES, "precision": PRECISIONS,
                "jit_compile": JIT_CHOICES, "planes": PLANE_CHOICES}
     for name, known in choices.items():
         if getattr(cfg, name) not in known:

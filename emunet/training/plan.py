@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from emunet.core.dataset import is_sparse, mask_parts, open_stack, stacks_in
+from emunet.core.dataset import dense_instances, is_sparse, mask_parts, open_stack, seen_in_3d, stacks_in
 from emunet.core.errors import InputError
 from emunet.core.labels import is_near_isotropic
 from emunet.core.model import INPUT_SCALES, UNetSpec, multiple_of
+from emunet.registry.champion import AUTO, choose_champion_metric
 from emunet.training.config import TrainConfig
 
 MIN_THICKNESS_PX = 16  # the thinnest structure keeps at least this many pixels at the working resolution
@@ -101,15 +102,40 @@ def choose_planes(cfg: TrainConfig, manifest: dict) -> tuple[str, str]:
     return "xy", "ortho" if isotropic else "xy"
 
 
+# `context_slices=auto` on near-isotropic stacks: the slice above and the slice below. On the medulla cube
+# (isotropic 10 nm, bench/volume_cells.py, 10 min each) the volume recipe with one slice of context gave a
+# 3-D adapted Rand error of 0.145-0.160 against 0.44 for the one-slice network's probabilities through the
+# same 3-D step; on serial sections (ISBI, VNC: 50 nm sections of 4-6 nm pixels) one slice of context lost
+# Dice and object F1 (bench/time_to_quality.py), so anisotropic data keeps the 2-D network.
+AUTO_CONTEXT_SLICES = 1
+
+
+def choose_context(cfg: TrainConfig, manifest: dict) -> int:
+    """The neighbouring slices on each side the network takes as channels: `context_slices`, or with
+    "auto" `AUTO_CONTEXT_SLICES` where every training stack is near-isotropic (its voxel size given by
+    the files: `emunet.core.labels.is_near_isotropic`), else 0."""
+    if cfg.context_slices != AUTO:
+        return cfg.context_slices
+    stacks = stacks_in(manifest, "train")
+    isotropic = stacks and all(is_near_isotropic(s.source.get("voxel_size")) is True for s in stacks)
+    return AUTO_CONTEXT_SLICES if isotropic else 0
+
+
 def make_plan(cfg: TrainConfig, crop_from_preset: bool, dataset_dir: Path, manifest: dict) -> tuple[TrainConfig, dict]:
-    """The resolved config with its working resolution, crop and crop planes (`planes`), and the plan to
-    log: `input_scale`, `crop_size`, `planes` (those the model will be asked about), `crop_planes`,
-    `multiple_of` (what every tile side must divide by) and `thinnest_structure_px`."""
+    """The resolved config with its working resolution, crop, crop planes (`planes`), context slices and
+    champion metric, and the plan to log: `input_scale`, `crop_size`, `planes` (those the model will be
+    asked about), `crop_planes`, `context_slices`, `champion_metric`, `grow_over_all` (what predict's
+    `grow_over_all=auto` gives: objects grow over every voxel for a model of dense instance labels,
+    `emunet.core.dataset.dense_instances`), `multiple_of` (what every tile side must divide by) and
+    `thinnest_structure_px`."""
     cfg, thinnest = choose_scale(cfg, crop_from_preset, dataset_dir, manifest)
     check_sizes(cfg, manifest)
     crops, asked = choose_planes(cfg, manifest)
-    cfg = dataclasses.replace(cfg, planes=crops)
+    cfg = dataclasses.replace(cfg, planes=crops, context_slices=choose_context(cfg, manifest),
+                              champion_metric=choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest)))
     plan = {"input_scale": cfg.input_scale, "crop_size": cfg.crop_size, "planes": asked, "crop_planes": crops,
+            "context_slices": cfg.context_slices, "champion_metric": cfg.champion_metric,
+            "grow_over_all": dense_instances(dataset_dir, manifest),
             "multiple_of": multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale)),
             "thinnest_structure_px": None if math.isnan(thinnest) else round(thinnest, 1)}
     return cfg, plan
