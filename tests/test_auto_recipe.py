@@ -120,3 +120,19 @@ def test_auto_grows_over_every_voxel_for_a_model_of_dense_instance_labels():
     explicit = np.stack([r.ids for r in segment_volume(Segmenter(forward, grow_over_all=True), image,
                                                        params.replace(grow_over_all=False))])
     np.testing.assert_array_equal(explicit, found[False])  # grow_over_all=false overrides the model's record
+
+
+def test_the_viewer_draws_and_scores_the_objects_predict_gives_the_model():
+    """The page settles `auto` with the model's record too: its objects and 3-D scores are predict's."""
+    from viewer import planes, scoring
+
+    image, mask, ids = cells(False)
+    prob = mask.astype(np.float32)
+    drawn = {grows: planes.object_ids(prob, 0.5, ISOTROPIC, grows=grows) for grows in (False, True)}
+    assert (drawn[True] > 0).all() and ((drawn[False] > 0) == (mask > 0)).all()
+    params = DEFAULTS.replace(instances="3d", output="labels", low=0.0, high=1.0)
+    segmenter = Segmenter(lambda batch: np.ascontiguousarray(batch[..., :1]), grow_over_all=True)
+    np.testing.assert_array_equal(drawn[True], np.stack([r.ids for r in segment_volume(segmenter, prob, params)]))
+    scored = {grows: scoring.rows_and_summary(prob, ids, 0.5, ISOTROPIC, grows)[1] for grows in (False, True)}
+    assert scored[False]["object_f1_3d"] == 1.0  # the blobs exactly
+    assert scored[True]["object_f1_3d"] < 1.0  # grown over the background: no longer the true blobs

@@ -31,7 +31,7 @@ def test_signature_exposes_inference_params():
     params = {p.name: p.default for p in signature().params}
     assert params == {"output": "mask", "threshold": 0.5, "tile_size": 1024, "overlap": 0.25, "batch_size": 4,
                       "tta": "none", "min_object_size": 20, "seed_threshold": 0.9, "seed_depth": 0.1, "instances": "auto", "planes": "auto",
-                      "grow_over_all": False, "engine": "auto", "precision": "auto", "low": None,
+                      "grow_over_all": "auto", "engine": "auto", "precision": "auto", "low": None,
                       "high": None}
 
 

@@ -82,12 +82,12 @@ def linked_instead() -> set:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
-def stack_scores(key: tuple, threshold: float, truth_digest: str | None, voxel_size, _prob, _truth
+def stack_scores(key: tuple, threshold: float, truth_digest: str | None, voxel_size, grows: bool, _prob, _truth
                  ) -> tuple[list[dict], dict]:
     """`(per-slice rows, summary)` of one segmentation at one threshold: moving the slice or the point
     reruns the page, and must not score the stack again. (The voxel size is part of the key: how objects
-    are found may follow it.)"""
-    return scoring.rows_and_summary(_prob, _truth, threshold, voxel_size)
+    are found may follow it; `grows`: the model's `grow_over_all`.)"""
+    return scoring.rows_and_summary(_prob, _truth, threshold, voxel_size, grows)
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the stack…")
@@ -231,18 +231,18 @@ def segment(info, image: dict, options: dict, uri: str):
     return prob
 
 
-def object_ids(key: tuple, prob: np.ndarray, threshold: float, voxel_size) -> np.ndarray:
+def object_ids(key: tuple, prob: np.ndarray, threshold: float, voxel_size, grows: bool) -> np.ndarray:
     """The `(Z, H, W)` 3-D object ids of a segmentation at `threshold`, made once from its cached
     probabilities (never from the model) and cached: the slices and the planes are cut out of them.
     Near-isotropic stacks get solid 3-D objects; one too large for that in memory is linked slice by
-    slice instead, with a note."""
+    slice instead, with a note. `grows`: the model's `grow_over_all` (the key's model version decides it)."""
     cache = ids_cache()
     cache_key = (key, float(threshold), None if voxel_size is None else tuple(voxel_size))
     ids = cache.get(cache_key)
     if ids is None:
         with st.spinner("Finding the objects in 3-D…"):
             try:
-                ids = planes.object_ids(prob, threshold, voxel_size)
+                ids = planes.object_ids(prob, threshold, voxel_size, grows=grows)
             except InputError as exc:  # the 3-D watershed would not fit in memory
                 log.warning("3-D objects: %s", exc)
                 ids = planes.object_ids(prob, threshold, voxel_size, instances="2d")
@@ -421,11 +421,13 @@ def main() -> None:
         prob = segment(version, image, options, uri)
         key = segmentation_key(version, image, options, uri)
         voxel_size = image["calibration"].get("voxel_size")
+        # How predict's grow_over_all=auto segments with this model (its record: dense instance labels)
+        grows = loaded_model(uri, version.name, version.version).unwrap_python_model().grow_over_all
         rows, summary = stack_scores(key, options["threshold"], None if truth is None else stacks.digest(truth),
-                                     voxel_size, prob, truth)
+                                     voxel_size, grows, prob, truth)
         results.append({"tag": tag, "label": f"{version.name} v{version.version}", "prob": prob, "version": version,
                         "file_tag": f"v{version.version}", "rows": rows, "summary": summary,
-                        "ids": object_ids(key, prob, options["threshold"], voxel_size)})
+                        "ids": object_ids(key, prob, options["threshold"], voxel_size, grows)})
     with st.container(key="stack_scores"):
         show_stack_scores(results, truth)
     with st.container(key="stack_scores_3d"):

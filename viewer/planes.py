@@ -136,14 +136,16 @@ def stretch_note(voxel_size) -> str:
             "distances look the same along every axis.")
 
 
-def object_ids(prob: np.ndarray, threshold: float, voxel_size=None, instances: str = "auto") -> np.ndarray:
+def object_ids(prob: np.ndarray, threshold: float, voxel_size=None, instances: str = "auto",
+               grows: bool = False) -> np.ndarray:
     """The objects of a `(Z, H, W)` probability stack as `(Z, H, W)` int32 3-D ids, by the one segmentation
     path (`emunet.inference.segment.segment_probabilities`, as `output="labels"` finds them): with
     `instances="auto"`, solid 3-D objects where `voxel_size` `(z, y, x)` says near-isotropic, else the
-    objects of each slice linked through the slices (one id per cell followed from slice to slice)."""
+    objects of each slice linked through the slices (one id per cell followed from slice to slice); 3-D
+    objects grown over every voxel where the model records so (`grows`: its `grow_over_all`)."""
     prob = np.asarray(prob, np.float32)
     out = np.zeros(prob.shape, np.int32)
-    params = DEFAULTS.replace(threshold=threshold, instances=instances)
+    params = DEFAULTS.replace(threshold=threshold, instances=instances).settled(grows)
     for result in segment_probabilities(prob, params, voxel_size=voxel_size):
         out[result.z] = result.ids
     return out

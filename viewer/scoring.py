@@ -16,10 +16,11 @@ TABLE_COLUMNS = ("slice", "dice", "iou", "pixel_accuracy", "precision", "recall"
                  "objects_matched")
 
 
-def _results(prob, truth, threshold: float, voxel_size=None):
+def _results(prob, truth, threshold: float, voxel_size=None, grows: bool = False):
     """The path's results; objects in 3-D where the voxel size says near-isotropic and they fit in memory
-    (else slice by slice, as the page's planes fall back too)."""
-    params = DEFAULTS.replace(threshold=threshold)
+    (else slice by slice, as the page's planes fall back too), grown over every voxel where the model
+    records so (`grows`: its `grow_over_all`, what predict's `grow_over_all=auto` gives)."""
+    params = DEFAULTS.replace(threshold=threshold).settled(grows)
     if instance_mode(params, voxel_size) == "3d" and not fits_3d(np.shape(prob)):
         params = params.replace(instances="2d")
     return segment_probabilities(np.asarray(prob, np.float32), params,
@@ -31,13 +32,14 @@ def instances(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return next(_results(np.asarray(prob)[None], None, threshold)).objects
 
 
-def _scored(prob, truth, threshold: float, voxel_size=None) -> tuple[list[dict], VolumeScores | None]:
+def _scored(prob, truth, threshold: float, voxel_size=None, grows: bool = False
+            ) -> tuple[list[dict], VolumeScores | None]:
     """`(per-slice rows, VolumeScores or None without truth)` of a `(Z, H, W)` probability (or mask) stack."""
     if truth is None:
         return [{"slice": r.z, "objects": int(r.objects.max(initial=0))}
-                for r in _results(prob, None, threshold, voxel_size)], None
+                for r in _results(prob, None, threshold, voxel_size, grows)], None
     scores = VolumeScores()
-    for result in _results(prob, truth, threshold, voxel_size):
+    for result in _results(prob, truth, threshold, voxel_size, grows):
         scores.add(result)
     return scores.rows, scores
 
@@ -65,9 +67,10 @@ def summary(prob: np.ndarray, truth: np.ndarray | None = None, threshold: float 
     return out
 
 
-def rows_and_summary(prob: np.ndarray, truth: np.ndarray | None, threshold: float, voxel_size=None) -> tuple:
-    """`(slice_rows, summary)` from one pass through the path."""
-    scored = _scored(prob, truth, threshold, voxel_size)
+def rows_and_summary(prob: np.ndarray, truth: np.ndarray | None, threshold: float, voxel_size=None,
+                     grows: bool = False) -> tuple:
+    """`(slice_rows, summary)` from one pass through the path (`grows`: the model's `grow_over_all`)."""
+    scored = _scored(prob, truth, threshold, voxel_size, grows)
     return scored[0], summary(prob, truth, threshold, scored=scored)
 
 
