@@ -67,6 +67,10 @@ CASES = [
     ("predict_spark", ["--input", "ok.tif", "--memory_gb", "-1"], "memory_gb must be 0"),
     ("predict_spark", ["--input", "ok.tif", "--region", "0:5"], "region"),
     ("predict_spark", ["--input", "ok.tif", "--output_dir", "afile"], "output_dir"),
+    ("train", ["--dataset_uri", "data", "--context_slices", "two"], "context_slices must be auto or a whole number"),
+    ("main", ["--context_slices", "1.5"], "context_slices must be auto or a whole number"),
+    ("main", ["--champion_metric", "best"], "champion_metric must be one of auto"),
+    ("predict", ["--input", "ok.tif", "--grow_over_all", "maybe"], "grow_over_all must be auto, true or false"),
     ("main", ["--epochs", "0"], "epochs must be at least 1"),
     ("main", ["--synthetic_shape", "8,0,8"], "synthetic_shape must be Z,H,W"),
 ]

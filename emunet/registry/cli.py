@@ -69,7 +69,11 @@ def parse_config(cls, argv: list[str] | None = None):
         type_name = f.type if isinstance(f.type, str) else f.type.__name__
         kind = {"bool": _parse_bool, "int": _parse_int, "float": _parse_float}.get(type_name, str)
         parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f"default: {f.default!r}")
-    return cls(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    try:
+        return cls(**values)
+    except InputError as exc:  # a config that checks a field itself (TrainConfig's context_slices)
+        parser.error(str(exc))
 
 
 def _os_error_text(exc: OSError) -> str | None:
