@@ -153,12 +153,15 @@ def test_an_ortho_trained_model_predicts_the_three_planes(store, tmp_path, capsy
         stacks.append(dict(name=f"s{i}", split="val" if i == 2 else "train", image=image, mask=mask,
                            source={"voxel_size": [8.0, 8.0, 8.0], "unit": "nm"}))
     write_dataset(tmp_path / "data", stacks)
-    trained = train(TrainConfig(dataset_uri=str(tmp_path / "data"), planes="ortho", **TINY_TRAIN))
+    trained = train(TrainConfig(dataset_uri=str(tmp_path / "data"), planes="ortho", context_slices=0, **TINY_TRAIN))
     params = mlflow.get_run(trained["run_id"]).data.params
     assert (params["planes"], params["crop_planes"], params["predict_planes"]) == ("ortho", "ortho", "ortho")
     meta = json.loads(Path(mlflow.artifacts.download_artifacts(f"runs:/{trained['run_id']}/model/artifacts/unet.json"))
                       .read_text())
-    assert meta["planes"] == "ortho"
+    assert meta["planes"] == "ortho" and meta["grow_over_all"] is False  # masks: objects over the foreground
+    # The autos as resolved (mlflow run logs "auto" under the parameters' own names).
+    assert (params["chosen_context_slices"], params["chosen_champion_metric"], params["predict_grow_over_all"]) == (
+        "0", "object_f1_3d", "False")
     segmenter = mlflow.pyfunc.load_model(trained["model_uri"]).unwrap_python_model()
     assert segmenter.planes == "ortho"
     volume = stacks[2]["image"]

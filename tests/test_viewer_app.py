@@ -341,11 +341,11 @@ def test_a_near_isotropic_stack_too_large_for_3d_objects_is_linked_slice_by_slic
     modes = []
     real = planes.object_ids
 
-    def refusing(prob, threshold, voxel_size=None, instances="auto"):
+    def refusing(prob, threshold, voxel_size=None, instances="auto", grows=False):
         modes.append((voxel_size, instances))
         if instances == "auto":
             raise InputError("3-D instances of 4 slices need about 99 GiB but 1 GiB are available")
-        return real(prob, threshold, voxel_size, instances)
+        return real(prob, threshold, voxel_size, instances, grows)
 
     monkeypatch.setattr(planes, "object_ids", refusing)
     image, _ = stack_and_truth(8)
