@@ -136,3 +136,35 @@ def test_the_viewer_draws_and_scores_the_objects_predict_gives_the_model():
     scored = {grows: scoring.rows_and_summary(prob, ids, 0.5, ISOTROPIC, grows)[1] for grows in (False, True)}
     assert scored[False]["object_f1_3d"] == 1.0  # the blobs exactly
     assert scored[True]["object_f1_3d"] < 1.0  # grown over the background: no longer the true blobs
+
+
+def test_predict_says_when_auto_grows_over_every_voxel_and_does(store, tmp_path, capsys):
+    """A logged model that records dense instance labels: predict's `grow_over_all=auto` grows its 3-D
+    objects over every voxel and says so in one line; `false` keeps them to the foreground, silently."""
+    import tempfile
+    from pathlib import Path
+
+    import keras
+    import mlflow
+    import tifffile
+
+    from emunet.inference.segmenter import log_segmenter
+    from serving.predict import PredictConfig, predict
+
+    inputs = keras.Input((None, None, 1))
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid", name="out")(inputs))
+    model.get_layer("out").set_weights([np.full((1, 1, 1, 1), 12.0, np.float32), np.array([-6.0], np.float32)])
+    with mlflow.start_run() as run, tempfile.TemporaryDirectory() as tmp:
+        model.save(Path(tmp) / "bright.keras")
+        log_segmenter(Path(tmp) / "bright.keras", {"multiple_of": 1, "grow_over_all": True})
+    image, mask, _ = cells(False)
+    tifffile.imwrite(tmp_path / "cube.tif", image)
+    for grow, line in (("auto", True), ("false", False)):
+        out = tmp_path / f"out_{grow}"
+        predict(PredictConfig(model_uri=f"runs:/{run.info.run_id}/model", input=str(tmp_path / "cube.tif"),
+                              output_dir=str(out), instances="3d", save_labels=True, grow_over_all=grow,
+                              min_object_size=5))
+        said = "3-D objects grow over every voxel" in capsys.readouterr().out
+        labels = tifffile.imread(out / "cube_labels.tif")
+        assert said == line and bool((labels > 0).all()) == line
+        assert (labels[mask > 0] > 0).all()  # the cells are objects either way
