@@ -149,7 +149,7 @@ class Validation(keras.callbacks.Callback):
         scores, probs = VolumeScores(), []
         for info, image, mask in self.val:
             stack = []
-            for result in segment_volume(self.segmenter, image, DEFAULTS.replace(low=info.low, high=info.high),  # (auto: settled)
+            for result in segment_volume(self.segmenter, image, DEFAULTS.replace(low=info.low, high=info.high),
                                          Truth.of_dataset(mask, self.ids[info.name]),
                                          voxel_size=info.source.get("voxel_size")):
                 scores.add(result, info.name)

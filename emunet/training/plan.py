@@ -97,9 +97,14 @@ def choose_planes(cfg: TrainConfig, manifest: dict) -> tuple[str, str]:
                          "slices, not the xz and yz planes through them; use planes=xy")
     if cfg.planes != "auto":
         return cfg.planes, cfg.planes
+    return "xy", "ortho" if isotropic_training(manifest) else "xy"
+
+
+def isotropic_training(manifest: dict) -> bool:
+    """Whether every training stack's voxel size, as the files give it, is near-isotropic
+    (`emunet.core.labels.is_near_isotropic`; unknown counts as not)."""
     stacks = stacks_in(manifest, "train")
-    isotropic = stacks and all(is_near_isotropic(s.source.get("voxel_size")) is True for s in stacks)
-    return "xy", "ortho" if isotropic else "xy"
+    return bool(stacks) and all(is_near_isotropic(s.source.get("voxel_size")) is True for s in stacks)
 
 
 # `context_slices=auto` on near-isotropic stacks: the slice above and the slice below. On the medulla cube
@@ -116,9 +121,7 @@ def choose_context(cfg: TrainConfig, manifest: dict) -> int:
     the files: `emunet.core.labels.is_near_isotropic`), else 0."""
     if cfg.context_slices != AUTO:
         return cfg.context_slices
-    stacks = stacks_in(manifest, "train")
-    isotropic = stacks and all(is_near_isotropic(s.source.get("voxel_size")) is True for s in stacks)
-    return AUTO_CONTEXT_SLICES if isotropic else 0
+    return AUTO_CONTEXT_SLICES if isotropic_training(manifest) else 0
 
 
 def make_plan(cfg: TrainConfig, crop_from_preset: bool, dataset_dir: Path, manifest: dict) -> tuple[TrainConfig, dict]:
