@@ -97,7 +97,8 @@ def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
 
 
 RECIPE_PARAMS = ("preset", "crop_size", "base_filters", "depth", "input_scale", "batch_size", "learning_rate", "loss",
-                 "augment", "max_minutes", "champion_metric", "dtype_policy")
+                 "augment", "max_minutes", "champion_metric", "dtype_policy", "chosen_context_slices",
+                 "chosen_champion_metric", "predict_planes", "predict_grow_over_all")  # (chosen_*: what auto picked)
 
 
 def describe(cfg: EvaluateConfig, manifest: dict, metrics: dict[str, float], train_run) -> str:

@@ -79,7 +79,7 @@ def test_a_registered_version_describes_itself(world):
     version = MlflowClient().get_model_version(name, str(result["version"]))
     text = version.description
     assert read_manifest(world["data"])["eval_fingerprint"] in text
-    assert "Recipe: preset" in text and "base_filters 4" in text
+    assert "Recipe: preset" in text and "base_filters 4" in text and "chosen_context_slices 0" in text
     assert f"object_f1 {result['metrics']['object_f1']:.4f}" in text and "test_object_f1 beats" in text
     signature = mlflow.models.get_model_info(f"models:/{name}/{version.version}").signature
     [stack] = signature.inputs.inputs
