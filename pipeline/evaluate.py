@@ -17,8 +17,8 @@ from tqdm import tqdm
 from emunet.registry.champion import (AUTO, CHAMPION_METRICS, PIXEL_CHAMPION_METRICS, choose_champion_metric,
                                        promote_if_better)
 from emunet.registry.cli import run_entry
-from emunet.core.dataset import (fully_annotated, is_sparse, mask_parts, open_ids, open_stack, read_manifest, seen_in_3d,
-                                 stacks_in)
+from emunet.core.dataset import (dense_instances, fully_annotated, is_sparse, mask_parts, open_ids, open_stack,
+                                 read_manifest, seen_in_3d, stacks_in)
 from emunet.core.errors import InputError
 from emunet.core.normalize import normalize
 from emunet.core.overlay import montage, overlay
@@ -84,7 +84,7 @@ def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
     """Object metrics are scored on fully annotated held-out slices only (sparse labels): refuse, before
     any work, to register by one when the dataset has no such slice."""
     manifest = read_manifest(dataset_dir)
-    metric = choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest))
+    metric = choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest), dense_instances(dataset_dir, manifest))
     if not cfg.register or metric in PIXEL_CHAMPION_METRICS or not is_sparse(manifest):
         return
     for info in stacks_in(manifest, "val"):
@@ -166,8 +166,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         raise InputError("no model given: pass model_uri=runs:/<train run id>/model or models:/em-unet/<version>")
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
     check_champion_measurable(dataset_dir, cfg)
-    cfg = dataclasses.replace(cfg, champion_metric=choose_champion_metric(cfg.champion_metric,
-                                                                          seen_in_3d(read_manifest(dataset_dir))))
+    manifest = read_manifest(dataset_dir)
+    cfg = dataclasses.replace(cfg, champion_metric=choose_champion_metric(
+        cfg.champion_metric, seen_in_3d(manifest), dense_instances(dataset_dir, manifest)))
     with step_run("evaluate", cfg.experiment) as run:
         log_config(cfg, chosen_champion_metric=cfg.champion_metric)
         segmenter = load_segmenter(cfg.model_uri)

@@ -48,7 +48,9 @@ def test_auto_champion_metric_scores_cells_in_3d_where_they_are_found_in_3d():
     assert not seen_in_3d(manifest(ISOTROPIC, sparse=True))  # annotated slices hold no 3-D objects
     assert not seen_in_3d({"stacks": []})
     assert choose_champion_metric("auto", seen_in_3d(manifest(ISOTROPIC))) == "object_f1_3d"
+    assert choose_champion_metric("auto", seen_in_3d(manifest(ISOTROPIC)), dense=True) == "rand_fscore_3d"
     assert choose_champion_metric("auto", seen_in_3d(manifest(SECTIONS))) == "object_f1"
+    assert choose_champion_metric("auto", seen_in_3d(manifest(SECTIONS)), dense=True) == "object_f1"
     assert choose_champion_metric("dice", True) == "dice"
     with pytest.raises(InputError, match="champion_metric must be one of auto"):
         resolve(TrainConfig(champion_metric="best"))
@@ -85,7 +87,7 @@ def test_dense_instance_labels_are_told_from_sparse_ones_and_masks(tmp_path):
 
 
 @pytest.mark.parametrize("voxel_size, dense, expected", [
-    (ISOTROPIC, True, (1, "object_f1_3d", True)),  # a FIB-SEM cube of neurons: the dense-tissue recipe
+    (ISOTROPIC, True, (1, "rand_fscore_3d", True)),  # a FIB-SEM cube of neurons: the dense-tissue recipe
     (SECTIONS, True, (0, "object_f1", True)),  # serial sections of dense cells: slices, per-slice objects
     (ISOTROPIC, None, (1, "object_f1_3d", False)),  # an isotropic mask (mitochondria): over the foreground
 ])

@@ -61,6 +61,7 @@ def test_ap_at_50_and_75_by_hand():
     assert s["ap50_3d"] == pytest.approx(0.8341584158) and s["ap75_3d"] == pytest.approx(0.3366336634)
     assert s["object_precision_3d"] == 0.75 and s["object_recall_3d"] == 1.0
     assert s["object_f1_3d"] == pytest.approx(6 / 7)
+    assert s["rand_fscore_3d"] == pytest.approx(1 - s["adapted_rand_error_3d"]) and 0 < s["rand_fscore_3d"] < 1
     assert tuple(s) == tuple(sorted(s, key=METRIC_NAMES_3D.index))  # every name, in the listed order
     assert set(s) == set(METRIC_NAMES_3D)
 

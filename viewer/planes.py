@@ -21,7 +21,8 @@ DASH = 4  # crosshair dash length in display pixels: black and white dashes show
 # 3-D scores (`scoring.summary` keys ending in `_3d`) as the page labels them; others by their name.
 LABELS_3D = {"object_f1_3d": "Object F1", "object_precision_3d": "Object precision",
              "object_recall_3d": "Object recall", "ap50_3d": "AP50", "ap75_3d": "AP75",
-             "adapted_rand_error_3d": "Adapted Rand error", "vi_split_3d": "VI split", "vi_merge_3d": "VI merge"}
+             "adapted_rand_error_3d": "Adapted Rand error", "rand_fscore_3d": "Rand F-score", "vi_split_3d": "VI split",
+             "vi_merge_3d": "VI merge"}
 
 
 def cut(volume, plane: str, point: tuple[int, int, int]) -> np.ndarray:

@@ -301,11 +301,12 @@ def seen_in_3d(manifest: dict, split: str | None = None) -> bool:
 DENSE_COVERAGE = 0.5
 
 
-def dense_instances(dataset_dir: str | Path, manifest: dict, split: str = "train") -> bool:
-    """Whether the artifact's instance labels (of `split`) are dense tissue: cells with ids cover at least
-    `DENSE_COVERAGE` of the voxels. False for masks (no ids)."""
+def dense_instances(dataset_dir: str | Path, manifest: dict, split: str | None = None) -> bool:
+    """Whether the artifact's instance labels (of `split`, or all its stacks: training and evaluate decide
+    alike) are dense tissue: cells with ids cover at least `DENSE_COVERAGE` of the voxels. False for masks
+    (no ids)."""
     covered = total = 0
-    for info in stacks_in(manifest, split):
+    for info in manifest["stacks"] if split is None else stacks_in(manifest, split):
         ids = open_ids(dataset_dir, info)
         if ids is None:
             return False

@@ -8,7 +8,8 @@ across blocks) gives exactly the scores of the whole volume.
 - `adapted_rand_error_3d`, `vi_split_3d`, `vi_merge_3d`: the conventions of
   `emunet.core.metrics.ObjectScorer`: restricted to the true foreground (true id 0 is unlabelled), a true
   voxel in no predicted object is a segment of its own; VI in bits, split = H(pred | truth),
-  merge = H(truth | pred). Lower is better.
+  merge = H(truth | pred). Lower is better. `rand_fscore_3d` is one minus the adapted Rand error (the Rand
+  F-score of SNEMI3D and CREMI), higher is better, so that it can rank models as the champion metric does.
 - `object_precision_3d`, `object_recall_3d`, `object_f1_3d`: 3-D objects matched one to one at
   IoU >= 0.5, greedily by decreasing IoU (as `emunet.core.metrics.match`).
 - `ap50_3d`, `ap75_3d`: average precision as MitoEM defines it (Wei et al. 2020, whose evaluation is
@@ -22,7 +23,7 @@ across blocks) gives exactly the scores of the whole volume.
 
 import numpy as np
 
-METRIC_NAMES_3D = ("adapted_rand_error_3d", "vi_split_3d", "vi_merge_3d", "object_precision_3d",
+METRIC_NAMES_3D = ("adapted_rand_error_3d", "rand_fscore_3d", "vi_split_3d", "vi_merge_3d", "object_precision_3d",
                    "object_recall_3d", "object_f1_3d", "ap50_3d", "ap75_3d")
 MATCH_IOU = 0.5
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # COCO's and MitoEM's
@@ -85,7 +86,7 @@ def segmentation_errors(table: np.ndarray) -> dict[str, float]:
     lone_n = lone[2].astype(np.float64)
     total = n.sum() + lone_n.sum()
     if not total:
-        return {"adapted_rand_error_3d": 0.0, "vi_split_3d": 0.0, "vi_merge_3d": 0.0}
+        return {"adapted_rand_error_3d": 0.0, "rand_fscore_3d": 1.0, "vi_split_3d": 0.0, "vi_merge_3d": 0.0}
     true_ids, where = np.unique(inside[0], return_inverse=True)
     a = np.bincount(where, weights=inside[2].astype(np.float64), minlength=len(true_ids))
     a_found, a_lone = a[where[inside[1] > 0]], a[where[inside[1] == 0]]
@@ -97,7 +98,7 @@ def segmentation_errors(table: np.ndarray) -> dict[str, float]:
     error = 1.0 - same_both / denominator if denominator else 0.0
     split = -(n / total) @ np.log2(n / a_found) + (lone_n / total) @ np.log2(a_lone)
     merge = -(n / total) @ np.log2(n / b[col]) if len(n) else 0.0
-    return {"adapted_rand_error_3d": float(error), "vi_split_3d": float(max(split, 0.0)),
+    return {"adapted_rand_error_3d": float(error), "rand_fscore_3d": float(1.0 - error), "vi_split_3d": float(max(split, 0.0)),
             "vi_merge_3d": float(max(merge, 0.0))}
 
 

@@ -104,16 +104,13 @@ class Validation(keras.callbacks.Callback):
     One exception: a network to be asked about three planes (`planes`) is validated on the xy planes only. Its epochs
     are ranked by the same network's answers at a third of the cost (asking all three planes made an
     epoch on the medulla cube 2.4x as long as the slices' recipe's, against the issue's 2x); evaluate
-    and every later caller average the three planes. And 3-D objects are found over the foreground, also for a
-    model of dense instance labels that will grow them over every voxel (`grow_over_all=auto`): on the
-    medulla cube, epochs so ranked gave the dense step a 3-D adapted Rand error of 0.150, 0.145 and 0.160
-    (bench/volume_cells.py, three runs), epochs ranked by the dense step itself 0.375 (one run, more merges).
+    and every later caller average the three planes.
 
     `backup(state)` is called after each epoch's decisions and before its metrics are logged: a run
     killed in between re-logs them from the backup when it resumes, never twice."""
 
     def __init__(self, dataset_dir, cfg: TrainConfig, val_stacks, images_per_epoch: int, eval_model,
-                 strategy, state: TrainingState, chief: bool = True, backup=None):
+                 strategy, state: TrainingState, chief: bool = True, backup=None, grow_over_all: bool = False):
         super().__init__()
         self.cfg, self.images_per_epoch, self.strategy, self.chief = cfg, images_per_epoch, strategy, chief
         self.state, self.backup = state, backup
@@ -122,7 +119,8 @@ class Validation(keras.callbacks.Callback):
         self.eval_model = eval_model
         self.segmenter = Segmenter(compiled_forward(eval_model), multiple_of(UNetSpec(depth=cfg.depth,
                                                                                      input_scale=cfg.input_scale)),
-                                   context=cfg.context_slices)  # xy planes, objects over the foreground: see above
+                                   context=cfg.context_slices,  # xy planes: see above
+                                   grow_over_all=grow_over_all)  # objects as the model will find them (plan.json)
         self.metric = cfg.champion_metric
         self.began = self.epoch_began = time.monotonic()
         self.spent_before = 0.0

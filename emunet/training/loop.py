@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from emunet.core.dataset import is_sparse, stacks_in
+from emunet.core.dataset import dense_instances, is_sparse, stacks_in
 from emunet.core.losses import get_loss
 from emunet.core.model import UNetSpec, build_unet
 from emunet.registry.tracking import run_exists, step_run
@@ -114,7 +114,8 @@ def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, str
 
     schedule = Schedule(cfg, peak_rate, strategy, state)
     validation = Validation(dataset_dir, cfg, stacks_in(manifest, "val"), cfg.steps_per_epoch * global_batch,
-                            eval_model, strategy, state, chief, backup=save)
+                            eval_model, strategy, state, chief, backup=save,
+                            grow_over_all=dense_instances(dataset_dir, manifest))
     callbacks = [schedule, validation]
     if cfg.freeze_encoder_epochs:
         callbacks.insert(0, FreezeEncoder(cfg.freeze_encoder_epochs))

@@ -134,11 +134,11 @@ def make_plan(cfg: TrainConfig, crop_from_preset: bool, dataset_dir: Path, manif
     cfg, thinnest = choose_scale(cfg, crop_from_preset, dataset_dir, manifest)
     check_sizes(cfg, manifest)
     crops, asked = choose_planes(cfg, manifest)
+    dense = dense_instances(dataset_dir, manifest)
     cfg = dataclasses.replace(cfg, planes=crops, context_slices=choose_context(cfg, manifest),
-                              champion_metric=choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest)))
+                              champion_metric=choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest), dense))
     plan = {"input_scale": cfg.input_scale, "crop_size": cfg.crop_size, "planes": asked, "crop_planes": crops,
-            "context_slices": cfg.context_slices, "champion_metric": cfg.champion_metric,
-            "grow_over_all": dense_instances(dataset_dir, manifest),
+            "context_slices": cfg.context_slices, "champion_metric": cfg.champion_metric, "grow_over_all": dense,
             "multiple_of": multiple_of(UNetSpec(depth=cfg.depth, input_scale=cfg.input_scale)),
             "thinnest_structure_px": None if math.isnan(thinnest) else round(thinnest, 1)}
     return cfg, plan
