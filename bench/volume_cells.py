@@ -11,9 +11,9 @@ change set to background in 3-D, as the voxel size is isotropic; the ids kept fo
   slice and linked through the slices (`instances=2d`): the recipe before issue 23.
 - `3d`: the defaults (every `auto`), which on this isotropic cube of dense instance labels give the volume
   recipe: the neighbouring slices as channels (`context_slices=auto`: 1), trained on the slices and asked
-  about the xy, xz and yz planes (`planes=auto`), the best epoch by 3-D object F1 (`champion_metric=auto`;
-  on the medulla, 87 % of voxels are cell interior: an all-foreground network has a Dice of 0.93 and
-  per-slice objects are often none), objects found in 3-D (`instances=auto`), scored twice: over the
+  about the xy, xz and yz planes (`planes=auto`), the best epoch by the 3-D Rand F-score of the dense step
+  (`champion_metric=auto` for dense instance labels; on the medulla, 87 % of voxels are cell interior: an
+  all-foreground network has a Dice of 0.93 and per-slice objects are often none), objects found in 3-D (`instances=auto`), scored twice: over the
   foreground (cores and dips), and over every voxel (`grow_over_all`: fragments agglomerated by the mean
   probability of their shared surfaces, as connectomics tools label dense tissue), which is what
   `grow_over_all=auto` gives a model of dense instance labels (the line marked "default").
