@@ -109,8 +109,8 @@ def isotropic_training(manifest: dict) -> bool:
 
 # `context_slices=auto` on near-isotropic stacks: the slice above and the slice below. On the medulla cube
 # (isotropic 10 nm, bench/volume_cells.py, 10 min each) the volume recipe with one slice of context gave a
-# 3-D adapted Rand error of 0.145-0.160 against 0.44 for the one-slice network's probabilities through the
-# same 3-D step; on serial sections (ISBI, VNC: 50 nm sections of 4-6 nm pixels) one slice of context lost
+# 3-D adapted Rand error of 0.145-0.207 (four runs) against 0.34-0.51 for the one-slice network's
+# probabilities through the same 3-D step in the same runs; on serial sections (ISBI, VNC: 50 nm sections of 4-6 nm pixels) one slice of context lost
 # Dice and object F1 (bench/time_to_quality.py), so anisotropic data keeps the 2-D network.
 AUTO_CONTEXT_SLICES = 1
 
