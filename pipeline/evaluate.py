@@ -80,11 +80,18 @@ def score(segmenter, dataset_dir: Path, cfg: EvaluateConfig, progress: bool = Tr
     return scores.metrics(), scores.rows, pictures, manifest
 
 
+def champion_for(name: str, dataset_dir: Path, manifest: dict) -> str:
+    """The champion metric `name` stands for on this dataset ("auto" decided as training decides it)."""
+    if name != AUTO:
+        return name
+    return choose_champion_metric(name, seen_in_3d(manifest), dense_instances(dataset_dir, manifest))
+
+
 def check_champion_measurable(dataset_dir: Path, cfg: EvaluateConfig) -> None:
     """Object metrics are scored on fully annotated held-out slices only (sparse labels): refuse, before
     any work, to register by one when the dataset has no such slice."""
     manifest = read_manifest(dataset_dir)
-    metric = choose_champion_metric(cfg.champion_metric, seen_in_3d(manifest), dense_instances(dataset_dir, manifest))
+    metric = champion_for(cfg.champion_metric, dataset_dir, manifest)
     if not cfg.register or metric in PIXEL_CHAMPION_METRICS or not is_sparse(manifest):
         return
     for info in stacks_in(manifest, "val"):
@@ -165,10 +172,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     if not cfg.model_uri:
         raise InputError("no model given: pass model_uri=runs:/<train run id>/model or models:/em-unet/<version>")
     dataset_dir = local_artifact(cfg.dataset_uri, "dataset")
+    cfg = dataclasses.replace(cfg, champion_metric=champion_for(cfg.champion_metric, dataset_dir,
+                                                               read_manifest(dataset_dir)))
     check_champion_measurable(dataset_dir, cfg)
-    manifest = read_manifest(dataset_dir)
-    cfg = dataclasses.replace(cfg, champion_metric=choose_champion_metric(
-        cfg.champion_metric, seen_in_3d(manifest), dense_instances(dataset_dir, manifest)))
     with step_run("evaluate", cfg.experiment) as run:
         log_config(cfg, chosen_champion_metric=cfg.champion_metric)
         segmenter = load_segmenter(cfg.model_uri)

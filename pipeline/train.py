@@ -82,7 +82,8 @@ def train(cfg: TrainConfig, devices: list[str] | None = None) -> dict:
             if source is not None:  # the lineage: evaluate copies it onto the registered version
                 mlflow.set_tags({"init_model": source.lineage, "init_run_id": source.run_id})
         eval_model, fit_model, state = fit(cfg, spec, dataset_dir, manifest, strategy, (per_replica, global_batch),
-                                           peak_rate, policy, backup, run, resumed, chief, cluster, source)
+                                           peak_rate, policy, backup, run, resumed, chief, cluster, source,
+                                           grow_over_all=plan["grow_over_all"])
         result = {"run_id": None, "model_uri": None, "val_dice": state.best_dice, "epochs": state.next_epoch,
                   "model": eval_model, "fit_model": fit_model}
         with tempfile.TemporaryDirectory() as tmp:

@@ -39,7 +39,7 @@ from emunet.inference.outputs import (OBJECT_COLUMNS, check_targets, object_row,
                                       result_files, result_targets, rows_to_csv)
 from emunet.inference.measures import merge_measures
 from emunet.inference.blocks import default_memory_budget
-from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.params import DEFAULTS, GROWS_OVER_ALL_LINE, SegmentParams
 from emunet.inference.segment import Truth, VolumeScores, segment_volume
 
 
@@ -178,8 +178,7 @@ def predict(cfg: PredictConfig) -> dict:
         print(f"network on {forward.engine} in {forward.precision}", flush=True)
         mlflow.set_tags({"engine": forward.engine, "precision": forward.precision})
         if options(cfg).grow_over_all == "auto" and segmenter.grow_over_all:
-            print("3-D objects grow over every voxel, membranes included (the model learnt dense instance labels; "
-                  "grow_over_all=false keeps them to the foreground)", flush=True)
+            print(GROWS_OVER_ALL_LINE, flush=True)
         written, scores = [], VolumeScores(options(cfg).min_object_size)
         where = {"level": cfg.level, "region": cfg.region}
         for i, (path, name, fmt) in enumerate(zip(inputs, names, formats)):

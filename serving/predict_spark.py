@@ -33,9 +33,9 @@ the model and this project's code to them. The driver shows a bar per stage of b
 left), from Spark's status tracker.
 """
 
-import dataclasses
 import contextlib
 import csv
+import dataclasses
 import functools
 import shutil
 import tempfile
@@ -66,7 +66,7 @@ from emunet.inference.blocks import box_slices, default_memory_budget, overlaps_
 from emunet.inference.blocktask import label_in_block, relabel_in_block, slice_areas
 from emunet.inference.outputs import (DTYPES, OBJECT_COLUMNS, check_targets, mask_page, object_row, output_format,
                                       output_names, result_files, result_targets)
-from emunet.inference.params import DEFAULTS, SegmentParams
+from emunet.inference.params import DEFAULTS, GROWS_OVER_ALL_LINE, SegmentParams
 from emunet.inference.preflight import check_results, check_slices_fit
 from emunet.inference.segment import instance_mode
 from emunet.inference.measures import merge_measures
@@ -452,8 +452,7 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
                   "asks all three)", flush=True)
         grows = SegmentParams.from_config(cfg).settled(bool(meta.get("grow_over_all", False))).grow_over_all
         if grows and cfg.grow_over_all == "auto":
-            print("3-D objects grow over every voxel, membranes included (the model learnt dense instance labels; "
-                  "grow_over_all=false keeps them to the foreground)", flush=True)
+            print(GROWS_OVER_ALL_LINE, flush=True)
         cfg = dataclasses.replace(cfg, grow_over_all=str(grows).lower())  # what every task segments with
         mlflow.set_tag("model_run_id", mlflow.models.Model.load(str(model_dir)).run_id or "")
         ours = SparkSession.getActiveSession() is None  # a session we start, we stop; a caller's stays

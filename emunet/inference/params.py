@@ -34,6 +34,11 @@ PARAM_TYPES = {"output": "string", "threshold": "double", "tile_size": "long", "
                "low": "double", "high": "double"}
 
 
+# What predict and Spark print when `grow_over_all=auto` settles true for the model they run.
+GROWS_OVER_ALL_LINE = ("3-D objects grow over every voxel, membranes included (the model learnt dense instance "
+                       "labels; grow_over_all=false keeps them to the foreground)")
+
+
 def _number(name: str, value, whole: bool = False) -> float | int:
     """`value` as a finite float (or a whole int), else an `InputError` naming the parameter."""
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import keras
 import mlflow
 
-from emunet.core.dataset import dense_instances, is_sparse, stacks_in
+from emunet.core.dataset import is_sparse, stacks_in
 from emunet.core.losses import get_loss
 from emunet.core.model import UNetSpec, build_unet
 from emunet.registry.tracking import run_exists, step_run
@@ -81,11 +81,12 @@ def restore(state: TrainingState, weights: Path, model, strategy, run) -> None:
 
 def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, strategy, batches: tuple[int, int],
         peak_rate: float, policy: str, backup: Backup, run, resumed, chief: bool, cluster,
-        source: InitModel | None = None) -> tuple[keras.Model, keras.Model, TrainingState]:
+        source: InitModel | None = None, grow_over_all: bool = False) -> tuple[keras.Model, keras.Model, TrainingState]:
     """Train `spec` on the dataset's training stacks, validating on its held-out ones every epoch.
 
     `batches` is `(per-replica, global)` batch size; `resumed` a loaded backup or None; `source` the model
-    to start from (`emunet.training.finetune`; a resumed run starts from its backup instead). Returns
+    to start from (`emunet.training.finetune`; a resumed run starts from its backup instead);
+    `grow_over_all` how the model will find 3-D objects (the plan's), which validation follows. Returns
     `(eval_model, fit_model, state)`: the float32 model holding the best weights, the model trained
     under the strategy with the last weights, and the final training state."""
     per_replica, global_batch = batches
@@ -115,7 +116,7 @@ def fit(cfg: TrainConfig, spec: UNetSpec, dataset_dir: Path, manifest: dict, str
     schedule = Schedule(cfg, peak_rate, strategy, state)
     validation = Validation(dataset_dir, cfg, stacks_in(manifest, "val"), cfg.steps_per_epoch * global_batch,
                             eval_model, strategy, state, chief, backup=save,
-                            grow_over_all=dense_instances(dataset_dir, manifest))
+                            grow_over_all=grow_over_all)
     callbacks = [schedule, validation]
     if cfg.freeze_encoder_epochs:
         callbacks.insert(0, FreezeEncoder(cfg.freeze_encoder_epochs))
