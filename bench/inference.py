@@ -8,7 +8,9 @@ TF float32 forward of the same weights in batches of 4 (target: >= 3.5x). Then s
 batched inference against a naive loop of `model.predict` one whole slice at a time, on the same model
 in the same run; the time per slice with and without the instance step of `output="labels"` (all that
 the pyfunc does after the network: the one path's masks, seeded watershed, linking through the slices,
-the ids stacked); then the peak resident memory of the `predict` entry point on a large synthetic stack.
+the ids stacked; the slices labelled in threads, as served, and one at a time in this thread, as before;
+and the network and the step together in the served order, sharing the CPUs); then the peak resident
+memory of the `predict` entry point on a large synthetic stack.
 
 The instance step's cost depends on what it is given: a fresh network's probabilities are a haze around
 0.5 with no structure, so it is also timed on probability maps shaped like a trained model's, the
@@ -23,7 +25,12 @@ the instance step on the blurred labels +20.9, +15.5 and +17.7 % of inference at
 one-thread step; quiet, the network ran such a slice in 98 ms). Target (at most +20 %) met in two of the
 three runs at 512, in all at 1024. On a fresh network's probabilities the step depends on what its
 random weights give: +4.8 to +114 % (a haze with cores everywhere floods most of the slice, the
-watershed's time, as before).
+watershed's time, as before). Then the slices labelled (and their links counted) in threads, two on the
+2 cores (load 1.7-1.8, a neighbour slowing the network to 68 ms a slice against 28 ms on a quiet
+machine the same hour): ISBI's blurred labels 17.0 ms a slice against 23.8 one at a time (1.4x), +25.1 %
+of inference alone, +22.4 % for network and step in the served order; VNC 42.0 against 42.5 ms (sparse
+slices: little to share), +10.9 %. On the quiet machine, one at a time: 12.4 ms against 27.8 ms
+(+44.7 %): the faster the network, the larger the share; target **not met** there.
 
     python bench/inference.py                        # ISBI 30 x 512 x 512, VNC 20 x 1024 x 1024, 200 x 2048 x 2048
     python bench/inference.py --memory_slices 20     # a shorter memory run
@@ -57,6 +64,7 @@ from emunet.core.hardware import BF16_FLAGS, cpu_features, cpu_model  # noqa: E4
 from emunet.core.model import UNetSpec, build_unet, spec_of  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
+from emunet.inference.instances import SliceLinker, iter_slice_instances  # noqa: E402
 from emunet.inference.params import DEFAULTS  # noqa: E402
 from emunet.inference.segment import segment_probabilities  # noqa: E402
 from emunet.inference.engines import OpenVINOForward, TensorFlowForward, cpu_count, make_forward  # noqa: E402
@@ -73,11 +81,19 @@ def naive(model, stack, low, high):
     return np.stack([model.predict(normalize(s, low, high)[None, ..., None], verbose=0)[0, ..., 0] for s in stack])
 
 
-def served_labels(probs: np.ndarray) -> np.ndarray:
+def served_labels(probs) -> np.ndarray:
     """The instance step as the pyfunc's `output="labels"` runs it after the network, on `(Z, H, W)`
-    probabilities: the one path's masks, objects of each slice (`slice_instances`) and their ids through
+    probabilities (or the slices' maps as they come): the one path's masks, objects of each slice (`slice_instances`) and their ids through
     the slices (`SliceLinker`), with the default parameters, stacked as the pyfunc returns them."""
     return np.stack([r.ids for r in segment_probabilities(probs, DEFAULTS)], dtype=np.int32)
+
+
+def one_at_a_time(probs: np.ndarray) -> np.ndarray:
+    """`served_labels`' ids with each slice labelled and linked in turn in this thread (`workers=1`)."""
+    linker = SliceLinker()
+    return np.stack([linker.ids(objects, counts) for _, objects, counts in
+                     iter_slice_instances(probs, DEFAULTS.threshold, DEFAULTS.seed_threshold,
+                                          DEFAULTS.min_object_size, DEFAULTS.seed_depth, workers=1)], dtype=np.int32)
 
 
 def timed(fn, *args, repeat=2):
@@ -116,14 +132,25 @@ def speed(model, spec, naive_too: bool = True):
                                                for t in tifffile.imread(LABELS[name])[:n]])
         # The step against inference timed in turns (`round_robin`), so that a busy moment of a shared
         # machine does not fall on one of them only: the instance step runs on one core, the network on all.
-        jobs = {"inference": lambda: predict_probabilities(forward, stack, low, high, multiple=2**spec.depth),
-                **{what: (lambda p=prob: served_labels(p)) for what, prob in maps.items()}}
+        network = lambda: iter_probabilities(forward, stack, low, high, multiple=2**spec.depth)  # noqa: E731
+        jobs = {"inference": lambda: np.stack(list(network())),
+                **{what: (lambda p=prob: served_labels(p)) for what, prob in maps.items()},
+                # The served order: each slice's objects found as the network hands it over (the step's
+                # threads and the network's share the CPUs), the maps given in place of the network's.
+                **{f"whole path on {what}": (lambda p=prob: served_labels(q for _, q in zip(network(), p)))
+                   for what, prob in maps.items()},
+                **{f"one at a time on {what}": (lambda p=prob: one_at_a_time(p)) for what, prob in maps.items()}}
         times, outputs = round_robin(jobs, rounds=3)
+        inference = times["inference"]
         for what in maps:
-            step, inference = times[what], times["inference"]
+            step, whole = times[what], times[f"whole path on {what}"]
             print(f"{name}: instance step on {what}: {1000 * step / n:.1f} ms a slice against "
                   f"{1000 * inference / n:.1f} ms of inference: +{100 * step / inference:.1f} % "
-                  f"({int(outputs[what].max())} objects; target: at most +20 %)", flush=True)
+                  f"({int(outputs[what].max())} objects; target: at most +20 %); network and step in the served "
+                  f"order {1000 * whole / n:.1f} ms a slice: {100 * (whole - inference) / inference:+.1f} %; the step "
+                  f"one slice at a time (as before issue 24's threads) {1000 * times[f'one at a time on {what}'] / n:.1f} "
+                  f"ms a slice", flush=True)
+            assert np.array_equal(outputs[f"one at a time on {what}"], outputs[what])
 
 
 def memory(model, slices: int):

@@ -3,7 +3,7 @@
 import numpy as np
 
 from emunet.core.metrics import ObjectScorer
-from emunet.inference.instances import SliceLinker, label_instances, slice_instances
+from emunet.inference.instances import SliceLinker, iter_slice_instances, label_instances, slice_instances
 from emunet.inference.params import DEFAULTS
 from emunet.inference.segment import Truth, score_volume, segment_probabilities
 
@@ -260,7 +260,50 @@ def fast_and_plain_agree(probs):
         linker = SliceLinker()
         linked = np.stack([linker.ids(labels) for labels in fast])
         assert np.array_equal(linked, plain_links(fast))
+        for workers in (1, 2, 3):  # the served order: slices labelled and their links counted in threads
+            served, linker = [], SliceLinker()
+            for prob, objects, counts in iter_slice_instances(iter(probs), threshold, seeds, min_size, depth,
+                                                              workers=workers):
+                served.append((prob, objects, linker.ids(objects, counts)))
+            assert all(np.array_equal(p, q) for (p, _, _), q in zip(served, probs))
+            assert np.array_equal(np.stack([o for _, o, _ in served]), np.stack(fast))
+            assert np.array_equal(np.stack([i for _, _, i in served]), linked)
         yield fast, linked
+
+
+def test_slices_labelled_in_threads_hand_over_a_failure_and_stop_when_the_caller_stops(monkeypatch):
+    """A slice that fails fails the iteration with its own error (the next slice's job, which waits for
+    its objects, does not hang); a caller that stops early stops the threads; slices too large to label
+    several at once are labelled one at a time, in the caller's thread."""
+    import threading
+
+    from emunet.inference import instances
+
+    good = np.zeros((8, 8), np.float32)
+    good[2:6, 2:6] = 0.95
+    maps = iter([good, good, np.zeros((2, 8, 8), np.float32), good, good])  # the third is not a slice
+    found = []
+    try:
+        for _, objects, _ in iter_slice_instances(maps, workers=2):
+            found.append(objects)
+        raise AssertionError("a 3-D map went through")
+    except Exception as error:  # noqa: BLE001 (whatever OpenCV says of a 3-D map, it is its own error)
+        assert not isinstance(error, AssertionError), error
+    assert len(found) == 2
+    stream = iter_slice_instances(iter([good] * 50), workers=2)
+    next(stream)
+    stream.close()  # the pool is shut down: no thread of it is left
+    assert not [t for t in threading.enumerate() if t.name.startswith("slice-instances")]
+    threads = set()
+    plain = instances.slice_instances
+    monkeypatch.setattr(instances, "slice_instances",
+                        lambda *a: threads.add(threading.current_thread().name) or plain(*a))
+    large = np.zeros((1, instances.PARALLEL_PIXELS // 2 + 1), np.float32)
+    assert len(list(iter_slice_instances([large, large], workers=2))) == 2
+    assert threads == {threading.current_thread().name}
+    threads.clear()
+    list(iter_slice_instances([good] * 4, workers=2))
+    assert threads and all(name.startswith("slice-instances") for name in threads)
 
 
 def test_the_instance_step_gives_the_labels_of_the_plain_reference_on_real_isbi_slices():

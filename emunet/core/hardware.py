@@ -11,6 +11,7 @@ Nothing here imports TensorFlow: reading /proc/cpuinfo must stay cheap, and whet
 the caller's question (`gpu=`), answered by whichever framework it already runs.
 """
 
+import os
 from pathlib import Path
 
 from emunet.core.errors import InputError
@@ -72,3 +73,11 @@ def resolve_precision(choice: str = "auto", features=None, gpu: bool = False) ->
     if gpu:
         return "mixed_float16"
     return "bfloat16" if has_bf16_units(features) else "float32"
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity, which a container or `taskset` narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

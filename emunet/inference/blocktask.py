@@ -16,7 +16,7 @@ float32 numbers (a tile is computed in a batch of the same size, filled with cop
 not need the rest of that batch, so a compiled network rounds it as in the whole slice).
 
 Objects: each block labels its read box with the halo of `blockplan.halo_for`. 3-D: `volume_instances`.
-2-D (`label_slices`): `slice_instances` per slice, NOT linked here: linking in the block would decide
+2-D (`label_slices`): `slice_instances` per slice (`iter_slice_instances`), NOT linked here: linking in the block would decide
 links from objects its read box cuts off, and a cell longer than a block would be linked otherwise
 than in the whole volume. Instead the block counts, in its core's columns only (the cores tile every
 slice), each object's pixels and first pixel, and the pixels each object shares with each object of the
@@ -38,7 +38,7 @@ from emunet.core.normalize import normalize
 from emunet.inference.blockplan import tile_region
 from emunet.inference.blocks import Block, Box, Overlap, core_of, overlap_slabs, read_box
 from emunet.inference.context import context_indices
-from emunet.inference.instances import first_pixels, overlap_counts, slice_instances
+from emunet.inference.instances import first_pixels, iter_slice_instances, overlap_counts
 from emunet.inference.instances3d import volume_instances
 from emunet.inference.params import SegmentParams
 from emunet.inference.measures import MeasurePartial, block_measures
@@ -140,9 +140,9 @@ def label_slices(prob: np.ndarray, params: SegmentParams, block: Block, width: i
     labels = np.zeros(prob.shape, np.int32)
     objects, links, offset, previous = [], [], 0, None
     core_z = block.core_in_read[0]
-    for k, plane in enumerate(prob):
-        found = slice_instances(plane, params.threshold, params.seed_threshold, params.min_object_size,
-                                params.seed_depth)
+    found_in_slices = iter_slice_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
+                                           params.seed_depth, link=False)
+    for k, (_, found, _) in enumerate(found_in_slices):
         count = int(found.max(initial=0))
         rows, pairs, previous = _slice_tables(found, count, offset, block.read[0][0] + k,
                                               core_z.start <= k < core_z.stop, block, width, previous)

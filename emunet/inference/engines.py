@@ -26,14 +26,13 @@ TensorFlow + XLA a folded copy ran 0.94x and 1.12x as fast at 512 and 1024 (benc
 
 import importlib.util
 import logging
-import os
 import threading
 from typing import Protocol
 
 import numpy as np
 
 from emunet.core.errors import InputError
-from emunet.core.hardware import resolve_precision
+from emunet.core.hardware import cpu_count, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,6 @@ def gpu_visible() -> bool:
 
 def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
-
-
-def cpu_count() -> int:
-    """CPUs this process may run on (its affinity, which a container or `taskset` narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_engine(engine: str = "auto", gpu: bool | None = None) -> str:

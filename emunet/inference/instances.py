@@ -14,12 +14,22 @@ Through the slices (anisotropic stacks: sections much thicker than pixels), an o
 object of the slice before that it overlaps most, when that one overlaps it most too and their overlap
 is at least `LINK_OVERLAP` of the smaller: one-to-one links, so ids can be given as slices come and a
 cell that divides or two that meet never fuse into one id.
+
+A stack's slices are labelled, and their overlaps with the slice before counted, several at once in
+threads (`iter_slice_instances`); only the ids are given out in order, one slice after the other.
 """
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
 
 import cv2
 import numpy as np
 from skimage.segmentation import watershed
 
+from emunet.core.hardware import cpu_count
 from emunet.core.objects import components
 from emunet.inference.dips import merge_roots
 
@@ -29,6 +39,10 @@ DEFAULT_SEED_THRESHOLD = 0.9  # cores the U-Net is sure of; a quarter of the way
 # 0.005 of the best of each (0.2 lost 0.05 on synthetic cells, 0 over-split ISBI and VNC by 0.03-0.12).
 SEED_DEPTH = 0.1
 LINK_OVERLAP = 0.5  # shared pixels / pixels of the smaller object, for the same cell in the next slice
+# Pixels of the slices whose objects are found at once, in threads (`iter_slice_instances`): each holds
+# about 40 bytes a pixel while it is labelled, so 2^23 pixels keep them within ~0.3 GB, what one slice of
+# 2896 x 2896 costs alone; slices larger than half of it are found one at a time.
+PARALLEL_PIXELS = 1 << 23
 
 
 def _box(mask: np.ndarray) -> tuple[slice, ...]:
@@ -101,6 +115,57 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
     return np.take(renumbered[new_ids], labels)
 
 
+def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
+                         seed_threshold: float = DEFAULT_SEED_THRESHOLD, min_size: int = 0,
+                         depth: float = SEED_DEPTH, link: bool = True, workers: int | None = None
+                         ) -> Iterator[tuple[np.ndarray, np.ndarray, "LinkCounts | None"]]:
+    """`(prob, objects, counts)` for each `(H, W)` map of `probs`, in order: the map as float32, its
+    objects (`slice_instances`) and, with `link`, what `SliceLinker.ids` needs to link them to the slice
+    before (`link_counts`; else None). Both depend on one or two slices' objects only, so `workers`
+    slices (default: the process's CPUs, as many as `PARALLEL_PIXELS` allows) are done at once in
+    threads (OpenCV's labelling, scikit-image's flood and NumPy's passes let go of the GIL), while the
+    caller gives out the ids of the slice before, which only it can."""
+    probs = iter(probs)
+    first = next(probs, None)
+    if first is None:
+        return
+    maps = (np.asarray(p, np.float32) for p in chain([first], probs))
+    workers = cpu_count() if workers is None else workers
+    workers = max(1, min(workers, PARALLEL_PIXELS // max(np.asarray(first).size, 1)))
+
+    def job(prob: np.ndarray, before: Future | None, mine: Future) -> tuple:
+        try:
+            objects = slice_instances(prob, threshold, seed_threshold, min_size, depth)
+        except BaseException as error:  # the next slice's job waits for these objects: it fails alike
+            mine.set_exception(error)
+            raise
+        mine.set_result(objects)
+        previous = None if before is None else before.result()
+        return prob, objects, link_counts(objects, previous) if link else None
+
+    before = None
+    if workers == 1:
+        for prob in maps:
+            mine: Future = Future()
+            yield job(prob, before, mine)
+            before = mine
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="slice-instances") as pool:
+        pending: deque = deque()
+        try:
+            for prob in maps:
+                mine = Future()
+                pending.append(pool.submit(job, prob, before, mine))
+                before = mine
+                if len(pending) > workers:  # one slice ready to hand over, `workers` being labelled
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # the caller stopped early or a slice failed: what was not started is not started (a
+            for task in pending:  # job waits for the one before it only, and that one started first)
+                task.cancel()
+
+
 # The overlaps of two slices' objects are counted in a table of (new x old labels) cells, at most as many
 # as the slice's pixels or this many (a few MB): over a slice of thousands of objects, by sorting instead.
 PAIR_TABLE_MIN = 1 << 16
@@ -137,6 +202,30 @@ def one_to_one(new, old, shared, area_new, area_old, key_new, key_old) -> np.nda
     return best & (shared >= LINK_OVERLAP * np.minimum(area_new, area_old))
 
 
+@dataclass
+class LinkCounts:
+    """What linking a slice's objects to the slice before needs, counted from the two slices' objects
+    alone (`link_counts`): `count` objects, their first pixels `key` and pixels `area` (`(count + 1,)`
+    int64, label 0's area 0), and `pairs` `(new, old, shared)`, the overlaps with the slice before's
+    objects (`overlap_counts`; None for a first slice or one without objects)."""
+
+    count: int
+    key: np.ndarray
+    area: np.ndarray
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+
+
+def link_counts(labels: np.ndarray, previous: np.ndarray | None) -> LinkCounts:
+    """`LinkCounts` of a slice's objects `labels` against the slice before's objects `previous` (None:
+    the first slice)."""
+    count = int(labels.max(initial=0))
+    key = first_pixels(labels, count)
+    if previous is None or not count:
+        return LinkCounts(count, key, _sizes(labels, count + 1), None)
+    pairs, area = overlap_counts(labels, previous, int(previous.max(initial=0)) + 1, count + 1)
+    return LinkCounts(count, key, area, pairs)
+
+
 class SliceLinker:
     """Gives the objects of consecutive slices their 3-D ids as slices come: `ids(labels)` maps a slice's
     per-slice labels to stack-wide ids, continuing an object of the previous slice where `one_to_one`
@@ -147,20 +236,22 @@ class SliceLinker:
         self.previous: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
         self.next_id = 1
 
-    def ids(self, labels: np.ndarray) -> np.ndarray:
+    def ids(self, labels: np.ndarray, counts: LinkCounts | None = None) -> np.ndarray:
+        """The slice's stack-wide ids; `counts`, when given, are `link_counts(labels, the slice before's
+        labels)` counted beforehand (`iter_slice_instances`)."""
         labels = np.array(labels, copy=True)  # kept for the next slice: the caller may reuse its array
-        count = int(labels.max(initial=0))
-        key = first_pixels(labels, count)
+        if counts is None:
+            counts = link_counts(labels, None if self.previous is None else self.previous[0])
+        count, key, area = counts.count, counts.key, counts.area
         mapping = np.zeros(count + 1, np.int64)
-        if self.previous is not None and count:
-            previous, area_old, key_old, old_ids = self.previous
-            (new, old, shared), area = overlap_counts(labels, previous, len(area_old), count + 1)  # and areas
+        if counts.pairs is not None:
+            _, area_old, key_old, old_ids = self.previous
+            new, old, shared = counts.pairs
             linked = one_to_one(new, old, shared, area[new], area_old[old], key[new], key_old[old])
             mapping[new[linked]] = old_ids[old[linked]]
-        else:
-            area = _sizes(labels, count + 1)  # (label 0: not counted)
-        for i in np.flatnonzero((area[1:] > 0) & (mapping[1:] == 0)) + 1:
-            mapping[i], self.next_id = self.next_id, self.next_id + 1
+        fresh = np.flatnonzero((area[1:] > 0) & (mapping[1:] == 0)) + 1  # new ids in label order
+        mapping[fresh] = self.next_id + np.arange(len(fresh))
+        self.next_id += len(fresh)
         self.previous = (labels, area, key, mapping)
         return np.take(mapping, labels)  # half the time of mapping[labels]
 
@@ -204,4 +295,6 @@ def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAU
     objects of each slice (`slice_instances`) linked through the slices. Returns `(Z, H, W)` int32 ids
     1..N, numbered as they first appear."""
     linker = SliceLinker()
-    return np.stack([linker.ids(slice_instances(p, threshold, seed_threshold, min_size)) for p in probs], dtype=np.int32)
+    return np.stack([linker.ids(objects, counts)
+                     for _, objects, counts in iter_slice_instances(probs, threshold, seed_threshold, min_size)],
+                    dtype=np.int32)

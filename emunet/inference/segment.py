@@ -28,7 +28,7 @@ from emunet.core.metrics import (UNMEASURED_OBJECTS, ObjectScorer, confusion, me
 from emunet.core.metrics3d import METRIC_NAMES_3D, VolumeScorer
 from emunet.core.normalize import stack_stats
 from emunet.core.objects import sizes, truth_objects
-from emunet.inference.instances import SliceLinker, slice_instances
+from emunet.inference.instances import SliceLinker, iter_slice_instances
 from emunet.inference.instances3d import volume_instances
 from emunet.inference.ortho import MIN_ORTHO_SLICES, ortho_probabilities
 from emunet.inference.params import DEFAULTS, SegmentParams
@@ -222,11 +222,9 @@ def _objects_3d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[
 def _objects_2d(probs: Iterable[np.ndarray], params: SegmentParams) -> Iterator[tuple]:
     """`(prob, mask, objects, ids)` of each slice: objects found in the slice, linked through the slices."""
     linker = SliceLinker()
-    for prob in probs:
-        prob = np.asarray(prob, np.float32)
-        objects = slice_instances(prob, params.threshold, params.seed_threshold, params.min_object_size,
-                                  params.seed_depth)
-        yield prob, prob >= params.threshold, objects, linker.ids(objects)
+    for prob, objects, counts in iter_slice_instances(probs, params.threshold, params.seed_threshold,
+                                                      params.min_object_size, params.seed_depth):
+        yield prob, prob >= params.threshold, objects, linker.ids(objects, counts)
 
 
 def segment_probabilities(probs: Iterable[np.ndarray], params: SegmentParams, truth: Truth | None = None,
