@@ -269,3 +269,38 @@ def test_a_25d_networks_channels_are_each_slice_with_its_mirrored_neighbours():
     assert tiles.shape == (4, 40, 40, 5)  # slices 0-3 make one batch in the whole volume: filled with copies
     for z in (0, 1):
         np.testing.assert_allclose(tiles[z], context_stack(volume, z, 2) / 255.0, atol=1e-6)
+
+
+def test_a_block_holds_no_more_than_its_planned_bytes_and_its_tiles_for_one_pass_only():
+    """The first pass on a block (probabilities by the whole slices' tiles, objects of each slice, their
+    tables) measured by tracemalloc, which counts NumPy's arrays: its peak stays within `block_bytes`, and
+    a block eight times deeper holds its tile region (here many times its read box: large tiles, a small
+    block) for one forward pass's slices still (one slice a pass here), so its peak grows by what each
+    slice keeps (`KEPT_BYTES_PER_VOXEL`), not by its tiles."""
+    import tracemalloc
+
+    from emunet.inference.blockplan import KEPT_BYTES_PER_VOXEL
+    from emunet.inference.blocks import overlaps_by_block, plan_overlaps
+    from emunet.inference.blocktask import label_in_block
+
+    shape, params = (40, 256, 256), SegmentParams(tile_size=128, batch_size=4, min_object_size=5, instances="2d")
+    rng = np.random.default_rng(0)
+    volume = (ndimage.gaussian_filter(rng.random(shape), (0, 4, 4)) * 255 * 4).clip(0, 255).astype(np.uint8)
+    peaks = {}
+    for depth in (4, 32):
+        blocks, tiles = plan_for(shape, params, multiple=16, block=(depth, 32, 32), halo=(1, 8, 8))
+        overlaps = plan_overlaps(blocks)
+        n = next(i for i, b in enumerate(blocks) if b.core == ((0, depth), (96, 128), (96, 128)))  # inner in y, x
+        block = blocks[n]
+        assert tiles.slices_per_pass == 1
+        tracemalloc.start()
+        # The image itself as the probabilities: a network whose own memory (the engine's) is nil.
+        part = label_in_block(lambda batch: batch[..., :1], volume, tiles, 0.0, 255.0, block, params, "2d", overlaps,
+                              overlaps_by_block(overlaps).get(n, []))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert part.labels.max() > 0
+        assert peak <= block_bytes(block, tiles), (depth, peak, block_bytes(block, tiles))
+        peaks[depth] = (peak, int(np.prod([b - a for a, b in block.read])))
+    (small, small_read), (large, large_read) = peaks[4], peaks[32]
+    assert large - small <= KEPT_BYTES_PER_VOXEL * (large_read - small_read), peaks

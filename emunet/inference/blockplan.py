@@ -5,27 +5,37 @@ A block reads its core plus a label halo of `HALO_YX` pixels in y and x (about a
 labelling sees the cell across a face as the whole slice does) and of one slice in z (2-D objects: the
 block counts the pixels its first slice shares with the slice before, `blocktask.label_slices`) or
 `HALO_YX` slices (3-D objects); its
-probabilities come from the whole slice's tiles that touch the read box (`blocktask.block_probabilities`),
-so its memory is that of its read box and of its tile region (`block_bytes`).
+probabilities come from the whole slice's tiles that touch the read box (`blocktask.block_probabilities`,
+one forward pass's slices at a time), so its memory is what its read box keeps, the slices it labels at
+once and its tile region for one pass (`block_bytes`): whole slices stay whole blocks as long as that
+fits, and then no tile is run twice and no object is cut in y or x.
 """
 
 import numpy as np
 
 from emunet.inference.blocks import (MIN_YX, Block, block_shape_for_memory, box_shape, default_memory_budget,
                                      plan_blocks)
+from emunet.inference.instances import labelled_at_once
 from emunet.inference.params import SegmentParams
 from emunet.inference.segment import BYTES_PER_VOXEL_3D, instance_mode
 from emunet.inference.tiling import TilePlan, plan_tiles
 
 HALO_YX = 64  # label halo in y and x: about a cell radius (see the module)
-# Bytes a pixel of a block's read box holds while it is labelled: its probabilities (4) and the
+# Bytes a pixel of a block's read box holds while its slice is labelled: its probabilities (4) and the
 # labelling's temporaries (foreground, components, seeds, flood priorities, the watershed's ids, the
-# linker's int64 ids: about 40).
+# linker's int64 ids: about 40). `instances.labelled_at_once` slices are labelled at once.
 BYTES_PER_PIXEL = 48
+# Bytes every voxel of a block's read box holds until the block is done: its probabilities and its
+# objects' ids (4 each), their cores' copies where the core is not a contiguous part of the read box (8),
+# the overlaps' labels and the objects' tables (measured: 18.7 in all, tests/test_blockwise.py).
+KEPT_BYTES_PER_VOXEL = 20
 # Bytes a pixel of the block's tile region (the read box plus the tiles around it) holds while its
-# probabilities are made: the raw image (up to 4), normalised (4), blended sums (4) and weights (4).
+# probabilities are made, for the slices of one forward pass (`TilePlan.slices_per_pass`): the raw
+# image (up to 4), normalised (4), blended sums (4) and weights (4).
 TILE_BYTES_PER_PIXEL = 16
-
+# Bytes a pixel of a batch of tiles holds on its way through the network: the tiles stacked (4) and the
+# probabilities that come back (4); the network's own activations are the engine's.
+BATCH_BYTES_PER_PIXEL = 8
 
 
 def _tile_rows(plan: TilePlan, start: int, stop: int, axis: int) -> list[int]:
@@ -45,19 +55,26 @@ def halo_for(mode: str) -> tuple[int, int, int]:
     return (HALO_YX if mode == "3d" else 1, HALO_YX, HALO_YX)
 
 
-def block_bytes(block: Block, tiles: TilePlan) -> int:
-    """Bytes segmenting `block` holds: `TILE_BYTES_PER_PIXEL` of its tile region and `BYTES_PER_PIXEL` of
-    its read box, for each slice it reads."""
+def block_bytes(block: Block, tiles: TilePlan, mode: str = "2d") -> int:
+    """Bytes segmenting `block` holds at most: `TILE_BYTES_PER_PIXEL` of its tile region for a pass's
+    slices (`blocktask.block_probabilities` goes pass by pass), a batch of tiles and, for "2d" objects,
+    `KEPT_BYTES_PER_VOXEL` of its read box and `BYTES_PER_PIXEL` of the slices labelled at once; for
+    "3d" objects, `segment.BYTES_PER_VOXEL_3D` of its read box (the 3-D labelling holds all of it)."""
     (y0, y1), (x0, x1) = tile_region(tiles, block.read[1:])
-    depth, height, width = box_shape(block.read)
-    return int(depth) * ((y1 - y0) * (x1 - x0) * TILE_BYTES_PER_PIXEL + height * width * BYTES_PER_PIXEL)
+    depth, height, width = (int(n) for n in box_shape(block.read))
+    making = (min(depth, tiles.slices_per_pass) * (y1 - y0) * (x1 - x0) * TILE_BYTES_PER_PIXEL
+              + tiles.batch * tiles.tile_h * tiles.tile_w * BATCH_BYTES_PER_PIXEL)
+    if mode == "3d":
+        return making + depth * height * width * BYTES_PER_VOXEL_3D
+    at_once = min(depth, labelled_at_once(height * width))
+    return making + height * width * (depth * KEPT_BYTES_PER_VOXEL + at_once * BYTES_PER_PIXEL)
 
 
-def smallest_block_bytes(shape, tiles: TilePlan, halo, chunks=None) -> int:
+def smallest_block_bytes(shape, tiles: TilePlan, halo, chunks=None, mode: str = "2d") -> int:
     """Bytes (`block_bytes`) of the smallest block a `(Z, H, W)` volume can go by: one slice (or z chunk)
     deep, `MIN_YX` pixels (or one chunk) a side, read with `halo` (an inner block: halos on all sides)."""
     blocks = plan_blocks(shape, (1, min(MIN_YX, shape[1]), min(MIN_YX, shape[2])), halo, chunks)
-    return block_bytes(blocks[len(blocks) // 2], tiles)
+    return block_bytes(blocks[len(blocks) // 2], tiles, mode)
 
 
 def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None = None, block=None,
@@ -73,16 +90,19 @@ def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None =
         return plan_blocks(shape, block, halo, chunks), tiles
     budget = default_memory_budget() if budget is None else budget
     share = float(budget)
+    # A first guess by what every read voxel holds (the slices being labelled and the pass's tiles come
+    # on top), made smaller until `block_bytes` fits.
+    per_voxel = BYTES_PER_VOXEL_3D if mode == "3d" else KEPT_BYTES_PER_VOXEL
     while True:
         try:
-            block = block_shape_for_memory(shape, BYTES_PER_PIXEL, share, halo, chunks)
+            block = block_shape_for_memory(shape, per_voxel, share, halo, chunks)
         except ValueError:
-            smallest = smallest_block_bytes(shape, tiles, halo, chunks)
+            smallest = smallest_block_bytes(shape, tiles, halo, chunks, mode)
             raise ValueError(f"blocks of a volume of {shape} need at least {smallest / 2**20:.0f} "
                              f"MiB (a {MIN_YX}-pixel block, or one chunk, with its halo and its tiles) but the memory budget is "
                              f"{budget / 2**20:.0f} MiB") from None
         blocks = plan_blocks(shape, block, halo, chunks)
-        if max(block_bytes(b, tiles) for b in blocks) <= budget:
+        if max(block_bytes(b, tiles, mode) for b in blocks) <= budget:
             return blocks, tiles
         share *= 0.9
 

@@ -85,31 +85,37 @@ def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float
     depth = volume.shape[0] if depth is None else depth
     predict = with_tta(forward, tta)
     (ty0, ty1), (tx0, tx1) = tile_region(plan, (ys, xs))
-    image = _channels(volume, z0, z1, (ty0, min(ty1, height)), (tx0, min(tx1, width)), context, low, high)
-    # Past the slice's end only when the slice is smaller than a tile: then the region is the whole axis.
-    image = np.stack([mirror_pad(image[..., c], ty1 - ty0, tx1 - tx0) for c in range(image.shape[-1])], axis=-1)
     window = gaussian_window(plan.tile_h, plan.tile_w)
     tiles = [(i, y, x) for i, (y, x) in enumerate(plan.boxes)
              if y < ys[1] and y + plan.tile_h > ys[0] and x < xs[1] and x + plan.tile_w > xs[0]]
-    weight = np.zeros(image.shape[1:3], np.float32)
+    weight = np.zeros((ty1 - ty0, tx1 - tx0), np.float32)
     for _, y, x in tiles:
         weight[y - ty0:y - ty0 + plan.tile_h, x - tx0:x - tx0 + plan.tile_w] += window
-    sums = np.zeros(image.shape[:3], np.float32)
-    where = _batch_sizes(plan, depth)
-    groups: dict[tuple, list] = {}
-    for k in range(z1 - z0):
-        for i, y, x in tiles:
-            key, size = where(z0 + k, i)
-            groups.setdefault(key, [size]).append((k, y - ty0, x - tx0))
-    for size, *jobs in groups.values():
-        batch = [image[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in jobs]
-        batch += [batch[0]] * (size - len(batch))  # the whole slice's batch size, filled with copies
-        probs = np.asarray(predict(np.stack(batch)), np.float32)[..., 0]
-        for (k, y, x), p in zip(jobs, probs):
-            sums[k, y:y + plan.tile_h, x:x + plan.tile_w] += p * window
-    del image
     crop = (slice(None), slice(ys[0] - ty0, ys[1] - ty0), slice(xs[0] - tx0, xs[1] - tx0))
-    return sums[crop] / weight[crop[1:]]
+    out = np.empty((z1 - z0, ys[1] - ys[0], xs[1] - xs[0]), np.float32)
+    where = _batch_sizes(plan, depth)
+    per_pass = plan.slices_per_pass
+    # One of the whole volume's passes at a time (a batch never spans two): the tile region's image and
+    # sums are held for a pass's slices only, the block's probabilities for all its slices.
+    for first in range(z0 - z0 % per_pass, z1, per_pass):
+        a, b = max(z0, first), min(z1, first + per_pass)
+        image = _channels(volume, a, b, (ty0, min(ty1, height)), (tx0, min(tx1, width)), context, low, high)
+        # Past the slice's end only when the slice is smaller than a tile: then the region is the whole axis.
+        image = np.stack([mirror_pad(image[..., c], ty1 - ty0, tx1 - tx0) for c in range(image.shape[-1])], axis=-1)
+        sums = np.zeros(image.shape[:3], np.float32)
+        groups: dict[tuple, list] = {}
+        for z in range(a, b):
+            for i, y, x in tiles:
+                key, size = where(z, i)
+                groups.setdefault(key, [size]).append((z - a, y - ty0, x - tx0))
+        for size, *jobs in groups.values():
+            batch = [image[k, y:y + plan.tile_h, x:x + plan.tile_w] for k, y, x in jobs]
+            batch += [batch[0]] * (size - len(batch))  # the whole slice's batch size, filled with copies
+            probs = np.asarray(predict(np.stack(batch)), np.float32)[..., 0]
+            for (k, y, x), p in zip(jobs, probs):
+                sums[k, y:y + plan.tile_h, x:x + plan.tile_w] += p * window
+        out[a - z0:b - z0] = sums[crop] / weight[crop[1:]]
+    return out
 
 
 def _slice_tables(objects: np.ndarray, count: int, offset: int, z: int, in_core: bool, block: Block, width: int,

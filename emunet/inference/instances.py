@@ -115,6 +115,13 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
     return np.take(renumbered[new_ids], labels)
 
 
+def labelled_at_once(pixels: int, workers: int | None = None) -> int:
+    """Slices of `pixels` pixels that `iter_slice_instances` labels at once with `workers` threads
+    (default: the process's CPUs): no more than `PARALLEL_PIXELS` pixels together, one slice at least."""
+    workers = cpu_count() if workers is None else workers
+    return max(1, min(workers, PARALLEL_PIXELS // max(int(pixels), 1)))
+
+
 def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
                          seed_threshold: float = DEFAULT_SEED_THRESHOLD, min_size: int = 0,
                          depth: float = SEED_DEPTH, link: bool = True, workers: int | None = None
@@ -130,8 +137,7 @@ def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
     if first is None:
         return
     maps = (np.asarray(p, np.float32) for p in chain([first], probs))
-    workers = cpu_count() if workers is None else workers
-    workers = max(1, min(workers, PARALLEL_PIXELS // max(np.asarray(first).size, 1)))
+    workers = labelled_at_once(np.asarray(first).size, workers)
 
     def job(prob: np.ndarray, before: Future | None, mine: Future) -> tuple:
         try:
