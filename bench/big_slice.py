@@ -23,6 +23,11 @@ A .npy input mapped anew for each read (its pages no longer stay), blocks throug
 0.5, .npy: 604 s (machine load 5-6), peak 2.02 GB (blocks 1.28-1.31 GB; the peak at the end, writing the
 mask page); with `mask_page` multiplying a bool mask without its `!= 0` copy: 463 s, peak **1.75 GB**
 (blocks 1.22-1.28 GB, 1.42 GB while the model loads), 44716 cells: target met.
+After the blocks' memory was counted per kept voxel (issue 25; 70 blocks) and slices labelled in threads
+(issue 24): memory_gb 0.5, .npy: threads made anew for each block grew the process to a peak of 2.25 GB
+(glibc's per-thread arenas keep what they were given; 2.16 GB by the last tenth, from 1.42); with
+MALLOC_ARENA_MAX=1, 1.77 GB; with the threads made once per process (and none for a one-slice block):
+197 s, peak **1.78 GB** (blocks 1.26-1.31 GB), 44687 cells: target met.
 """
 
 import argparse

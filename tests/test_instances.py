@@ -273,9 +273,11 @@ def fast_and_plain_agree(probs):
 
 def test_slices_labelled_in_threads_hand_over_a_failure_and_stop_when_the_caller_stops(monkeypatch):
     """A slice that fails fails the iteration with its own error (the next slice's job, which waits for
-    its objects, does not hang); a caller that stops early stops the threads; slices too large to label
-    several at once are labelled one at a time, in the caller's thread."""
+    its objects, does not hang); a caller that stops early leaves the slices it did not ask for
+    unlabelled; slices too large to label several at once, or a single slice, are labelled in the
+    caller's thread; the threads are made once per process."""
     import threading
+    import time
 
     from emunet.inference import instances
 
@@ -290,20 +292,26 @@ def test_slices_labelled_in_threads_hand_over_a_failure_and_stop_when_the_caller
     except Exception as error:  # noqa: BLE001 (whatever OpenCV says of a 3-D map, it is its own error)
         assert not isinstance(error, AssertionError), error
     assert len(found) == 2
-    stream = iter_slice_instances(iter([good] * 50), workers=2)
-    next(stream)
-    stream.close()  # the pool is shut down: no thread of it is left
-    assert not [t for t in threading.enumerate() if t.name.startswith("slice-instances")]
-    threads = set()
+    threads, calls = set(), []
     plain = instances.slice_instances
     monkeypatch.setattr(instances, "slice_instances",
-                        lambda *a: threads.add(threading.current_thread().name) or plain(*a))
+                        lambda *a: threads.add(threading.current_thread().name) or calls.append(1) or plain(*a))
+    stream = iter_slice_instances(iter([good] * 50), workers=2)
+    next(stream)
+    stream.close()  # the slices not asked for are not labelled: at most the first and the two after it
+    time.sleep(0.5)
+    assert len(calls) <= 3
+    threads.clear()
     large = np.zeros((1, instances.PARALLEL_PIXELS // 2 + 1), np.float32)
     assert len(list(iter_slice_instances([large, large], workers=2))) == 2
+    assert len(list(iter_slice_instances(np.stack([good]), workers=2))) == 1  # one slice: no thread either
     assert threads == {threading.current_thread().name}
     threads.clear()
     list(iter_slice_instances([good] * 4, workers=2))
     assert threads and all(name.startswith("slice-instances") for name in threads)
+    before = {t for t in threading.enumerate() if t.name.startswith("slice-instances")}
+    list(iter_slice_instances([good] * 4, workers=2))  # the same threads again, none made anew
+    assert {t for t in threading.enumerate() if t.name.startswith("slice-instances")} == before
 
 
 def test_the_instance_step_gives_the_labels_of_the_plain_reference_on_real_isbi_slices():

@@ -19,6 +19,8 @@ A stack's slices are labelled, and their overlaps with the slice before counted,
 threads (`iter_slice_instances`); only the ids are given out in order, one slice after the other.
 """
 
+import os
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -129,15 +131,19 @@ def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
     """`(prob, objects, counts)` for each `(H, W)` map of `probs`, in order: the map as float32, its
     objects (`slice_instances`) and, with `link`, what `SliceLinker.ids` needs to link them to the slice
     before (`link_counts`; else None). Both depend on one or two slices' objects only, so `workers`
-    slices (default: the process's CPUs, as many as `PARALLEL_PIXELS` allows) are done at once in
-    threads (OpenCV's labelling, scikit-image's flood and NumPy's passes let go of the GIL), while the
-    caller gives out the ids of the slice before, which only it can."""
+    slices (default: the process's CPUs, as many as `PARALLEL_PIXELS` allows, no more than `probs` has)
+    are done at once in the process's threads (`_pool`; OpenCV's labelling, scikit-image's flood and
+    NumPy's passes let go of the GIL), while the caller gives out the ids of the slice before, which only
+    it can."""
+    count = len(probs) if hasattr(probs, "__len__") else None
     probs = iter(probs)
     first = next(probs, None)
     if first is None:
         return
     maps = (np.asarray(p, np.float32) for p in chain([first], probs))
     workers = labelled_at_once(np.asarray(first).size, workers)
+    if count is not None:
+        workers = min(workers, count)  # one slice (a block one slice deep): no thread
 
     def job(prob: np.ndarray, before: Future | None, mine: Future) -> tuple:
         try:
@@ -156,20 +162,35 @@ def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
             yield job(prob, before, mine)
             before = mine
         return
-    with ThreadPoolExecutor(workers, thread_name_prefix="slice-instances") as pool:
-        pending: deque = deque()
-        try:
-            for prob in maps:
-                mine = Future()
-                pending.append(pool.submit(job, prob, before, mine))
-                before = mine
-                if len(pending) > workers:  # one slice ready to hand over, `workers` being labelled
-                    yield pending.popleft().result()
-            while pending:
+    pool, pending = _pool(), deque()
+    try:
+        for prob in maps:
+            mine = Future()
+            pending.append(pool.submit(job, prob, before, mine))
+            before = mine
+            if len(pending) > workers:  # one slice ready to hand over, `workers` being labelled
                 yield pending.popleft().result()
-        finally:  # the caller stopped early or a slice failed: what was not started is not started (a
-            for task in pending:  # job waits for the one before it only, and that one started first)
-                task.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:  # the caller stopped early or a slice failed: what was not started is not started (a job
+        for task in pending:  # waits for the one before it only, and the shared queue started that first)
+            task.cancel()
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's threads for `iter_slice_instances`, one per CPU, made once: threads made anew for
+    every stack (or every block) would each take memory of their own from the allocator (glibc's
+    per-thread arenas), which keeps it; 16384 x 16384 by 70 blocks grew from 1.3 to 2.2 GB so. A forked
+    child (Spark's workers) makes its own: threads do not survive a fork."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != os.getpid():
+            _POOL = (os.getpid(), ThreadPoolExecutor(cpu_count(), thread_name_prefix="slice-instances"))
+        return _POOL[1]
 
 
 # The overlaps of two slices' objects are counted in a table of (new x old labels) cells, at most as many
