@@ -21,7 +21,13 @@ from tests.conftest import run_module
 
 def test_working_bytes_grow_with_the_slice_and_its_pixel_size():
     assert BYTES_PER_PIXEL > 10  # the measured figure: many times a pixel's own bytes
-    assert slice_working_bytes(2000, 3000) == pytest.approx(4 * slice_working_bytes(1000, 1500), rel=1e-6)
+    assert slice_working_bytes(4000, 6000) == pytest.approx(4 * slice_working_bytes(2000, 3000), rel=1e-6)
+    # Slices small enough to be labelled two at once (two CPUs or more) count the second one's labelling.
+    from emunet.inference import blockplan
+    from emunet.inference.instances import labelled_at_once
+
+    others = labelled_at_once(1000 * 1500) - 1
+    assert slice_working_bytes(1000, 1500) == 1000 * 1500 * (BYTES_PER_PIXEL + others * blockplan.BYTES_PER_PIXEL)
     assert slice_working_bytes(1000, 1000, itemsize=4) - slice_working_bytes(1000, 1000) == 3_000_000
     assert slice_working_bytes(1000, 1000, scored=True) > slice_working_bytes(1000, 1000)  # labels cost more
 

@@ -109,10 +109,11 @@ def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None =
 
 def needs_blocks(shape, params: SegmentParams, multiple: int, budget: float, voxel_size=None) -> bool:
     """Whether a `(Z, H, W)` volume must go by blocks to stay within `budget` bytes: one slice's working
-    memory (`BYTES_PER_PIXEL` and `TILE_BYTES_PER_PIXEL` of the padded slice) for objects found slice
-    by slice, the volume's (`segment.BYTES_PER_VOXEL_3D` a voxel) for 3-D objects."""
+    memory (`BYTES_PER_PIXEL` of the padded slice for each slice labelled at once, and
+    `TILE_BYTES_PER_PIXEL`) for objects found slice by slice, the volume's (`segment.BYTES_PER_VOXEL_3D` a voxel) for 3-D objects."""
     z_size, height, width = (int(n) for n in shape)
     tiles = plan_tiles(height, width, params.tile_size, multiple, params.overlap, params.batch_size)
     if instance_mode(params, voxel_size) == "3d":
         return z_size * height * width * BYTES_PER_VOXEL_3D > budget
-    return tiles.pad_h * tiles.pad_w * (BYTES_PER_PIXEL + TILE_BYTES_PER_PIXEL) > budget
+    at_once = min(z_size, labelled_at_once(height * width))  # slices labelled together (their threads)
+    return tiles.pad_h * tiles.pad_w * (at_once * BYTES_PER_PIXEL + TILE_BYTES_PER_PIXEL) > budget

@@ -26,7 +26,9 @@ from emunet.core.errors import InputError
 from emunet.core.io import HDF5_SPEC, ZARR_MARKERS, available_memory, open_volume
 from emunet.core.objects import MEASURE_COLUMNS
 from emunet.core.omezarr import written_by_us
+from emunet.inference.blockplan import BYTES_PER_PIXEL as LABELLING_BYTES_PER_PIXEL
 from emunet.inference.blockplan import halo_for, smallest_block_bytes
+from emunet.inference.instances import labelled_at_once
 from emunet.inference.blocks import MEMORY_FRACTION
 from emunet.inference.outputs import OBJECT_COLUMNS, result_targets
 from emunet.inference.params import DEFAULTS, SegmentParams
@@ -141,9 +143,13 @@ SCORED_BYTES_PER_PIXEL = 112
 
 def slice_working_bytes(height: int, width: int, itemsize: int = 1, scored: bool = False) -> int:
     """Peak bytes that segmenting one `(height, width)` slice of `itemsize`-byte pixels adds to the
-    runtime (measured, see `BYTES_PER_PIXEL`); `scored`: also against a label slice (predict with labels)."""
+    runtime (measured, see `BYTES_PER_PIXEL`); `scored`: also against a label slice (predict with labels).
+    Where slices are small enough to be labelled several at once (`instances.labelled_at_once`), each
+    other one adds its labelling's bytes (`blockplan.BYTES_PER_PIXEL`)."""
+    pixels = float(height) * float(width)
     per_pixel = (SCORED_BYTES_PER_PIXEL if scored else BYTES_PER_PIXEL) + int(itemsize) - 1
-    return int(float(height) * float(width) * per_pixel)
+    others = labelled_at_once(int(pixels)) - 1
+    return int(pixels * (per_pixel + others * LABELLING_BYTES_PER_PIXEL))
 
 
 def check_slice_memory(path: str | Path, shape: tuple, dtype, scored: bool = False,
