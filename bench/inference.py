@@ -64,7 +64,7 @@ from emunet.core.hardware import BF16_FLAGS, cpu_features, cpu_model  # noqa: E4
 from emunet.core.model import UNetSpec, build_unet, spec_of  # noqa: E402
 from emunet.core.normalize import normalize, stack_stats  # noqa: E402
 from emunet.inference.segmenter import compiled_forward, log_segmenter  # noqa: E402
-from emunet.inference.instances import SliceLinker, iter_slice_instances  # noqa: E402
+from emunet.inference.instances import label_instances  # noqa: E402
 from emunet.inference.params import DEFAULTS  # noqa: E402
 from emunet.inference.segment import segment_probabilities  # noqa: E402
 from emunet.inference.engines import OpenVINOForward, TensorFlowForward, cpu_count, make_forward  # noqa: E402
@@ -90,10 +90,7 @@ def served_labels(probs) -> np.ndarray:
 
 def one_at_a_time(probs: np.ndarray) -> np.ndarray:
     """`served_labels`' ids with each slice labelled and linked in turn in this thread (`workers=1`)."""
-    linker = SliceLinker()
-    return np.stack([linker.ids(objects, counts) for _, objects, counts in
-                     iter_slice_instances(probs, DEFAULTS.threshold, DEFAULTS.seed_threshold,
-                                          DEFAULTS.min_object_size, DEFAULTS.seed_depth, workers=1)], dtype=np.int32)
+    return label_instances(probs, DEFAULTS.threshold, DEFAULTS.seed_threshold, DEFAULTS.min_object_size, workers=1)
 
 
 def timed(fn, *args, repeat=2):

@@ -66,7 +66,7 @@ def block_bytes(block: Block, tiles: TilePlan, mode: str = "2d") -> int:
               + tiles.batch * tiles.tile_h * tiles.tile_w * BATCH_BYTES_PER_PIXEL)
     if mode == "3d":
         return making + depth * height * width * BYTES_PER_VOXEL_3D
-    at_once = min(depth, labelled_at_once(height * width))
+    at_once = labelled_at_once(height * width, depth)
     return making + height * width * (depth * KEPT_BYTES_PER_VOXEL + at_once * BYTES_PER_PIXEL)
 
 
@@ -115,5 +115,5 @@ def needs_blocks(shape, params: SegmentParams, multiple: int, budget: float, vox
     tiles = plan_tiles(height, width, params.tile_size, multiple, params.overlap, params.batch_size)
     if instance_mode(params, voxel_size) == "3d":
         return z_size * height * width * BYTES_PER_VOXEL_3D > budget
-    at_once = min(z_size, labelled_at_once(height * width))  # slices labelled together (their threads)
+    at_once = labelled_at_once(height * width, z_size)  # slices labelled together (their threads)
     return tiles.pad_h * tiles.pad_w * (at_once * BYTES_PER_PIXEL + TILE_BYTES_PER_PIXEL) > budget

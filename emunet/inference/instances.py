@@ -117,11 +117,13 @@ def slice_instances(prob: np.ndarray, threshold: float = 0.5, seed_threshold: fl
     return np.take(renumbered[new_ids], labels)
 
 
-def labelled_at_once(pixels: int, workers: int | None = None) -> int:
+def labelled_at_once(pixels: int, slices: int | None = None, workers: int | None = None) -> int:
     """Slices of `pixels` pixels that `iter_slice_instances` labels at once with `workers` threads
-    (default: the process's CPUs): no more than `PARALLEL_PIXELS` pixels together, one slice at least."""
+    (default: the process's CPUs): no more than `PARALLEL_PIXELS` pixels together, nor than the stack's
+    `slices` when known, one slice at least."""
     workers = cpu_count() if workers is None else workers
-    return max(1, min(workers, PARALLEL_PIXELS // max(int(pixels), 1)))
+    at_once = min(workers, PARALLEL_PIXELS // max(int(pixels), 1))
+    return max(1, at_once if slices is None else min(at_once, int(slices)))
 
 
 def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
@@ -135,15 +137,13 @@ def iter_slice_instances(probs: Iterable[np.ndarray], threshold: float = 0.5,
     are done at once in the process's threads (`_pool`; OpenCV's labelling, scikit-image's flood and
     NumPy's passes let go of the GIL), while the caller gives out the ids of the slice before, which only
     it can."""
-    count = len(probs) if hasattr(probs, "__len__") else None
+    count = len(probs) if hasattr(probs, "__len__") else None  # one slice (a block one deep): no thread
     probs = iter(probs)
     first = next(probs, None)
     if first is None:
         return
     maps = (np.asarray(p, np.float32) for p in chain([first], probs))
-    workers = labelled_at_once(np.asarray(first).size, workers)
-    if count is not None:
-        workers = min(workers, count)  # one slice (a block one slice deep): no thread
+    workers = labelled_at_once(np.asarray(first).size, count, workers)
 
     def job(prob: np.ndarray, before: Future | None, mine: Future) -> tuple:
         try:
@@ -317,11 +317,12 @@ def overlap_counts(labels: np.ndarray, previous: np.ndarray, width: int, height:
 
 
 def label_instances(probs, threshold: float = 0.5, seed_threshold: float = DEFAULT_SEED_THRESHOLD,
-                    min_size: int = 0) -> np.ndarray:
+                    min_size: int = 0, workers: int | None = None) -> np.ndarray:
     """Instance labels of a `(Z, H, W)` stack of probabilities (or an iterable of `(H, W)` maps): the
-    objects of each slice (`slice_instances`) linked through the slices. Returns `(Z, H, W)` int32 ids
-    1..N, numbered as they first appear."""
+    objects of each slice (`slice_instances`) linked through the slices, `workers` slices at a time
+    (`iter_slice_instances`). Returns `(Z, H, W)` int32 ids 1..N, numbered as they first appear."""
     linker = SliceLinker()
     return np.stack([linker.ids(objects, counts)
-                     for _, objects, counts in iter_slice_instances(probs, threshold, seed_threshold, min_size)],
+                     for _, objects, counts in iter_slice_instances(probs, threshold, seed_threshold, min_size,
+                                                                    workers=workers)],
                     dtype=np.int32)
