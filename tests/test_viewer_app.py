@@ -587,7 +587,8 @@ def test_browser_picks_a_model_uploads_browses_and_downloads(server, viewer_stor
             # Compare with the worse version.
             page.get_by_test_id("stSelectbox").filter(has_text="Compare with").click()
             page.get_by_role("option", name="v2", exact=True).click()
-            expect(page.get_by_text(f"B: {MODEL} v2")).to_be_visible()
+            # The comparison's caption (the planes' model picker names B too, once it has drawn).
+            expect(page.locator("strong", has_text=f"B: {MODEL} v2")).to_be_visible()
             expect(slices.get_by_test_id("stImage")).to_have_count(8)
             screenshot(page, tmp_path, "4_compare")
             assert "Traceback" not in page.content()
