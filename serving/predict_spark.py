@@ -170,10 +170,12 @@ class StackPlan:
     images: dict
 
 
-def spark_blocks(shape, params: SegmentParams, multiple: int, budget: float, mode: str, chunks, chunk_slices: int):
+def spark_blocks(shape, params: SegmentParams, multiple: int, budget: float, mode: str, chunks, chunk_slices: int,
+                 channels: int = 1):
     """`(blocks, tiles)` of a `(Z, Y, X)` stack for the tasks: `blockplan.plan_for` in `budget` bytes with
-    sides in whole `chunks`, at most `chunk_slices` deep (rounded down to whole chunks, one at least)."""
-    blocks, tiles = plan_for(shape, params, multiple, budget, mode=mode, chunks=chunks)
+    sides in whole `chunks` for a network of `channels` inputs, at most `chunk_slices` deep (rounded down
+    to whole chunks, one at least)."""
+    blocks, tiles = plan_for(shape, params, multiple, budget, mode=mode, chunks=chunks, channels=channels)
     depth, height, width = (b - a for a, b in blocks[0].core)
     if depth > chunk_slices:
         blocks = plan_blocks(shape, (chunk_slices, height, width), halo_for(mode), chunks)
@@ -367,8 +369,9 @@ def _tasks_at_once(spark) -> int:
 
 
 def _segment_on_spark(spark, paths, names, formats, model_dir: Path, multiple: int, cfg: PredictSparkConfig,
-                      out_dir: Path, tmp: Path, images: contextlib.ExitStack, scratch: Path) -> dict:
-    """The five stages; returns `{"blocks", "slices", "rows": objects rows per stack, "cells"}`."""
+                      out_dir: Path, tmp: Path, images: contextlib.ExitStack, scratch: Path, channels: int = 1) -> dict:
+    """The five stages (`channels`: the network's inputs, a 2.5-D network's neighbouring slices and the
+    slice); returns `{"blocks", "slices", "rows": objects rows per stack, "cells"}`."""
     context, where = spark.sparkContext, _reads(cfg)
     context.addPyFile(_zip_code(tmp))
     context.addArchive(shutil.make_archive(str(tmp / MODEL_ARCHIVE.removesuffix(".zip")), "zip", model_dir))
@@ -386,7 +389,7 @@ def _segment_on_spark(spark, paths, names, formats, model_dir: Path, multiple: i
         mode = instance_mode(params, cal["voxel_size"])
         stack_files, chunks = stack_images(images, scratch, out_dir, names[i], shape, cal, cfg)
         try:
-            blocks, tiles = spark_blocks(shape, params, multiple, budget, mode, chunks, cfg.chunk_slices)
+            blocks, tiles = spark_blocks(shape, params, multiple, budget, mode, chunks, cfg.chunk_slices, channels)
         except ValueError as exc:  # the budget is below the smallest block (with this model's tiles)
             raise InputError(f"{paths[i]}: {exc}; pass a larger memory_gb") from None
         overlaps = plan_overlaps(blocks)
@@ -463,7 +466,7 @@ def predict_spark(cfg: PredictSparkConfig) -> dict:
             scratch.mkdir()
             start = time.time()
             done = _segment_on_spark(spark, paths, names, formats, model_dir, multiple, cfg, out_dir, Path(tmp),
-                                     images, scratch)
+                                     images, scratch, 2 * int(meta.get("context_slices", 0)) + 1)
             seconds = time.time() - start
         finally:
             remove(scratch)

@@ -6,7 +6,8 @@ import pytest
 from scipy import ndimage
 
 from emunet.core.errors import InputError
-from emunet.inference.blockplan import block_bytes, plan_for
+from emunet.inference.blockplan import block_bytes, largest_block_bytes, plan_for, smallest_block_bytes
+from emunet.inference.blocks import plan_blocks
 from emunet.inference.blockwise import segment_in_blocks
 from emunet.inference.params import SegmentParams
 from emunet.inference.segment import Segmenter, Truth, VolumeScores, segment_volume
@@ -175,6 +176,20 @@ def test_blocks_of_a_16384_slice_fit_a_budget_of_one_and_a_half_gigabytes():
     assert block_bytes(whole[0], tiles) > budget
 
 
+def test_a_2_5d_networks_channels_make_its_blocks_smaller_within_the_same_budget():
+    shape, budget = (16, 2048, 2048), 1e9
+    plain, tiles = plan_for(shape, SegmentParams(), multiple=16, budget=budget)
+    wide, _ = plan_for(shape, SegmentParams(), multiple=16, budget=budget, channels=9)
+    assert max(block_bytes(b, tiles, channels=9) for b in wide) <= budget
+    assert max(block_bytes(b, tiles, channels=9) for b in plain) > budget  # planned for one channel: too large
+    assert len(wide) > len(plain)
+    # The plan is checked by its largest block, counted per axis: the one that crosses the tiles' edges.
+    for blocks in (plain, wide):
+        assert largest_block_bytes(blocks, tiles, channels=9) == max(block_bytes(b, tiles, channels=9) for b in blocks)
+    small = plan_blocks(shape, (1, 64, 64), (1, 1, 1))
+    assert smallest_block_bytes(shape, tiles, (1, 1, 1)) == max(block_bytes(b, tiles) for b in small)
+
+
 def test_only_slices_or_3d_volumes_beyond_the_budget_go_by_blocks():
     from emunet.inference.blockplan import needs_blocks
 
@@ -271,7 +286,8 @@ def test_a_25d_networks_channels_are_each_slice_with_its_mirrored_neighbours():
         np.testing.assert_allclose(tiles[z], context_stack(volume, z, 2) / 255.0, atol=1e-6)
 
 
-def test_a_block_holds_no_more_than_its_planned_bytes_and_its_tiles_for_one_pass_only():
+@pytest.mark.parametrize("context", [0, 2])
+def test_a_block_holds_no_more_than_its_planned_bytes_and_its_tiles_for_one_pass_only(context):
     """The first pass on a block (probabilities by the whole slices' tiles, objects of each slice, their
     tables) measured by tracemalloc, which counts NumPy's arrays: its peak stays within `block_bytes`, and
     a block eight times deeper holds its tile region (here many times its read box: large tiles, a small
@@ -296,11 +312,12 @@ def test_a_block_holds_no_more_than_its_planned_bytes_and_its_tiles_for_one_pass
         tracemalloc.start()
         # The image itself as the probabilities: a network whose own memory (the engine's) is nil.
         part = label_in_block(lambda batch: batch[..., :1], volume, tiles, 0.0, 255.0, block, params, "2d", overlaps,
-                              overlaps_by_block(overlaps).get(n, []))
+                              overlaps_by_block(overlaps).get(n, []), context)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert part.labels.max() > 0
-        assert peak <= block_bytes(block, tiles), (depth, peak, block_bytes(block, tiles))
+        planned = block_bytes(block, tiles, channels=2 * context + 1)
+        assert peak <= planned, (depth, peak, planned)
         peaks[depth] = (peak, int(np.prod([b - a for a, b in block.read])))
     (small, small_read), (large, large_read) = peaks[4], peaks[32]
     assert large - small <= KEPT_BYTES_PER_VOXEL * (large_read - small_read), peaks

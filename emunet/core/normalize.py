@@ -70,10 +70,11 @@ def normalize(stack: np.ndarray, low: float, high: float) -> np.ndarray:
 
     A constant stack (high == low) maps to 0.5 rather than dividing by zero; NaNs map to 0.
     """
-    x = np.asarray(stack, dtype=np.float32)
     span = float(high) - float(low)
     if span <= 0:
-        return np.full(x.shape, 0.5, dtype=np.float32)
-    out = (x - np.float32(low)) * np.float32(1.0 / span)
+        return np.full(np.shape(stack), 0.5, dtype=np.float32)
+    out = np.array(stack, dtype=np.float32)  # the one new array: scaled in place (a block's reads hold less)
+    out -= np.float32(low)
+    out *= np.float32(1.0 / span)
     np.clip(out, 0.0, 1.0, out=out)
     return np.nan_to_num(out, nan=0.0, copy=False)

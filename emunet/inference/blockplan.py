@@ -36,6 +36,11 @@ TILE_BYTES_PER_PIXEL = 16
 # Bytes a pixel of a batch of tiles holds on its way through the network: the tiles stacked (4) and the
 # probabilities that come back (4); the network's own activations are the engine's.
 BATCH_BYTES_PER_PIXEL = 8
+# What each channel after the first adds (a 2.5-D network's neighbouring slices): at most a slice more
+# read and normalised (raw up to 4, normalised 4) and the channel's copy in the pass's tile image (4) for
+# each slice of the pass, and its share of a batch of tiles (4; measured, tests/test_blockwise.py).
+CHANNEL_BYTES_PER_PIXEL = 12
+CHANNEL_BATCH_BYTES_PER_PIXEL = 4
 
 
 def _tile_rows(plan: TilePlan, start: int, stop: int, axis: int) -> list[int]:
@@ -55,35 +60,59 @@ def halo_for(mode: str) -> tuple[int, int, int]:
     return (HALO_YX if mode == "3d" else 1, HALO_YX, HALO_YX)
 
 
-def block_bytes(block: Block, tiles: TilePlan, mode: str = "2d") -> int:
+def block_bytes(block: Block, tiles: TilePlan, mode: str = "2d", channels: int = 1) -> int:
     """Bytes segmenting `block` holds at most: `TILE_BYTES_PER_PIXEL` of its tile region for a pass's
     slices (`blocktask.block_probabilities` goes pass by pass), a batch of tiles and, for "2d" objects,
     `KEPT_BYTES_PER_VOXEL` of its read box and `BYTES_PER_PIXEL` of the slices labelled at once; for
-    "3d" objects, `segment.BYTES_PER_VOXEL_3D` of its read box (the 3-D labelling holds all of it)."""
+    "3d" objects, `segment.BYTES_PER_VOXEL_3D` of its read box (the 3-D labelling holds all of it).
+    Each input channel after the first (`channels`: a 2.5-D network's) adds `CHANNEL_BYTES_PER_PIXEL` of
+    the pass's tile region and `CHANNEL_BATCH_BYTES_PER_PIXEL` of the batch."""
     (y0, y1), (x0, x1) = tile_region(tiles, block.read[1:])
-    depth, height, width = (int(n) for n in box_shape(block.read))
-    making = (min(depth, tiles.slices_per_pass) * (y1 - y0) * (x1 - x0) * TILE_BYTES_PER_PIXEL
-              + tiles.batch * tiles.tile_h * tiles.tile_w * BATCH_BYTES_PER_PIXEL)
+    return _bytes(box_shape(block.read), (y1 - y0) * (x1 - x0), tiles, mode, channels)
+
+
+def _bytes(read_shape, region: int, tiles: TilePlan, mode: str, channels: int) -> int:
+    """`block_bytes` of a block of read box `read_shape` (z, y, x) whose tiles cover `region` pixels."""
+    depth, height, width = (int(n) for n in read_shape)
+    extra = int(channels) - 1
+    making = (min(depth, tiles.slices_per_pass) * region * (TILE_BYTES_PER_PIXEL + extra * CHANNEL_BYTES_PER_PIXEL)
+              + tiles.batch * tiles.tile_h * tiles.tile_w * (BATCH_BYTES_PER_PIXEL + extra * CHANNEL_BATCH_BYTES_PER_PIXEL))
     if mode == "3d":
         return making + depth * height * width * BYTES_PER_VOXEL_3D
     at_once = labelled_at_once(height * width, depth)
     return making + height * width * (depth * KEPT_BYTES_PER_VOXEL + at_once * BYTES_PER_PIXEL)
 
 
-def smallest_block_bytes(shape, tiles: TilePlan, halo, chunks=None, mode: str = "2d") -> int:
-    """Bytes (`block_bytes`) of the smallest block a `(Z, H, W)` volume can go by: one slice (or z chunk)
-    deep, `MIN_YX` pixels (or one chunk) a side, read with `halo` (an inner block: halos on all sides)."""
+def largest_block_bytes(blocks: list[Block], tiles: TilePlan, mode: str = "2d", channels: int = 1) -> int:
+    """No less than the `block_bytes` of every block of a plan (`blocks.plan_blocks`: a grid, every z range
+    with every y and x range), without counting each of a plan's thousands: the bytes of a block with
+    each axis' longest read range and largest tile region, all of which `block_bytes` grows with. A plan
+    whose inner blocks cross a tile's edge has such a block: then it is the largest block's."""
+    depth = max(b - a for a, b in {block.read[0] for block in blocks})
+    sides, regions = [], []
+    for axis, tile in ((1, tiles.tile_h), (2, tiles.tile_w)):
+        ranges = {block.read[axis] for block in blocks}
+        sides.append(max(b - a for a, b in ranges))
+        regions.append(max(rows[-1] + tile - rows[0] for rows in (_tile_rows(tiles, a, b, axis - 1) for a, b in ranges)))
+    return _bytes((depth, *sides), regions[0] * regions[1], tiles, mode, channels)
+
+
+def smallest_block_bytes(shape, tiles: TilePlan, halo, chunks=None, mode: str = "2d", channels: int = 1) -> int:
+    """Bytes a `(Z, H, W)` volume needs by blocks at the least: the largest block (`largest_block_bytes`)
+    of the plan of the smallest blocks, one slice (or z chunk) deep, `MIN_YX` pixels (or one chunk) a
+    side, read with `halo` (a block that crosses a tile's edge holds the tiles on both sides)."""
     blocks = plan_blocks(shape, (1, min(MIN_YX, shape[1]), min(MIN_YX, shape[2])), halo, chunks)
-    return block_bytes(blocks[len(blocks) // 2], tiles, mode)
+    return largest_block_bytes(blocks, tiles, mode, channels)
 
 
 def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None = None, block=None,
-             halo=None, mode: str = "2d", chunks=None) -> tuple[list[Block], TilePlan]:
+             halo=None, mode: str = "2d", chunks=None, channels: int = 1) -> tuple[list[Block], TilePlan]:
     """The blocks of a `(Z, H, W)` volume and its slices' tile plan. Without `block`, blocks are as large
     as `budget` bytes allow (default `blocks.default_memory_budget()`) by `block_bytes`: the largest
     blocks `blocks.block_shape_for_memory` gives for the read box, made smaller until their tile regions
     fit too. With `chunks` (z, y, x), block sides are multiples of them (an output's chunks: whole chunks
-    per block, as `blocks.plan_blocks` makes them)."""
+    per block, as `blocks.plan_blocks` makes them). `channels`: the network's input channels (a 2.5-D
+    network's neighbouring slices and the slice)."""
     tiles = plan_tiles(shape[1], shape[2], params.tile_size, multiple, params.overlap, params.batch_size)
     halo = halo_for(mode) if halo is None else tuple(int(h) for h in np.broadcast_to(halo, 3))
     if block is not None:
@@ -97,12 +126,12 @@ def plan_for(shape, params: SegmentParams, multiple: int, budget: float | None =
         try:
             block = block_shape_for_memory(shape, per_voxel, share, halo, chunks)
         except ValueError:
-            smallest = smallest_block_bytes(shape, tiles, halo, chunks, mode)
+            smallest = smallest_block_bytes(shape, tiles, halo, chunks, mode, channels)
             raise ValueError(f"blocks of a volume of {shape} need at least {smallest / 2**20:.0f} "
                              f"MiB (a {MIN_YX}-pixel block, or one chunk, with its halo and its tiles) but the memory budget is "
                              f"{budget / 2**20:.0f} MiB") from None
         blocks = plan_blocks(shape, block, halo, chunks)
-        if max(block_bytes(b, tiles, mode) for b in blocks) <= budget:
+        if largest_block_bytes(blocks, tiles, mode, channels) <= budget:
             return blocks, tiles
         share *= 0.9
 

@@ -70,7 +70,11 @@ def _channels(volume, z0: int, z1: int, ys, xs, context: int, low: float, high: 
     indices = [context_indices(z, context, n) for z in range(z0, z1)]
     lo, hi = min(min(i) for i in indices), max(max(i) for i in indices) + 1
     image = normalize(read_box(volume, ((lo, hi), ys, xs)), low, high)
-    return np.stack([np.moveaxis(image[[i - lo for i in group]], 0, -1) for group in indices])
+    out = np.empty((z1 - z0, *image.shape[1:], 2 * context + 1), np.float32)
+    for k, group in enumerate(indices):
+        for c, i in enumerate(group):
+            out[k, ..., c] = image[i - lo]
+    return out
 
 
 def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float, read, tta: str = "none",
@@ -101,7 +105,8 @@ def block_probabilities(forward, volume, plan: TilePlan, low: float, high: float
         a, b = max(z0, first), min(z1, first + per_pass)
         image = _channels(volume, a, b, (ty0, min(ty1, height)), (tx0, min(tx1, width)), context, low, high)
         # Past the slice's end only when the slice is smaller than a tile: then the region is the whole axis.
-        image = np.stack([mirror_pad(image[..., c], ty1 - ty0, tx1 - tx0) for c in range(image.shape[-1])], axis=-1)
+        if image.shape[1:3] != (ty1 - ty0, tx1 - tx0):
+            image = mirror_pad(image, ty1 - ty0, tx1 - tx0)  # every channel alike
         sums = np.zeros(image.shape[:3], np.float32)
         groups: dict[tuple, list] = {}
         for z in range(a, b):

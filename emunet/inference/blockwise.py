@@ -133,10 +133,10 @@ def segment_in_blocks(segmenter, volume, params: SegmentParams, block=None, budg
     voxel_size = voxel_size if voxel_size is not None else getattr(volume, "voxel_size", None)
     mode = instance_mode(params, voxel_size)
     low, high = (params.low, params.high) if params.low is not None else stack_stats(volume)
-    blocks, tiles = plan_for(shape, params, segmenter.multiple, budget, block, halo, mode)
+    context = int(getattr(segmenter, "context", 0))  # a 2.5-D network's neighbouring slices
+    blocks, tiles = plan_for(shape, params, segmenter.multiple, budget, block, halo, mode, channels=2 * context + 1)
     # The forward of the params' engine and precision, where the segmenter has several (`forward_for`).
     forward = segmenter.forward_for(params) if hasattr(segmenter, "forward_for") else segmenter.forward
-    context = int(getattr(segmenter, "context", 0))  # a 2.5-D network's neighbouring slices
     overlaps = plan_overlaps(blocks)
     of_block = overlaps_by_block(overlaps)
     report = progress or (lambda done, total: None)
