@@ -86,6 +86,22 @@ def keep_slices(part: dict, start: int, unlabelled: list[int], name: str) -> lis
             for a, b in runs]
 
 
+def unique_names(stacks: list[dict]) -> list[dict]:
+    """The stacks with distinct names of at most 100 characters (`dataset.SAFE_NAME`: each is a folder of
+    the artifact): a name met before gets `_2`, `_3`, ... (two files `vol.tif` in two folders, or a file
+    named like another stack's run of slices, `vol_z0-5`), a longer one is cut."""
+    seen, out = set(), []
+    for stack in stacks:
+        base = name = stack["name"][:100]
+        count = 1
+        while name in seen:
+            count += 1
+            name = f"{base[:100 - len(str(count)) - 1]}_{count}"
+        seen.add(name)
+        out.append({**stack, "name": name})
+    return out
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Turn image stacks and label stacks into the dataset artifact."""
@@ -209,7 +225,7 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
         raise InputError(f"got {len(images)} image stacks but {len(labels)} label stacks; pass one label stack per image stack")
     if len(images) > 1 and cfg.val_slices:
         raise InputError(f"val_slices splits a single stack; with {len(images)} stacks the last one is held out")
-    stacks, names = [], set()
+    stacks = []
     pairs = list(zip(images, labels))
     for i, (image_path, label_path) in enumerate(tqdm(pairs, desc="reading", unit="stack", disable=len(pairs) < 2)):
         options = read_options(cfg)
@@ -232,9 +248,7 @@ def load_files(cfg: PreprocessConfig) -> list[dict]:
             low, high = stack_stats(image)
         except InputError as exc:
             raise InputError(f"{image_path}: {exc}") from None
-        name = safe_name(stack_name(image_path))
-        name = name if name not in names else f"{name}_{i}"
-        names.add(name)
+        name = safe_name(stack_name(image_path))  # made distinct from the others' at the end (`unique_names`)
         source = {"images": image_path.name, "labels": label_path.name, "dtype": str(image.dtype),
                   "shape": list(image.shape), **calibration,
                   **{k: v for k, v in where.items() if str(v).strip()}}
@@ -304,7 +318,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         check_output_dir(cfg.output_dir)  # before any work: never replace a folder of the user's
     with step_run("preprocess", cfg.experiment) as run:
         log_config(cfg)
-        stacks = load_files(cfg) if cfg.images else load_synthetic(cfg)
+        stacks = unique_names(load_files(cfg) if cfg.images else load_synthetic(cfg))
         if not any(s["split"] == "train" for s in stacks) or not any(s["split"] == "val" for s in stacks):
             raise InputError("need at least one training and one validation stack")
         with tempfile.TemporaryDirectory() as tmp:

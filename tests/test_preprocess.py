@@ -95,6 +95,30 @@ def test_unannotated_slices_are_left_out_of_training_and_validation(store, tmp_p
     assert [s.shape[0] for s in kept] == [5, 3, 2]
 
 
+def test_stacks_whose_names_meet_get_distinct_names_within_the_limit(store, tmp_path, rng):
+    """Two files of one name in two folders, a file named like another stack's run of slices, and a name
+    past the 100 characters a stack's folder may have: each stack its own folder, named after its file."""
+    long = "x" * 120
+    files = [("a", "vol"), ("b", "vol"), ("a", "vol_z0-1"), ("a", long), ("a", "last")]
+    images, labels = [], []
+    for folder, stem in files:
+        (tmp_path / folder).mkdir(exist_ok=True)
+        image = rng.integers(0, 255, (6, 16, 16), dtype=np.uint8)
+        mask = (image > 128).astype(np.uint8)
+        if stem == "vol" and folder == "a":
+            mask[1] = 0  # unannotated, left out: a/vol.tif becomes vol_z0-1 and vol_z2-6
+        imwrite(tmp_path / folder / f"{stem}.tif", image)
+        imwrite(tmp_path / folder / f"{stem}_labels.tif", mask)
+        images.append(str(tmp_path / folder / f"{stem}.tif"))
+        labels.append(str(tmp_path / folder / f"{stem}_labels.tif"))
+    folder = artifact_dir(preprocess(PreprocessConfig(images=",".join(images), labels=",".join(labels))))
+    names = [s.name for s in read_manifest(folder)["stacks"]]
+    assert len(set(names)) == len(names) == 6, names
+    assert names[:4] == ["vol_z0-1", "vol_z2-6", "vol", "vol_z0-1_2"]
+    assert names[4] == long[:100] and names[5] == "last"
+    np.testing.assert_array_equal(np.load(f"{folder}/vol_z0-1_2/image.npy"), tifffile.imread(images[2]))
+
+
 def test_mostly_empty_stacks_keep_their_empty_slices():
     sparse = np.zeros((6, 8, 8), np.uint8)
     sparse[2, 3, 3] = 1  # one slice with an object: empty slices are the norm here, not missing labels
