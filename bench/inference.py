@@ -1,6 +1,7 @@
 """Inference benchmark (issues 4, 15 and 24). First the engines (issue 24): the CPU and its bfloat16 units,
 TensorFlow's float32 and bfloat16 matmul peaks in this process, then the same network on each engine and
-precision (TF + XLA float32 and mixed_bfloat16, ONNX Runtime float32, OpenVINO float32 and bfloat16) in
+precision (TF + XLA float32 and mixed_bfloat16, ONNX Runtime float32, OpenVINO float32, bfloat16 as served
+(the encoder's first blocks in float32: `engines.encoder_in_float32`) and bfloat16 in every layer) in
 ms/slice, slices/s and GFLOP/s with its largest and mean probability difference from TF float32, at
 512 x 512 and 1024 x 1024; BatchNorm folded into the convolutions against left to the engine; and the
 whole tiled path (`iter_probabilities`: normalisation, tiles, blending) with each engine against a plain
@@ -36,6 +37,7 @@ slices: little to share), +10.9 %. On the quiet machine, one at a time: 12.4 ms 
     python bench/inference.py --memory_slices 20     # a shorter memory run
     python bench/inference.py --memory_slices 0      # speed only
     python bench/inference.py --no_speed --memory_slices 0   # engines only (issue 24)
+    python bench/inference.py --no_speed --memory_slices 0 --sides 512   # engines at 512 x 512 only
 
 Speed does not depend on the weights, so the model is a freshly built 16-filter, depth-4 U-Net (the
 `fast` preset's; issues 4 and 15 were measured with `--base_filters 8`) unless `--model_uri` names a
@@ -286,7 +288,8 @@ def compare_engines(model, spec, sides=(512, 1024)):
     except Exception as exc:  # noqa: BLE001 - a failed export is a figure too
         print(f"ONNX Runtime: export failed ({type(exc).__name__}: {exc})")
     engines["OpenVINO float32"] = OpenVINOForward(model, "float32")
-    engines["OpenVINO bfloat16"] = OpenVINOForward(model, "bfloat16")
+    engines["OpenVINO bfloat16"] = OpenVINOForward(model, "bfloat16")  # the encoder's first blocks in float32
+    engines["OpenVINO bfloat16, every layer"] = OpenVINOForward(model, "bfloat16", float32_encoder=False)
     folded = None
     if spec.batch_norm:
         folded = fold_batch_norm(model)
@@ -316,8 +319,8 @@ def compare_engines(model, spec, sides=(512, 1024)):
             kinds = Counter(op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ops())
             print(f"{name}: compiled graph of {sum(kinds.values())} nodes: "
                   f"{', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}", flush=True)
-    tiled_path(model, {name: engines[name] for name in ("TF float32", "OpenVINO float32", "OpenVINO bfloat16")},
-               stacks, sides)
+    tiled_path(model, {name: engines[name] for name in ("TF float32", "OpenVINO float32", "OpenVINO bfloat16",
+                                                         "OpenVINO bfloat16, every layer")}, stacks, sides)
 
 
 def tiled_path(model, engines: dict, stacks: dict, sides):
@@ -358,6 +361,7 @@ def main():
     parser.add_argument("--base_filters", type=int, default=16, help="of the fresh U-Net (16: the `fast` preset's)")
     parser.add_argument("--no_engines", action="store_true", help="skip the engine comparison (issue 24)")
     parser.add_argument("--no_naive", action="store_true", help="skip the naive loop (instance step and ours only)")
+    parser.add_argument("--sides", default="512,1024", help="slice sides of the engine comparison (512: ISBI, 1024: VNC)")
     args = parser.parse_args()
     spec = UNetSpec(depth=4, base_filters=args.base_filters)
     if args.model_uri:
@@ -367,7 +371,7 @@ def main():
         model = build_unet(spec)
     print(f"model: {model.count_params():,} parameters, depth {spec.depth}, {spec.base_filters} base filters")
     if not args.no_engines:
-        compare_engines(model, spec)
+        compare_engines(model, spec, tuple(int(side) for side in args.sides.split(",")))
     if not args.no_speed:
         speed(model, spec, naive_too=not args.no_naive)
     if args.memory_slices:

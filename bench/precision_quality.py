@@ -27,6 +27,7 @@ so a busier moment costs one arm epochs; the images/s printed for each show it.
 
 import argparse
 import os
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -99,6 +100,18 @@ def train_model(prepared: dict, minutes: float, precision: str, seed: int) -> di
             "policy": params["dtype_policy"], "val_dice": result["val_dice"]}
 
 
+def convolutions_run_in(forward) -> str:
+    """For an OpenVINO forward, how many of its compiled convolutions run in each precision (bfloat16
+    keeps the encoder's first blocks in float32: `engines.encoder_in_float32`)."""
+    compiled = getattr(forward, "_compiled", None)
+    if not compiled:
+        return ""
+    runtime = next(iter(compiled.values()))[0].get_runtime_model()
+    kinds = Counter(op.get_rt_info()["runtimePrecision"].astype(str) for op in runtime.get_ordered_ops()
+                    if op.get_rt_info()["layerType"].astype(str) in ("Convolution", "Deconvolution"))
+    return "  (convolutions run in " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) + ")"
+
+
 def compare_servings(name: str, label: str, segmenter, data: tuple) -> dict:
     """Held-out figures of one model on each serving (`SERVINGS`), printed against the first."""
     image, low, high, slices, truth = data
@@ -109,7 +122,8 @@ def compare_servings(name: str, label: str, segmenter, data: tuple) -> dict:
                                            precision=precision)
         seconds = time.perf_counter() - start  # includes the conversion and compilation of the engine
         figures[serving] = quality(name, probs[serving], truth)
-        print(f"  {label}, {serving:18s} ({seconds:5.1f} s with compilation): {shown(figures[serving])}", flush=True)
+        print(f"  {label}, {serving:18s} ({seconds:5.1f} s with compilation): {shown(figures[serving])}"
+              f"{convolutions_run_in(segmenter.forwards.get((engine, precision)))}", flush=True)
     reference = next(iter(SERVINGS))
     for serving in list(SERVINGS)[1:]:
         diff = np.abs(probs[serving] - probs[reference])
