@@ -13,7 +13,7 @@ import pytest
 import tifffile
 import zarr
 
-from emunet.core import io
+from emunet.core.io import arrays as io_arrays
 from emunet.core.errors import InputError
 from emunet.core.io import (CalibrationWarning, check_finite_labels, check_labels, open_volume, read_mask,
                             read_volume)
@@ -183,7 +183,7 @@ def chunk_files(folder):
 def test_missing_chunks_are_refused_with_their_count_or_read_as_fill_when_allowed(tmp_path, monkeypatch, fmt,
                                                                                   encoding, few):
     """Both ways of finding the keys: one listing of the folder, or (a small block) one look-up per chunk."""
-    monkeypatch.setattr(io, "FEW_CHUNKS", few)
+    monkeypatch.setattr(io_arrays, "FEW_CHUNKS", few)
     data = np.arange(1, 1 + 4 * 6 * 8, dtype=np.uint16).reshape(4, 6, 8)  # no zero: every chunk is stored
     path = tmp_path / "raw.zarr"
     extra = {"chunk_key_encoding": encoding} if encoding else {}
