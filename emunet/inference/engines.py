@@ -1,11 +1,11 @@
 """Inference engines: the U-Net as a function of a batch of tiles, run by OpenVINO or TensorFlow.
 
 On a CPU OpenVINO is the fast engine: on the 2-core Xeon test machine (AMX-BF16) the default network at
-512 x 512 ran 91 ms a slice in float32 and 22 ms in bfloat16, against 118 ms for TensorFlow + XLA float32
-(issue 24; bench/inference.py: 4.5-5.7x in bfloat16; on trained models Dice within 0.003, object F1 within
-0.003 on ISBI, one more object of 85 on VNC, probabilities 0.001 apart on average and at most 0.02-0.08:
-bench/precision_quality.py). TensorFlow stays the
-engine on a GPU, and the fallback where OpenVINO is absent.
+512 x 512 ran 91 ms a slice in float32 and 22 ms in bfloat16 (every layer), against 118 ms for TensorFlow +
+XLA float32 (issue 24; bench/inference.py). On trained models, with the encoder's first blocks in float32
+(below), bfloat16 gave the same Dice and object F1 within 0.003 on ISBI and VNC, probabilities at most
+0.016 apart (bench/precision_quality.py). TensorFlow stays the engine on a GPU, and the fallback where
+OpenVINO is absent.
 
 How the Keras model reaches OpenVINO: it is traced once as a `tf.function` of a `(None, None, None, c)`
 float32 batch and handed to `openvino.convert_model`, in this process, with no file in between.
@@ -22,8 +22,8 @@ probabilities either way. In OpenVINO the encoder's blocks but the deepest stay 
 (`encoder_in_float32`): bfloat16's rounding there is what moves the probabilities most, as every later
 layer and the skip connections carry it. Measured on the default network trained on VNC (8 min) and
 ISBI (5 min), largest |probability difference| to float32 over held-out slices: all in bfloat16 0.095 and
-0.037; with those blocks in float32 0.017 and 0.016, at 0.76x the all-bfloat16 speed (1.8x float32 on
-the same run). Keeping the decoder in float32 too gained nothing (0.018), the first block alone 0.07.
+0.037; with those blocks in float32 0.017 and 0.016, at 0.5-0.76x the all-bfloat16 speed (the whole
+tiled path still 4.7x TensorFlow float32 at 512 and 1024: bench/inference.py). Keeping the decoder in float32 too gained nothing (0.018), the first block alone 0.07.
 
 BatchNorm is not folded into the convolutions here: OpenVINO does it when it compiles (its compiled graph
 of the default network is the same 19 convolutions with or without a fold in the Keras graph), and with
