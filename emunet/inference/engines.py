@@ -23,7 +23,8 @@ probabilities either way. In OpenVINO the encoder's blocks but the deepest stay 
 layer and the skip connections carry it. Measured on the default network trained on VNC (8 min) and
 ISBI (5 min), largest |probability difference| to float32 over held-out slices: all in bfloat16 0.095 and
 0.037; with those blocks in float32 0.017 and 0.016, at 0.5-0.76x the all-bfloat16 speed (the whole
-tiled path still 4.7x TensorFlow float32 at 512 and 1024: bench/inference.py). Keeping the decoder in float32 too gained nothing (0.018), the first block alone 0.07.
+tiled path still 4.7x TensorFlow float32 at 512 and 1024: bench/inference.py). Keeping the decoder in
+float32 too gained nothing (0.018); the first block alone left 0.08.
 
 BatchNorm is not folded into the convolutions here: OpenVINO does it when it compiles (its compiled graph
 of the default network is the same 19 convolutions with or without a fold in the Keras graph), and with
@@ -126,12 +127,12 @@ class TensorFlowForward:
 
 
 def _upstream(node) -> list:
-    """The ops `node` reads from, directly or not (not `node` itself)."""
+    """The ops `node` reads from, directly or not (not `node` itself), each once (by its unique name)."""
     seen, todo = {}, [value.get_node() for value in node.input_values()]
     while todo:
         op = todo.pop()
-        if id(op) not in seen:
-            seen[id(op)] = op
+        if op.get_name() not in seen:
+            seen[op.get_name()] = op
             todo += [value.get_node() for value in op.input_values()]
     return list(seen.values())
 
@@ -155,7 +156,7 @@ def encoder_in_float32(model, core):
     level = {id(pool): sum(op.get_type_name() == "MaxPool" for op in _upstream(pool)) for pool in pools}
     last = next(pool for pool in pools if level[id(pool)] == max(0, len(pools) - 2))
     names = {op.get_friendly_name() for op in _upstream(last) if op.get_type_name() not in ("Constant", "Parameter")}
-    if len({op.get_friendly_name() for op in ops}) < len(ops):
+    if len({op.get_friendly_name() for op in ops}) < len(ops):  # the IR is marked by these names
         raise ValueError("the converted network has ops of the same name: its encoder cannot be marked by name")
     with tempfile.TemporaryDirectory() as tmp:
         ov.save_model(model, Path(tmp) / "model.xml", compress_to_fp16=False)
