@@ -143,6 +143,7 @@ def encoder_in_float32(model, core):
     run in float32 whatever the precision hint (OpenVINO's "precise" runtime attribute, which the CPU
     plugin keeps in float32 under a bf16 hint; its Python API cannot set it, so it is written into the
     model's IR by the ops' names and read back). The model itself where it has no down-sampling."""
+    import html
     import re
     import tempfile
     from pathlib import Path
@@ -153,8 +154,8 @@ def encoder_in_float32(model, core):
     pools = [op for op in ops if op.get_type_name() == "MaxPool"]
     if not pools:
         return model
-    level = {id(pool): sum(op.get_type_name() == "MaxPool" for op in _upstream(pool)) for pool in pools}
-    last = next(pool for pool in pools if level[id(pool)] == max(0, len(pools) - 2))
+    level = {pool.get_name(): sum(op.get_type_name() == "MaxPool" for op in _upstream(pool)) for pool in pools}
+    last = next(pool for pool in pools if level[pool.get_name()] == max(0, len(pools) - 2))
     names = {op.get_friendly_name() for op in _upstream(last) if op.get_type_name() not in ("Constant", "Parameter")}
     if len({op.get_friendly_name() for op in ops}) < len(ops):  # the IR is marked by these names
         raise ValueError("the converted network has ops of the same name: its encoder cannot be marked by name")
@@ -164,7 +165,7 @@ def encoder_in_float32(model, core):
         weights = np.fromfile(Path(tmp) / "model.bin", np.uint8)
     precise = '<rt_info><attribute name="precise" version="0" /></rt_info>'
     layer = re.compile(r'(<layer id="\d+" name="([^"]*)" type="[^"]+" version="[^"]+">)')
-    xml = layer.sub(lambda match: match.group(1) + (precise if match.group(2) in names else ""), xml)
+    xml = layer.sub(lambda match: match.group(1) + (precise if html.unescape(match.group(2)) in names else ""), xml)
     marked = core.read_model(xml, ov.Tensor(weights))
     marked.weights = weights  # the tensor reads the array's memory: kept alive with the model
     return marked
